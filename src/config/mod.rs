@@ -1,0 +1,236 @@
+//! The TOML configuration: schema, defaults, loading and validation.
+//!
+//! Every table refuses unknown keys (`deny_unknown_fields`) so that a typo is an
+//! error at start instead of a silently ignored setting. Loading is split in two:
+//! [`load`] parses and checks a file, [`Config::validate`] checks cross-references
+//! (groups named by listeners and nodes, duplicate binds) and is what both
+//! `amslb check` and a reload run.
+
+pub mod duration;
+mod load;
+
+pub use load::{ConfigError, Loaded, load, parse_str};
+
+use serde::Deserialize;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Process-wide limits and lifecycle settings.
+    #[serde(default)]
+    pub global: Global,
+    /// Timeouts shared by all listeners.
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Listening sockets and how their traffic is handled.
+    #[serde(default, rename = "listener")]
+    pub listeners: Vec<ListenerConfig>,
+    /// Node groups (origin, edge, ...) and how each balances.
+    #[serde(default, rename = "group")]
+    pub groups: Vec<GroupConfig>,
+    /// Where cluster membership comes from.
+    pub cluster: ClusterConfig,
+}
+
+/// `[global]`: process-wide settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Global {
+    /// Cap on client connections open at once, over all listeners.
+    pub max_connections: usize,
+    /// How long a new connection over the cap may wait for a slot before it is refused.
+    #[serde(with = "duration")]
+    pub queue_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    #[serde(with = "duration")]
+    pub shutdown_grace: Duration,
+    /// How many other nodes to try when connecting to the chosen node fails
+    /// (HAProxy `retries` + `option redispatch`).
+    pub retries: u32,
+    /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
+    pub max_header_bytes: usize,
+}
+
+impl Default for Global {
+    fn default() -> Self {
+        Self {
+            max_connections: 20_000,
+            queue_timeout: Duration::from_millis(100),
+            shutdown_grace: Duration::from_secs(30),
+            retries: 3,
+            max_header_bytes: 16 * 1024,
+        }
+    }
+}
+
+/// `[timeouts]`, named like HAProxy's `timeout connect|client|server|tunnel`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Connecting to a node.
+    #[serde(with = "duration")]
+    pub connect: Duration,
+    /// Reading a request head from a client, and a client's idle keep-alive time.
+    #[serde(with = "duration")]
+    pub client: Duration,
+    /// Waiting for a node's response head.
+    #[serde(with = "duration")]
+    pub server: Duration,
+    /// Idle time after which a tunnel (WebSocket, TCP relay) is closed.
+    #[serde(with = "duration")]
+    pub tunnel: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            client: Duration::from_secs(30),
+            server: Duration::from_secs(30),
+            tunnel: Duration::from_secs(2 * 3600),
+        }
+    }
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Plain HTTP/1.1, proxied with the streaming-aware router.
+    Http,
+    /// HTTP over TLS terminated here.
+    Https,
+    /// Plain TCP passthrough (RTMP).
+    Tcp,
+    /// TLS terminated here, then TCP passthrough (RTMPS).
+    #[serde(alias = "tls-tcp")]
+    Tls,
+    /// UDP sessions (SRT).
+    Udp,
+}
+
+/// `[[listener]]`: one or more bind addresses sharing one behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// Unique name, used in logs and metrics.
+    pub name: String,
+    /// Addresses to bind, IPv4 or IPv6 (`"[::1]:80"`).
+    pub bind: Vec<SocketAddr>,
+    /// What the listener speaks.
+    pub protocol: Protocol,
+    /// Group that receives traffic the router does not send elsewhere.
+    #[serde(default = "default_group_name")]
+    pub default_group: String,
+    /// Answer every plain-HTTP request with a redirect to https (seeds/004 `redirect scheme https`).
+    #[serde(default)]
+    pub redirect_https: bool,
+    /// Expect a PROXY protocol v1/v2 header first on every connection.
+    #[serde(default)]
+    pub accept_proxy: bool,
+    /// Listen backlog.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+    /// Add an RFC 7239 `Forwarded` header (off by default, as most AMS setups read X-Forwarded-For).
+    #[serde(default)]
+    pub forwarded: bool,
+    /// Add a `Via` header naming this balancer.
+    #[serde(default)]
+    pub via: bool,
+}
+
+fn default_group_name() -> String {
+    "origin".to_string()
+}
+
+fn default_backlog() -> u32 {
+    1024
+}
+
+/// How a group picks a node for a new session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BalanceMode {
+    /// Each node in turn.
+    #[default]
+    RoundRobin,
+    /// The node with the fewest open sessions from this balancer.
+    LeastConn,
+}
+
+/// `[[group]]`: a named set of nodes (AMS origin or edge group).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Group name; the router sends publish traffic to `origin` and play traffic to `edge`.
+    pub name: String,
+    /// Balancing algorithm.
+    #[serde(default)]
+    pub balance: BalanceMode,
+    /// Group to use when this one has no usable node.
+    #[serde(default)]
+    pub backup: Option<String>,
+}
+
+/// Where the node list comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterSource {
+    /// Only the `[[cluster.node]]` entries.
+    #[default]
+    Static,
+}
+
+/// `[cluster]`: membership source and node defaults.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Membership source.
+    #[serde(default)]
+    pub source: ClusterSource,
+    /// HTTP port every node listens on (AMS: 5080).
+    #[serde(default = "default_http_port")]
+    pub http_port: u16,
+    /// RTMP port every node listens on (AMS: 1935).
+    #[serde(default = "default_rtmp_port")]
+    pub rtmp_port: u16,
+    /// Nodes listed by hand.
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+}
+
+fn default_http_port() -> u16 {
+    5080
+}
+
+fn default_rtmp_port() -> u16 {
+    1935
+}
+
+/// `[[cluster.node]]`: one node listed by hand.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Stable node id (AMS uses the node's `_id` in `clusternode`).
+    pub id: String,
+    /// The node's address.
+    pub address: IpAddr,
+    /// Group the node belongs to.
+    pub group: String,
+    /// Overrides `[cluster] http_port` for this node.
+    #[serde(default)]
+    pub http_port: Option<u16>,
+    /// Overrides `[cluster] rtmp_port` for this node.
+    #[serde(default)]
+    pub rtmp_port: Option<u16>,
+}
+
+impl Config {
+    /// Looks a group up by name.
+    pub fn group(&self, name: &str) -> Option<&GroupConfig> {
+        self.groups.iter().find(|g| g.name == name)
+    }
+}
