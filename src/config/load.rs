@@ -191,6 +191,7 @@ impl Config {
                 binds.push(((*addr, udp), key));
             }
         }
+        self.tls.validate()?;
         if self.listeners.is_empty() {
             warnings.push("no [[listener]] defined: amslb will accept no traffic".into());
         }
@@ -379,6 +380,35 @@ group = "edge"
         let text = CORE_EXAMPLE.replace("\"127.0.0.1:18081\"", "\"[::1]:18081\"");
         let loaded = parse(&text).unwrap();
         assert!(loaded.config.listeners[1].bind[0].is_ipv6());
+    }
+
+    /// Issue 8's example on top of the core one, which must be accepted as written.
+    #[test]
+    fn accepts_the_tls_example() {
+        let text = format!(
+            "{CORE_EXAMPLE}{}",
+            r#"
+[[listener]]
+name = "https"
+bind = ["127.0.0.1:18743"]
+protocol = "https"
+default_group = "origin"
+
+[tls]
+certs_dir = "/var/lib/amslb/certs"
+
+[tls.acme]
+directory = "https://127.0.0.1:14700/dir"
+contact = ["mailto:ops@example.com"]
+domains = ["live.amslb.test"]
+challenge = "tls-alpn-01"
+ca_file = "/etc/amslb/acme-ca.pem"
+"#
+        );
+        let loaded = parse(&text).expect("issue 8 example must parse");
+        assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
+        let acme = loaded.config.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.domains, ["live.amslb.test"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod duration;
 mod load;
+pub mod tls;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
 
@@ -33,6 +34,9 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where cluster membership comes from.
     pub cluster: ClusterConfig,
+    /// Certificates for `https` and `tls` listeners, and ACME.
+    #[serde(default)]
+    pub tls: tls::TlsConfig,
 }
 
 /// `[global]`: process-wide settings.
