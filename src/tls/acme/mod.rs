@@ -86,8 +86,9 @@ impl AcmeManager {
         ))
     }
 
-    /// How long until the certificate in the served snapshot needs renewing.
-    fn wait(&self) -> Duration {
+    /// How long until the certificate in the served snapshot needs renewing
+    /// (zero when there is none, or it lacks a configured domain).
+    pub fn wait(&self) -> Duration {
         let snapshot = self.certs.snapshot();
         self.renewal_due(snapshot.entry(self.cert_name()))
             .and_then(|due| due.duration_since(SystemTime::now()).ok())
