@@ -26,11 +26,17 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Certificates and ACME, when some listener terminates TLS.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
 }
 
 impl Runtime {
     /// Builds the shared state for `config`.
-    pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        cluster: Arc<Cluster>,
+        tls: Option<Arc<crate::tls::TlsState>>,
+    ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Arc::new(Self {
             config: ArcSwap::from_pointee(config),
@@ -39,6 +45,7 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
+            tls,
         })
     }
 

@@ -1,6 +1,10 @@
 //! TLS termination without ACME: certificates from `certs_dir`, SNI, ALPN,
-//! WebSocket over TLS, reload, and refusal of bad files.
+//! WebSocket over TLS, reload, and refusal of bad files. The real amslb binary
+//! in front of simulated nodes, except for reload (no reload trigger in the
+//! binary yet), which drives `amslb::tls` directly.
 
+#[allow(unused_imports)] // the shared harness re-exports more than this file uses
+mod support;
 mod tls_support;
 
 use amslb::config::tls::TlsConfig;
@@ -8,8 +12,10 @@ use amslb::tls::Certificates;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
 use std::path::Path;
-use tls_support::{Front, TestCa, get, tempdir};
+use support::{Amslb, listener_addr, sim_node};
+use tls_support::{Front, TestCa, get, lb_config, tempdir};
 use tokio::net::TcpStream;
 
 fn config(dir: &Path, default_cert: Option<&str>) -> TlsConfig {
@@ -24,6 +30,16 @@ fn leaf_der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
+/// amslb in front of one simulated origin, serving the certificates in `dir`.
+async fn start(dir: &Path, default_cert: Option<&str>) -> (Amslb, SocketAddr, support::SimNode) {
+    let node = sim_node("origin-1").await;
+    let https = listener_addr(18443);
+    let default = default_cert.map_or(String::new(), |d| format!("default_cert = \"{d}\"\n"));
+    let tls = format!("[tls]\ncerts_dir = \"{}\"\n{default}", dir.display());
+    let amslb = Amslb::start(&lb_config(https, None, node.addr, &tls), &[https]);
+    (amslb, https, node)
+}
+
 #[tokio::test]
 async fn sni_picks_the_right_certificate_among_three() {
     amslb::tls::install_crypto_provider();
@@ -36,8 +52,7 @@ async fn sni_picks_the_right_certificate_among_three() {
     std::fs::write(dir.join("cdn.crt"), &wild).unwrap();
     std::fs::write(dir.join("cdn.key"), wild_key).unwrap();
     std::fs::write(dir.join("panel.pem"), format!("{panel}{panel_key}")).unwrap();
-    let certs = Certificates::open(&config(&dir, Some("panel"))).unwrap();
-    let front = Front::start(certs).await;
+    let (_amslb, https, _node) = start(&dir, Some("panel")).await;
     let roots = [ca.der.clone()];
 
     for (sni, expected) in [
@@ -45,16 +60,17 @@ async fn sni_picks_the_right_certificate_among_three() {
         ("edge1.cdn.amslb.test", &wild),
         ("panel.amslb.test", &panel),
     ] {
-        let seen = get(front.https, sni, &roots, &[b"http/1.1"], "/x")
+        let seen = get(https, sni, &roots, &[b"http/1.1"], "/rest/v2/version")
             .await
             .unwrap_or_else(|e| panic!("{sni}: {e}"));
         assert_eq!(seen.leaf, leaf_der(expected), "wrong certificate for {sni}");
         assert_eq!(seen.status, 200);
+        assert_eq!(seen.headers["x-node-id"], "origin-1");
     }
 
     // An unknown name gets the configured default (panel), which the client
     // then rejects as not matching: the handshake carried panel's certificate.
-    let err = get(front.https, "other.test", &roots, &[], "/")
+    let err = get(https, "other.test", &roots, &[], "/")
         .await
         .err()
         .expect("default certificate must not validate for another name");
@@ -62,68 +78,89 @@ async fn sni_picks_the_right_certificate_among_three() {
 }
 
 #[tokio::test]
-async fn h2_and_http11_are_both_served_over_alpn() {
+async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
     let dir = tempdir("alpn");
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
     std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let front = Front::start(Certificates::open(&config(&dir, None)).unwrap()).await;
+    let (_amslb, https, node) = start(&dir, None).await;
     let roots = [ca.der.clone()];
 
     let h2 = get(
-        front.https,
+        https,
         "live.amslb.test",
         &roots,
         &[b"h2", b"http/1.1"],
-        "/a",
+        "/LiveApp/streams/s1.m3u8",
     )
     .await
     .unwrap();
     assert_eq!(h2.alpn.as_deref(), Some(&b"h2"[..]));
     assert_eq!(h2.version, http::Version::HTTP_2);
-    assert_eq!(h2.body, "HTTP/2.0 /a");
+    assert_eq!((h2.status.as_u16(), h2.body.as_str()), (200, "origin-1\n"));
 
-    let h1 = get(front.https, "live.amslb.test", &roots, &[b"http/1.1"], "/b")
-        .await
-        .unwrap();
+    let h1 = get(
+        https,
+        "live.amslb.test",
+        &roots,
+        &[b"http/1.1"],
+        "/rest/v2/version",
+    )
+    .await
+    .unwrap();
     assert_eq!(h1.alpn.as_deref(), Some(&b"http/1.1"[..]));
-    assert_eq!(h1.body, "HTTP/1.1 /b");
+    assert_eq!(h1.version, http::Version::HTTP_11);
+    assert_eq!(h1.status, 200);
 
     // No ALPN at all (old clients, curl --no-alpn): HTTP/1.1 by sniffing.
-    let none = get(front.https, "live.amslb.test", &roots, &[], "/c")
+    let none = get(https, "live.amslb.test", &roots, &[], "/")
         .await
         .unwrap();
     assert_eq!(none.alpn, None);
-    assert_eq!(none.body, "HTTP/1.1 /c");
+    assert_eq!(none.status, 200);
+
+    let seen = node.seen();
+    assert_eq!(seen.len(), 3);
+    for request in &seen {
+        assert_eq!(request.headers["x-forwarded-proto"], "https", "{request:?}");
+        assert_eq!(request.headers["host"], "live.amslb.test", "{request:?}");
+    }
+    assert_eq!(
+        seen[0].uri, "/LiveApp/streams/s1.m3u8",
+        "h2 request reaches the node in origin form"
+    );
 }
 
 #[tokio::test]
-async fn websocket_echoes_over_tls() {
+async fn websocket_echoes_over_tls_through_the_balancer() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
     let dir = tempdir("wss");
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
     std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let front = Front::start(Certificates::open(&config(&dir, None)).unwrap()).await;
+    let (_amslb, https, node) = start(&dir, None).await;
 
-    let tcp = TcpStream::connect(front.https).await.unwrap();
-    // Browsers offer h2 too; WebSocket must still work because they fall back
-    // to an HTTP/1.1 connection for it: offer only http/1.1, as they do then.
+    let tcp = TcpStream::connect(https).await.unwrap();
+    // Browsers open WebSockets on an HTTP/1.1 connection (amslb does not offer
+    // RFC 8441 WebSocket over h2), so the client offers http/1.1 here.
     let tls = tls_support::connector(std::slice::from_ref(&ca.der), &[b"http/1.1"])
         .connect(ServerName::try_from("live.amslb.test").unwrap(), tcp)
         .await
         .unwrap();
-    let (mut ws, response) = tokio_tungstenite::client_async("wss://live.amslb.test/ws", tls)
-        .await
-        .unwrap();
+    let (mut ws, response) =
+        tokio_tungstenite::client_async("wss://live.amslb.test/LiveApp/websocket", tls)
+            .await
+            .unwrap();
     assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["x-node-id"], "origin-1");
     for i in 0..3 {
         let text = format!("{{\"command\":\"play\",\"n\":{i}}}");
         ws.send(text.clone().into()).await.unwrap();
         let echoed = ws.next().await.unwrap().unwrap();
         assert_eq!(echoed.into_text().unwrap().as_str(), text);
     }
+    assert_eq!(node.seen()[0].headers["x-forwarded-proto"], "https");
 }
 
 #[tokio::test]
@@ -207,8 +244,24 @@ async fn reload_swaps_certificate_and_open_connection_survives() {
     assert_eq!(seen.leaf, leaf_der(&new));
 }
 
+/// Starts amslb over `dir` expecting it to refuse; returns its output.
+fn refused_start(dir: &Path) -> String {
+    let https = listener_addr(18443);
+    let node: SocketAddr = "127.0.0.1:5080".parse().unwrap();
+    let tls = format!("[tls]\ncerts_dir = \"{}\"\n", dir.display());
+    let config = tempdir("refused").join("lb.toml");
+    std::fs::write(&config, lb_config(https, None, node, &tls)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amslb"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "amslb must refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
-fn bad_pem_or_missing_key_is_refused_naming_the_file() {
+fn bad_pem_or_missing_key_is_refused_at_start_naming_the_file() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
@@ -220,19 +273,31 @@ fn bad_pem_or_missing_key_is_refused_naming_the_file() {
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    let err = Certificates::open(&config(&dir, None)).unwrap_err();
-    assert_eq!(err.path, dir.join("broken.pem"));
-    assert!(err.to_string().contains("broken.pem"), "{err}");
+    let out = refused_start(&dir);
+    assert!(
+        out.contains(&format!("{}: bad PEM", dir.join("broken.pem").display())),
+        "{out}"
+    );
 
     let dir = tempdir("nokey");
     std::fs::write(dir.join("live.crt"), &cert).unwrap();
-    let err = Certificates::open(&config(&dir, None)).unwrap_err();
-    assert_eq!(err.path, dir.join("live.key"));
-    assert!(err.to_string().contains("missing private key"), "{err}");
+    let out = refused_start(&dir);
+    assert!(
+        out.contains(&format!(
+            "{}: missing private key",
+            dir.join("live.key").display()
+        )),
+        "{out}"
+    );
 
     let dir = tempdir("keyless-pem");
     std::fs::write(dir.join("live.pem"), &cert).unwrap();
-    let err = Certificates::open(&config(&dir, None)).unwrap_err();
-    assert_eq!(err.path, dir.join("live.pem"));
-    assert!(err.to_string().contains("no PRIVATE KEY"), "{err}");
+    let out = refused_start(&dir);
+    assert!(
+        out.contains(&format!(
+            "{}: no PRIVATE KEY",
+            dir.join("live.pem").display()
+        )),
+        "{out}"
+    );
 }

@@ -1,7 +1,10 @@
 //! ACME against a real Pebble that validates challenges by connecting back to
-//! our listeners: tls-alpn-01, http-01, reuse across restarts, renewal with
-//! hot swap, and the order lock between instances.
+//! amslb's listeners: tls-alpn-01, http-01, reuse across restarts, renewal with
+//! hot swap (the real binary in front of a simulated node), and the order lock
+//! between instances (two managers in one process sharing a directory).
 
+#[allow(unused_imports)] // the shared harness re-exports more than this file uses
+mod support;
 mod tls_support;
 
 use amslb::config::tls::{AcmeConfig, ChallengeKind, TlsConfig};
@@ -9,10 +12,12 @@ use amslb::tls::Certificates;
 use amslb::tls::acme::AcmeManager;
 use http_body_util::{BodyExt, Empty};
 use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tls_support::{Front, Pebble, get, mode, tempdir};
+use support::{Amslb, sim_node};
+use tls_support::{Front, Pebble, free_port, get, get_eventually, lb_config, mode, tempdir};
 use tokio::net::TcpStream;
 
 const DOMAIN: &str = "live.amslb.test";
@@ -55,26 +60,65 @@ async fn setup(validity: Option<u64>) -> (std::path::PathBuf, Arc<Certificates>,
     (dir, certs, front, pebble)
 }
 
+/// amslb with ACME against `pebble`: an https listener on `https` (and a
+/// plain one with `redirect_https` on `http`), certificates in `dir`.
+fn start_amslb(
+    https: SocketAddr,
+    http: Option<SocketAddr>,
+    node: SocketAddr,
+    dir: &Path,
+    pebble: &Pebble,
+    challenge: &str,
+) -> Amslb {
+    let tls = format!(
+        r#"
+[tls]
+certs_dir = "{}"
+
+[tls.acme]
+directory = "{}"
+contact = ["mailto:ops@example.com"]
+domains = ["{DOMAIN}"]
+challenge = "{challenge}"
+ca_file = "{}"
+retry_min = "500ms"
+retry_max = "2s"
+"#,
+        dir.display(),
+        pebble.directory,
+        pebble.ca_file.display()
+    );
+    let ready: Vec<SocketAddr> = [Some(https), http].into_iter().flatten().collect();
+    Amslb::start(&lb_config(https, http, node, &tls), &ready)
+}
+
+/// A loopback address Pebble can reach: its mock DNS answers 127.0.0.1.
+fn pebble_reachable() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
 #[tokio::test]
 async fn tls_alpn01_obtains_serves_and_restart_reuses_the_certificate() {
-    let (dir, certs, front, pebble) = setup(None).await;
-    let config = tls_config(&dir, &pebble, ChallengeKind::TlsAlpn01);
-    let acme = manager(&config, &certs);
-    assert!(acme.wait().is_zero(), "no certificate yet: renewal due now");
-    assert!(acme.renew_once().await.unwrap(), "order must complete");
+    amslb::tls::install_crypto_provider();
+    let node = sim_node("origin-1").await;
+    let https = pebble_reachable();
+    let pebble = Pebble::start(0, https.port(), None).await;
+    let dir = tempdir("acme-alpn");
+    let amslb = start_amslb(https, None, node.addr, &dir, &pebble, "tls-alpn-01");
 
     let roots = [pebble.root_der()];
-    let seen = get(
-        front.https,
-        DOMAIN,
-        &roots,
-        &[b"h2"],
-        "/live/streams/s1.m3u8",
-    )
-    .await
-    .expect("client trusting Pebble's root must connect");
+    let first = get_eventually(https, DOMAIN, &roots, Duration::from_secs(30)).await;
+    let seen = get(https, DOMAIN, &roots, &[b"h2"], "/LiveApp/streams/s1.m3u8")
+        .await
+        .expect("client trusting Pebble's root must connect");
     assert_eq!(seen.status, 200);
     assert_eq!(seen.version, http::Version::HTTP_2);
+    assert_eq!(seen.headers["x-node-id"], "origin-1");
+    assert!(
+        amslb.log().contains("certificate obtained"),
+        "{}",
+        amslb.log()
+    );
 
     let cert_file = dir.join(format!("{DOMAIN}.pem"));
     let account_file = dir.join(".acme/account.json");
@@ -84,54 +128,118 @@ async fn tls_alpn01_obtains_serves_and_restart_reuses_the_certificate() {
         "certificate + key file must be 0600"
     );
     assert_eq!(mode(&account_file), 0o600, "account key file must be 0600");
+    assert_eq!(mode(&dir.join(".acme")), 0o700);
     assert!(!dir.join(".acme/order.lock").exists(), "lock released");
 
-    // Restart: a new process state over the same directory serves the stored
-    // certificate at once and plans no order before two thirds of its life.
+    // Restart: the stored certificate is served from the first handshake and
+    // nothing is ordered (nor a new account registered).
     let stored = std::fs::read(&cert_file).unwrap();
     let account = std::fs::read(&account_file).unwrap();
-    drop(front);
-    let certs = Certificates::open(&config).unwrap();
-    let acme = manager(&config, &certs);
-    assert!(
-        acme.wait() > Duration::from_secs(86_400),
-        "fresh stored certificate must not be renewed now: {:?}",
-        acme.wait()
-    );
-    let front = Front::start(certs.clone()).await;
-    let again = get(front.https, DOMAIN, &roots, &[], "/").await.unwrap();
+    drop(amslb);
+    let amslb = start_amslb(https, None, node.addr, &dir, &pebble, "tls-alpn-01");
+    let again = get(https, DOMAIN, &roots, &[], "/").await.unwrap();
     assert_eq!(
-        again.leaf, seen.leaf,
+        again.leaf, first.leaf,
         "restart serves the stored certificate"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !amslb.log().contains("ordering certificate"),
+        "{}",
+        amslb.log()
     );
     assert_eq!(std::fs::read(&cert_file).unwrap(), stored);
     assert_eq!(std::fs::read(&account_file).unwrap(), account);
 }
 
 #[tokio::test]
-async fn http01_obtains_and_serves() {
-    let (dir, certs, front, pebble) = setup(None).await;
-    let config = tls_config(&dir, &pebble, ChallengeKind::Http01);
-    assert!(manager(&config, &certs).renew_once().await.unwrap());
+async fn http01_obtains_and_serves_despite_redirect_https() {
+    amslb::tls::install_crypto_provider();
+    let node = sim_node("origin-1").await;
+    let (https, http) = (pebble_reachable(), pebble_reachable());
+    let pebble = Pebble::start(http.port(), https.port(), None).await;
+    let dir = tempdir("acme-http");
+    let amslb = start_amslb(https, Some(http), node.addr, &dir, &pebble, "http-01");
 
-    let seen = get(
-        front.https,
-        DOMAIN,
-        &[pebble.root_der()],
-        &[b"http/1.1"],
-        "/rest/v2/x",
-    )
-    .await
-    .unwrap();
+    let seen = get_eventually(https, DOMAIN, &[pebble.root_der()], Duration::from_secs(30)).await;
     assert_eq!(seen.status, 200);
-    assert_eq!(seen.body, "HTTP/1.1 /rest/v2/x");
-    // Challenges are withdrawn once the order is done.
-    assert_eq!(
-        certs
-            .challenges()
-            .http01_response("/.well-known/acme-challenge/anything"),
-        None
+    assert_eq!(seen.headers["x-node-id"], "origin-1");
+    assert!(
+        amslb.log().contains("certificate obtained"),
+        "{}",
+        amslb.log()
     );
+
+    // Everything else on the plain listener is still redirected, and the
+    // challenge prefix (no pending token now) is routed, not redirected.
+    let r = support::get(http, "/LiveApp/play.html").await;
+    assert_eq!(r.status, 302);
+    let r = support::get(http, "/.well-known/acme-challenge/unknown").await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.node(), "origin-1");
+}
+
+#[tokio::test]
+async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
+    amslb::tls::install_crypto_provider();
+    let node = sim_node("origin-1").await;
+    let https = pebble_reachable();
+    // Pebble issues certificates valid 9 s: renewal is due after about 6 s.
+    let pebble = Pebble::start(0, https.port(), Some(9)).await;
+    let dir = tempdir("acme-renew");
+    let amslb = start_amslb(https, None, node.addr, &dir, &pebble, "tls-alpn-01");
+    let roots = [pebble.root_der()];
+    let first = get_eventually(https, DOMAIN, &roots, Duration::from_secs(20))
+        .await
+        .leaf;
+
+    // One connection stays open across the renewal.
+    let tcp = TcpStream::connect(https).await.unwrap();
+    let tls = tls_support::connector(&roots, &[b"http/1.1"])
+        .connect(ServerName::try_from(DOMAIN).unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let request = || {
+        http::Request::get("/kept")
+            .header("host", DOMAIN)
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let renewed = loop {
+        // Keep the open connection busy (an idle one would hit the client timeout).
+        assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
+        // New connections: a failed handshake here (the old certificate
+        // expiring a moment before the new one lands) just means "not yet".
+        if let Ok(seen) = get(https, DOMAIN, &roots, &[], "/").await
+            && seen.leaf != first
+        {
+            break seen;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not renewed in time:\n{}",
+            amslb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(renewed.status, 200);
+
+    let response = send.send_request(request()).await.unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "open connection survives the renewal"
+    );
+    assert_eq!(response.headers()["x-node-id"], "origin-1");
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&body[..], b"origin-1\n");
 }
 
 #[tokio::test]
@@ -154,74 +262,4 @@ async fn second_instance_waits_for_the_order_lock() {
         std::fs::read(dir.join(format!("{DOMAIN}.pem"))).unwrap(),
         stored
     );
-}
-
-#[tokio::test]
-async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
-    // Pebble issues certificates valid 9 s: renewal is due after about 6 s.
-    let (dir, certs, front, pebble) = setup(Some(9)).await;
-    let config = tls_config(&dir, &pebble, ChallengeKind::TlsAlpn01);
-    let shutdown = tokio_util::sync::CancellationToken::new();
-    let task = tokio::spawn(manager(&config, &certs).run(shutdown.clone()));
-    let roots = [pebble.root_der()];
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let first = loop {
-        if let Ok(seen) = get(front.https, DOMAIN, &roots, &[], "/").await {
-            break seen.leaf;
-        }
-        assert!(Instant::now() < deadline, "no certificate obtained");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-
-    // One connection stays open across the renewal.
-    let tcp = TcpStream::connect(front.https).await.unwrap();
-    let tls = tls_support::connector(&roots, &[b"http/1.1"])
-        .connect(ServerName::try_from(DOMAIN).unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = || {
-        http::Request::get("/kept")
-            .header("host", DOMAIN)
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap()
-    };
-    assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
-
-    let renewed = loop {
-        // Keep the open connection busy (an idle one would hit the client timeout).
-        assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
-        // New connections: a failed handshake here (the old certificate
-        // expiring a moment before the new one lands) just means "not yet".
-        if let Ok(seen) = get(front.https, DOMAIN, &roots, &[], "/").await
-            && seen.leaf != first
-        {
-            break seen;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "certificate was not renewed in time"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!(renewed.status, 200);
-
-    let response = send.send_request(request()).await.unwrap();
-    assert_eq!(
-        response.status(),
-        200,
-        "open connection survives the renewal"
-    );
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"HTTP/1.1 /kept");
-
-    shutdown.cancel();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("renewal task stops on shutdown")
-        .unwrap();
 }

@@ -175,7 +175,7 @@ impl Config {
                     ),
                 );
             }
-            if listener.protocol != Protocol::Http {
+            if !matches!(listener.protocol, Protocol::Http | Protocol::Https) {
                 return fail(
                     format!("listener[{i}].protocol"),
                     format!(
@@ -200,7 +200,7 @@ impl Config {
                 binds.push(((*addr, udp), key));
             }
         }
-        self.tls.validate()?;
+        self.tls.validate(&self.listeners)?;
         if self.listeners.is_empty() {
             warnings.push("no [[listener]] defined: amslb will accept no traffic".into());
         }

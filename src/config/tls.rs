@@ -1,6 +1,6 @@
 //! `[tls]` and `[tls.acme]`: where certificates live and how amslb obtains them.
 
-use super::duration;
+use super::{ListenerConfig, Protocol, duration};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -108,8 +108,9 @@ fn default_lock_lease() -> Duration {
 }
 
 impl TlsConfig {
-    /// Checks what serde cannot; returns the dotted key and reason of the first error.
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    /// Checks what serde cannot, including that the listeners an ACME challenge
+    /// needs exist; returns the dotted key and reason of the first error.
+    pub fn validate(&self, listeners: &[ListenerConfig]) -> Result<(), (String, String)> {
         if self.certs_dir.as_os_str().is_empty() {
             return Err(("tls.certs_dir".into(), "must not be empty".into()));
         }
@@ -176,6 +177,20 @@ impl TlsConfig {
         if acme.lock_lease < Duration::from_secs(1) {
             return fail("lock_lease", "must be at least 1s".into());
         }
+        let (needed, port) = match acme.challenge {
+            ChallengeKind::TlsAlpn01 => (Protocol::Https, 443),
+            ChallengeKind::Http01 => (Protocol::Http, 80),
+        };
+        if !listeners.iter().any(|l| l.protocol == needed) {
+            return fail(
+                "challenge",
+                format!(
+                    "{:?} needs a listener with protocol = {:?} (reachable on port {port})",
+                    acme.challenge,
+                    if port == 443 { "https" } else { "http" }
+                ),
+            );
+        }
         Ok(())
     }
 }
@@ -206,6 +221,25 @@ ca_file = "/etc/amslb/acme-ca.pem"
         toml::from_str::<Wrapper>(text).unwrap().tls
     }
 
+    /// One listener of each kind an ACME challenge may need.
+    fn listeners() -> Vec<ListenerConfig> {
+        #[derive(Deserialize)]
+        struct L {
+            listener: Vec<ListenerConfig>,
+        }
+        let text = r#"
+[[listener]]
+name = "http"
+bind = ["127.0.0.1:80"]
+protocol = "http"
+[[listener]]
+name = "https"
+bind = ["127.0.0.1:443"]
+protocol = "https"
+"#;
+        toml::from_str::<L>(text).unwrap().listener
+    }
+
     #[test]
     fn accepts_the_issue_example() {
         let tls = parse(ISSUE_EXAMPLE);
@@ -220,7 +254,7 @@ ca_file = "/etc/amslb/acme-ca.pem"
             Some(std::path::Path::new("/etc/amslb/acme-ca.pem"))
         );
         assert!((acme.renew_at - 2.0 / 3.0).abs() < 1e-9);
-        tls.validate().unwrap();
+        tls.validate(&listeners()).unwrap();
     }
 
     #[test]
@@ -228,7 +262,7 @@ ca_file = "/etc/amslb/acme-ca.pem"
         let tls = TlsConfig::default();
         assert_eq!(tls.certs_dir, PathBuf::from("certs"));
         assert!(tls.acme.is_none());
-        tls.validate().unwrap();
+        tls.validate(&listeners()).unwrap();
     }
 
     #[test]
@@ -240,7 +274,7 @@ ca_file = "/etc/amslb/acme-ca.pem"
         assert_eq!(acme.challenge, ChallengeKind::Http01);
         assert_eq!(acme.retry_min, Duration::from_secs(1));
         assert_eq!(acme.lock_lease, Duration::from_secs(30));
-        tls.validate().unwrap();
+        tls.validate(&listeners()).unwrap();
     }
 
     #[test]
@@ -277,9 +311,33 @@ ca_file = "/etc/amslb/acme-ca.pem"
         ];
         for (from, to, key) in cases {
             let tls = parse(&ISSUE_EXAMPLE.replace(from, to));
-            assert_eq!(tls.validate().unwrap_err().0, key, "{to}");
+            assert_eq!(tls.validate(&listeners()).unwrap_err().0, key, "{to}");
         }
         let tls = parse(&(ISSUE_EXAMPLE.to_string() + "renew_at = 1.5\n"));
-        assert_eq!(tls.validate().unwrap_err().0, "tls.acme.renew_at");
+        assert_eq!(
+            tls.validate(&listeners()).unwrap_err().0,
+            "tls.acme.renew_at"
+        );
+    }
+
+    #[test]
+    fn challenge_needs_its_listener() {
+        let tls = parse(ISSUE_EXAMPLE);
+        let only_http: Vec<_> = listeners()
+            .into_iter()
+            .filter(|l| l.name == "http")
+            .collect();
+        let (key, reason) = tls.validate(&only_http).unwrap_err();
+        assert_eq!(key, "tls.acme.challenge");
+        assert!(reason.contains("\"https\""), "{reason}");
+        let tls = parse(&ISSUE_EXAMPLE.replace("tls-alpn-01", "http-01"));
+        let only_https: Vec<_> = listeners()
+            .into_iter()
+            .filter(|l| l.name == "https")
+            .collect();
+        assert_eq!(
+            tls.validate(&only_https).unwrap_err().0,
+            "tls.acme.challenge"
+        );
     }
 }

@@ -11,6 +11,8 @@ pub mod acme;
 pub mod certs;
 pub mod challenge;
 pub mod files;
+pub mod http01;
+pub mod https;
 pub mod resolver;
 pub mod serve;
 pub mod server_config;
@@ -18,6 +20,7 @@ pub mod store;
 
 pub use certs::{CertEntry, CertError};
 pub use challenge::{ChallengeStore, is_http01_path};
+pub use https::TlsState;
 pub use resolver::Certificates;
 pub use server_config::{https_server_config, tcp_server_config};
 

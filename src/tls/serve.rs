@@ -42,15 +42,24 @@ where
     Ok(Some(tls))
 }
 
+/// Limits applied to every HTTP connection served over TLS.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// Bounds reading a request head, and how long an idle HTTP/1.1
+    /// keep-alive connection is kept (`timeouts.client`).
+    pub header_read_timeout: Duration,
+    /// Largest request head (`global.max_header_bytes`).
+    pub max_header_bytes: usize,
+}
+
 /// Serves HTTP over an established TLS stream with `service`: h2 when ALPN
 /// chose it, HTTP/1.1 (with upgrades, so WebSocket works) when ALPN chose
 /// `http/1.1`, and by sniffing the preface when the client sent no ALPN.
-/// `client_timeout` bounds reading a request head; on `shutdown` the
-/// connection finishes its in-flight requests and closes.
+/// On `shutdown` the connection finishes its in-flight requests and closes.
 pub async fn serve_http<IO, S, B>(
     tls: TlsStream<IO>,
     service: S,
-    client_timeout: Duration,
+    limits: HttpLimits,
     shutdown: CancellationToken,
 ) -> Result<(), BoxError>
 where
@@ -67,8 +76,12 @@ where
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(client_timeout);
-    builder.http2().timer(TokioTimer::new());
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX));
     let builder = match alpn.as_deref() {
         Some(b"h2") => builder.http2_only(),
         Some(b"http/1.1") => builder.http1_only(),

@@ -353,9 +353,11 @@ impl Front {
                         return;
                     };
                     let service = hyper::service::service_fn(respond);
-                    let _ =
-                        amslb::tls::serve::serve_http(tls, service, Duration::from_secs(5), stop)
-                            .await;
+                    let limits = amslb::tls::serve::HttpLimits {
+                        header_read_timeout: Duration::from_secs(5),
+                        max_header_bytes: 16 * 1024,
+                    };
+                    let _ = amslb::tls::serve::serve_http(tls, service, limits, stop).await;
                 });
             }
         });
@@ -432,4 +434,72 @@ async fn respond(
         req.version(),
         req.uri().path()
     ))))
+}
+
+/// An amslb config with an `https` listener (and optionally a plain `http`
+/// one, with `redirect_https`) in front of one origin node, plus `tls` (the
+/// `[tls]` section text).
+pub fn lb_config(
+    https: SocketAddr,
+    http: Option<SocketAddr>,
+    node: SocketAddr,
+    tls: &str,
+) -> String {
+    let http = http.map_or(String::new(), |addr| {
+        format!(
+            "[[listener]]\nname = \"http\"\nbind = [\"{addr}\"]\nprotocol = \"http\"\nredirect_https = true\n"
+        )
+    });
+    format!(
+        r#"
+[timeouts]
+connect = "1s"
+client = "5s"
+server = "5s"
+
+[[listener]]
+name = "https"
+bind = ["{https}"]
+protocol = "https"
+default_group = "origin"
+
+{http}
+
+[[group]]
+name = "origin"
+
+[cluster]
+source = "static"
+
+[[cluster.node]]
+id = "origin-1"
+address = "{}"
+group = "origin"
+http_port = {}
+
+{tls}
+"#,
+        node.ip(),
+        node.port()
+    )
+}
+
+/// Retries `get` until it succeeds (a certificate is being obtained) or `limit` passes.
+pub async fn get_eventually(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+    limit: Duration,
+) -> Seen {
+    let deadline = Instant::now() + limit;
+    loop {
+        match get(addr, sni, roots, &[], "/").await {
+            Ok(seen) => return seen,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no usable certificate in time: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
