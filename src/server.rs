@@ -100,7 +100,7 @@ impl Server {
             tokio::spawn(accept_loop(runtime.clone(), bound));
         }
         if let Some(tls) = &runtime.tls {
-            tls.spawn_acme(runtime.shutdown.clone());
+            tls.spawn_tasks(runtime.shutdown.clone());
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;

@@ -1,41 +1,30 @@
 //! TLS termination without ACME: certificates from `certs_dir`, SNI, ALPN,
-//! WebSocket over TLS, reload, and refusal of bad files. The real amslb binary
-//! in front of simulated nodes, except for reload (no reload trigger in the
-//! binary yet), which drives `amslb::tls` directly.
+//! WebSocket over TLS, swapping changed files, and refusal of bad files: the
+//! real amslb binary in front of a simulated node.
 
 #[allow(unused_imports)] // the shared harness re-exports more than this file uses
 mod support;
 mod tls_support;
 
-use amslb::config::tls::TlsConfig;
-use amslb::tls::Certificates;
 use futures_util::{SinkExt, StreamExt};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
 use support::{Amslb, listener_addr, sim_node};
-use tls_support::{Front, TestCa, get, lb_config, tempdir};
+use tls_support::{TestCa, get, lb_config, tempdir};
 use tokio::net::TcpStream;
-
-fn config(dir: &Path, default_cert: Option<&str>) -> TlsConfig {
-    TlsConfig {
-        certs_dir: dir.to_path_buf(),
-        default_cert: default_cert.map(str::to_string),
-        acme: None,
-    }
-}
 
 fn leaf_der(pem: &str) -> CertificateDer<'static> {
     CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
 }
 
-/// amslb in front of one simulated origin, serving the certificates in `dir`.
-async fn start(dir: &Path, default_cert: Option<&str>) -> (Amslb, SocketAddr, support::SimNode) {
+/// amslb in front of one simulated origin, serving the certificates in `dir`;
+/// `extra` is added to the `[tls]` table.
+async fn start(dir: &Path, extra: &str) -> (Amslb, SocketAddr, support::SimNode) {
     let node = sim_node("origin-1").await;
     let https = listener_addr(18443);
-    let default = default_cert.map_or(String::new(), |d| format!("default_cert = \"{d}\"\n"));
-    let tls = format!("[tls]\ncerts_dir = \"{}\"\n{default}", dir.display());
+    let tls = format!("[tls]\ncerts_dir = \"{}\"\n{extra}", dir.display());
     let amslb = Amslb::start(&lb_config(https, None, node.addr, &tls), &[https]);
     (amslb, https, node)
 }
@@ -44,7 +33,8 @@ async fn start(dir: &Path, default_cert: Option<&str>) -> (Amslb, SocketAddr, su
 async fn sni_picks_the_right_certificate_among_three() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
-    let dir = tempdir("sni");
+    let tmp = tempdir("sni");
+    let dir = tmp.path();
     let (live, live_key) = ca.leaf(&["live.amslb.test"]);
     let (wild, wild_key) = ca.leaf(&["*.cdn.amslb.test"]);
     let (panel, panel_key) = ca.leaf(&["panel.amslb.test"]);
@@ -52,7 +42,7 @@ async fn sni_picks_the_right_certificate_among_three() {
     std::fs::write(dir.join("cdn.crt"), &wild).unwrap();
     std::fs::write(dir.join("cdn.key"), wild_key).unwrap();
     std::fs::write(dir.join("panel.pem"), format!("{panel}{panel_key}")).unwrap();
-    let (_amslb, https, _node) = start(&dir, Some("panel")).await;
+    let (_amslb, https, _node) = start(dir, "default_cert = \"panel\"\n").await;
     let roots = [ca.der.clone()];
 
     for (sni, expected) in [
@@ -81,10 +71,11 @@ async fn sni_picks_the_right_certificate_among_three() {
 async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
-    let dir = tempdir("alpn");
+    let tmp = tempdir("alpn");
+    let dir = tmp.path();
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
     std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let (_amslb, https, node) = start(&dir, None).await;
+    let (_amslb, https, node) = start(dir, "").await;
     let roots = [ca.der.clone()];
 
     let h2 = get(
@@ -136,10 +127,11 @@ async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
 async fn websocket_echoes_over_tls_through_the_balancer() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
-    let dir = tempdir("wss");
+    let tmp = tempdir("wss");
+    let dir = tmp.path();
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
     std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let (_amslb, https, node) = start(&dir, None).await;
+    let (_amslb, https, node) = start(dir, "").await;
 
     let tcp = TcpStream::connect(https).await.unwrap();
     // Browsers open WebSockets on an HTTP/1.1 connection (amslb does not offer
@@ -163,48 +155,82 @@ async fn websocket_echoes_over_tls_through_the_balancer() {
     assert_eq!(node.seen()[0].headers["x-forwarded-proto"], "https");
 }
 
+/// Writes `text` to `dir/name` the way deployment tools do: a temporary file
+/// renamed into place, so a reload never sees half a file.
+fn install(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.new"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// Polls new connections until one is served `expected` (or fails after 5 s).
+async fn wait_for_leaf(https: SocketAddr, roots: &[CertificateDer<'static>], expected: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Ok(seen) = get(https, "live.amslb.test", roots, &[], "/").await
+            && seen.leaf == leaf_der(expected)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "certificate not picked up; last error: {:?}",
+            get(https, "live.amslb.test", roots, &[], "/").await.err()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test]
 async fn without_certificate_handshake_is_refused_until_one_is_added() {
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
-    let dir = tempdir("empty");
-    let certs = Certificates::open(&config(&dir, None)).unwrap();
-    let front = Front::start(certs.clone()).await;
+    let tmp = tempdir("empty");
+    let dir = tmp.path();
+    let (amslb, https, _node) = start(dir, "watch_interval = \"100ms\"\n").await;
     let roots = [ca.der.clone()];
 
-    let err = get(front.https, "live.amslb.test", &roots, &[], "/")
+    let err = get(https, "live.amslb.test", &roots, &[], "/")
         .await
         .err()
         .expect("no certificate: handshake must fail");
     assert!(err.contains("handshake"), "{err}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        amslb
+            .log()
+            .contains("TLS handshake refused: no certificate loaded yet"),
+        "{}",
+        amslb.log()
+    );
 
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
-    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    assert_eq!(certs.reload().unwrap(), 1);
-    let seen = get(front.https, "live.amslb.test", &roots, &[], "/")
-        .await
-        .unwrap();
-    assert_eq!(seen.status, 200);
+    install(dir, "live.pem", &format!("{cert}{key}"));
+    wait_for_leaf(https, &roots, &cert).await;
 }
 
 #[tokio::test]
-async fn reload_swaps_certificate_and_open_connection_survives() {
-    use http_body_util::{BodyExt, Empty};
+async fn changed_file_is_swapped_in_and_open_connection_survives() {
+    use http_body_util::Empty;
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
-    let dir = tempdir("swap");
+    let tmp = tempdir("swap");
+    let dir = tmp.path();
     let (old, old_key) = ca.leaf(&["live.amslb.test"]);
     std::fs::write(dir.join("live.pem"), format!("{old}{old_key}")).unwrap();
-    let certs = Certificates::open(&config(&dir, None)).unwrap();
-    let front = Front::start(certs.clone()).await;
+    let (amslb, https, _node) = start(dir, "watch_interval = \"100ms\"\n").await;
     let roots = [ca.der.clone()];
 
     // Keep one HTTP/1.1 connection open across the swap.
-    let tcp = TcpStream::connect(front.https).await.unwrap();
+    let tcp = TcpStream::connect(https).await.unwrap();
     let tls = tls_support::connector(&roots, &[b"http/1.1"])
         .connect(ServerName::try_from("live.amslb.test").unwrap(), tcp)
         .await
         .unwrap();
+    assert_eq!(
+        tls.get_ref().1.peer_certificates().unwrap()[0],
+        leaf_der(&old)
+    );
     let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .unwrap();
@@ -218,30 +244,26 @@ async fn reload_swaps_certificate_and_open_connection_survives() {
     assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
 
     let (new, new_key) = ca.leaf(&["live.amslb.test"]);
-    std::fs::write(dir.join("live.pem"), format!("{new}{new_key}")).unwrap();
-    certs.reload().unwrap();
-    let seen = get(front.https, "live.amslb.test", &roots, &[], "/")
-        .await
-        .unwrap();
-    assert_eq!(
-        seen.leaf,
-        leaf_der(&new),
-        "new connections get the new certificate"
-    );
+    install(dir, "live.pem", &format!("{new}{new_key}"));
+    wait_for_leaf(https, &roots, &new).await;
 
     let response = send.send_request(request()).await.unwrap();
     assert_eq!(response.status(), 200, "open connection survives the swap");
-    let body = response.into_body().collect().await.unwrap().to_bytes();
-    assert_eq!(&body[..], b"HTTP/1.1 /kept");
+    assert_eq!(response.headers()["x-node-id"], "origin-1");
 
-    // A broken file on reload keeps the old snapshot serving.
-    std::fs::write(dir.join("live.pem"), "not a pem").unwrap();
-    let err = certs.reload().unwrap_err();
-    assert_eq!(err.path, dir.join("live.pem"));
-    let seen = get(front.https, "live.amslb.test", &roots, &[], "/")
-        .await
-        .unwrap();
-    assert_eq!(seen.leaf, leaf_der(&new));
+    // A broken file is refused with a warning; the loaded certificate keeps serving.
+    install(dir, "live.pem", "not a pem");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !amslb.log().contains("certificate reload failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", amslb.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        amslb
+            .log()
+            .contains(&dir.join("live.pem").display().to_string())
+    );
+    wait_for_leaf(https, &roots, &new).await;
 }
 
 /// Starts amslb over `dir` expecting it to refuse; returns its output.
@@ -249,7 +271,8 @@ fn refused_start(dir: &Path) -> String {
     let https = listener_addr(18443);
     let node: SocketAddr = "127.0.0.1:5080".parse().unwrap();
     let tls = format!("[tls]\ncerts_dir = \"{}\"\n", dir.display());
-    let config = tempdir("refused").join("lb.toml");
+    let tmp = tempdir("refused");
+    let config = tmp.path().join("lb.toml");
     std::fs::write(&config, lb_config(https, None, node, &tls)).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_amslb"))
         .arg("--config")
@@ -266,22 +289,26 @@ fn bad_pem_or_missing_key_is_refused_at_start_naming_the_file() {
     let ca = TestCa::new();
     let (cert, key) = ca.leaf(&["live.amslb.test"]);
 
-    let dir = tempdir("badpem");
+    let tmp = tempdir("badpem");
+
+    let dir = tmp.path();
     std::fs::write(dir.join("good.pem"), format!("{cert}{key}")).unwrap();
     std::fs::write(
         dir.join("broken.pem"),
         "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    let out = refused_start(&dir);
+    let out = refused_start(dir);
     assert!(
         out.contains(&format!("{}: bad PEM", dir.join("broken.pem").display())),
         "{out}"
     );
 
-    let dir = tempdir("nokey");
+    let tmp = tempdir("nokey");
+
+    let dir = tmp.path();
     std::fs::write(dir.join("live.crt"), &cert).unwrap();
-    let out = refused_start(&dir);
+    let out = refused_start(dir);
     assert!(
         out.contains(&format!(
             "{}: missing private key",
@@ -290,9 +317,11 @@ fn bad_pem_or_missing_key_is_refused_at_start_naming_the_file() {
         "{out}"
     );
 
-    let dir = tempdir("keyless-pem");
+    let tmp = tempdir("keyless-pem");
+
+    let dir = tmp.path();
     std::fs::write(dir.join("live.pem"), &cert).unwrap();
-    let out = refused_start(&dir);
+    let out = refused_start(dir);
     assert!(
         out.contains(&format!(
             "{}: no PRIVATE KEY",

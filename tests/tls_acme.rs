@@ -25,7 +25,6 @@ const DOMAIN: &str = "live.amslb.test";
 fn tls_config(dir: &Path, pebble: &Pebble, challenge: ChallengeKind) -> TlsConfig {
     TlsConfig {
         certs_dir: dir.to_path_buf(),
-        default_cert: None,
         acme: Some(AcmeConfig {
             directory: pebble.directory.clone(),
             contact: vec!["mailto:ops@example.com".into()],
@@ -38,6 +37,7 @@ fn tls_config(dir: &Path, pebble: &Pebble, challenge: ChallengeKind) -> TlsConfi
             retry_max: Duration::from_secs(2),
             lock_lease: Duration::from_secs(60),
         }),
+        ..TlsConfig::default()
     }
 }
 
@@ -45,19 +45,19 @@ fn manager(config: &TlsConfig, certs: &Arc<Certificates>) -> AcmeManager {
     AcmeManager::new(config.acme.clone().unwrap(), certs.clone())
 }
 
-/// Front listeners first (Pebble must know their ports), then Pebble.
-async fn setup(validity: Option<u64>) -> (std::path::PathBuf, Arc<Certificates>, Front, Pebble) {
+/// Library-level setup: the stand-in front (its ports go to Pebble) over a
+/// fresh certificate directory, then Pebble.
+async fn setup() -> (tempfile::TempDir, Arc<Certificates>, Front, Pebble) {
     amslb::tls::install_crypto_provider();
-    let dir = tempdir("acme");
+    let tmp = tempdir("acme");
     let certs = Certificates::open(&TlsConfig {
-        certs_dir: dir.clone(),
-        default_cert: None,
-        acme: None,
+        certs_dir: tmp.path().to_path_buf(),
+        ..TlsConfig::default()
     })
     .unwrap();
     let front = Front::start(certs.clone()).await;
-    let pebble = Pebble::start(front.http.port(), front.https.port(), validity).await;
-    (dir, certs, front, pebble)
+    let pebble = Pebble::start(0, front.https.port(), None).await;
+    (tmp, certs, front, pebble)
 }
 
 /// amslb with ACME against `pebble`: an https listener on `https` (and a
@@ -103,8 +103,9 @@ async fn tls_alpn01_obtains_serves_and_restart_reuses_the_certificate() {
     let node = sim_node("origin-1").await;
     let https = pebble_reachable();
     let pebble = Pebble::start(0, https.port(), None).await;
-    let dir = tempdir("acme-alpn");
-    let amslb = start_amslb(https, None, node.addr, &dir, &pebble, "tls-alpn-01");
+    let tmp = tempdir("acme-alpn");
+    let dir = tmp.path();
+    let amslb = start_amslb(https, None, node.addr, dir, &pebble, "tls-alpn-01");
 
     let roots = [pebble.root_der()];
     let first = get_eventually(https, DOMAIN, &roots, Duration::from_secs(30)).await;
@@ -136,7 +137,7 @@ async fn tls_alpn01_obtains_serves_and_restart_reuses_the_certificate() {
     let stored = std::fs::read(&cert_file).unwrap();
     let account = std::fs::read(&account_file).unwrap();
     drop(amslb);
-    let amslb = start_amslb(https, None, node.addr, &dir, &pebble, "tls-alpn-01");
+    let amslb = start_amslb(https, None, node.addr, dir, &pebble, "tls-alpn-01");
     let again = get(https, DOMAIN, &roots, &[], "/").await.unwrap();
     assert_eq!(
         again.leaf, first.leaf,
@@ -158,8 +159,9 @@ async fn http01_obtains_and_serves_despite_redirect_https() {
     let node = sim_node("origin-1").await;
     let (https, http) = (pebble_reachable(), pebble_reachable());
     let pebble = Pebble::start(http.port(), https.port(), None).await;
-    let dir = tempdir("acme-http");
-    let amslb = start_amslb(https, Some(http), node.addr, &dir, &pebble, "http-01");
+    let tmp = tempdir("acme-http");
+    let dir = tmp.path();
+    let amslb = start_amslb(https, Some(http), node.addr, dir, &pebble, "http-01");
 
     let seen = get_eventually(https, DOMAIN, &[pebble.root_der()], Duration::from_secs(30)).await;
     assert_eq!(seen.status, 200);
@@ -186,8 +188,9 @@ async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
     let https = pebble_reachable();
     // Pebble issues certificates valid 9 s: renewal is due after about 6 s.
     let pebble = Pebble::start(0, https.port(), Some(9)).await;
-    let dir = tempdir("acme-renew");
-    let amslb = start_amslb(https, None, node.addr, &dir, &pebble, "tls-alpn-01");
+    let tmp = tempdir("acme-renew");
+    let dir = tmp.path();
+    let amslb = start_amslb(https, None, node.addr, dir, &pebble, "tls-alpn-01");
     let roots = [pebble.root_der()];
     let first = get_eventually(https, DOMAIN, &roots, Duration::from_secs(20))
         .await
@@ -244,8 +247,9 @@ async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
 
 #[tokio::test]
 async fn second_instance_waits_for_the_order_lock() {
-    let (dir, certs, _front, pebble) = setup(None).await;
-    let config = tls_config(&dir, &pebble, ChallengeKind::TlsAlpn01);
+    let (tmp, certs, _front, pebble) = setup().await;
+    let dir = tmp.path();
+    let config = tls_config(dir, &pebble, ChallengeKind::TlsAlpn01);
     let (first, second) = (manager(&config, &certs), manager(&config, &certs));
     let (a, b) = tokio::join!(first.renew_once(), second.renew_once());
     let outcomes = [a.unwrap(), b.unwrap()];

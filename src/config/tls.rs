@@ -18,6 +18,10 @@ pub struct TlsConfig {
     /// SNI or a name no certificate covers. Unset: the first file by name.
     #[serde(default)]
     pub default_cert: Option<String>,
+    /// How often `certs_dir` is checked for changed files, which are then
+    /// reloaded without dropping connections; `"0s"` turns checking off.
+    #[serde(default = "default_watch_interval", with = "duration")]
+    pub watch_interval: Duration,
     /// Automatic certificates.
     #[serde(default)]
     pub acme: Option<AcmeConfig>,
@@ -28,6 +32,7 @@ impl Default for TlsConfig {
         Self {
             certs_dir: default_certs_dir(),
             default_cert: None,
+            watch_interval: default_watch_interval(),
             acme: None,
         }
     }
@@ -35,6 +40,10 @@ impl Default for TlsConfig {
 
 fn default_certs_dir() -> PathBuf {
     PathBuf::from("certs")
+}
+
+fn default_watch_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// Which ACME challenge proves control of the domains.
@@ -261,6 +270,7 @@ protocol = "https"
     fn defaults_without_table() {
         let tls = TlsConfig::default();
         assert_eq!(tls.certs_dir, PathBuf::from("certs"));
+        assert_eq!(tls.watch_interval, Duration::from_secs(10));
         assert!(tls.acme.is_none());
         tls.validate(&listeners()).unwrap();
     }

@@ -203,7 +203,8 @@ pub(crate) mod tests {
 
     #[test]
     fn combined_pem_loads_names_and_validity() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (cert, key) = self_signed(&["live.example.com", "*.cdn.example.com"]);
         let path = dir.join("live.pem");
         std::fs::write(&path, format!("{cert}{key}")).unwrap();
@@ -219,7 +220,8 @@ pub(crate) mod tests {
 
     #[test]
     fn combined_pem_without_key_names_the_file() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (cert, _) = self_signed(&["a.test"]);
         let path = dir.join("a.pem");
         std::fs::write(&path, cert).unwrap();
@@ -231,7 +233,8 @@ pub(crate) mod tests {
 
     #[test]
     fn bad_pem_names_the_file() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("broken.pem");
         std::fs::write(&path, "-----BEGIN CERTIFICATE-----\n@@@@\n").unwrap();
         let err = CertEntry::load_combined(&path).unwrap_err();
@@ -241,7 +244,8 @@ pub(crate) mod tests {
 
     #[test]
     fn pair_with_missing_key_names_the_key_file() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (cert, _) = self_signed(&["a.test"]);
         let crt = dir.join("a.crt");
         std::fs::write(&crt, cert).unwrap();
@@ -252,7 +256,8 @@ pub(crate) mod tests {
 
     #[test]
     fn mismatched_key_is_refused() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let (cert, _) = self_signed(&["a.test"]);
         let (_, other_key) = self_signed(&["b.test"]);
         std::fs::write(dir.join("a.crt"), cert).unwrap();
@@ -260,16 +265,5 @@ pub(crate) mod tests {
         let err = CertEntry::load_pair(&dir.join("a.crt")).unwrap_err();
         assert_eq!(err.path, dir.join("a.key"));
         assert!(err.reason.contains("does not match"), "{err}");
-    }
-
-    /// A fresh directory under the system temp dir, unique per call.
-    pub(crate) fn tempdir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!(
-            "amslb-tls-test-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }

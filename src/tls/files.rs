@@ -56,24 +56,25 @@ pub fn mode(path: &Path) -> std::io::Result<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::certs::tests::tempdir;
 
     #[test]
     fn private_file_is_0600_and_replaced_whole() {
-        let dir = tempdir();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
         let path = dir.join("k.pem");
         write_private(&path, b"one").unwrap();
         assert_eq!(mode(&path).unwrap(), 0o600);
         write_private(&path, b"two").unwrap();
         assert_eq!(std::fs::read(&path).unwrap(), b"two");
         assert_eq!(mode(&path).unwrap(), 0o600);
-        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "temporary file left behind");
     }
 
     #[test]
     fn private_dir_is_0700() {
-        let dir = tempdir().join("a/b");
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b");
         create_private_dir(&dir).unwrap();
         assert_eq!(mode(&dir).unwrap(), 0o700);
     }

@@ -6,6 +6,7 @@ use super::certs::CertError;
 use super::resolver::Certificates;
 use super::serve::{HttpLimits, handshake, serve_http};
 use super::server_config::https_server_config;
+use super::watch::{Fingerprint, fingerprint, watch};
 use crate::config::tls::AcmeConfig;
 use crate::config::{Config, Protocol};
 use crate::http::headers::ClientInfo;
@@ -13,6 +14,7 @@ use crate::http::proxy::{self, ConnContext};
 use crate::runtime::Runtime;
 use hyper::service::service_fn;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -24,6 +26,9 @@ pub struct TlsState {
     /// Certificates served (and reloaded on demand) by every TLS listener.
     pub certs: Arc<Certificates>,
     acceptor: TlsAcceptor,
+    watch_interval: Duration,
+    /// The directory as it was just before the first load.
+    loaded: Fingerprint,
     acme: Option<AcmeConfig>,
 }
 
@@ -50,6 +55,7 @@ impl TlsState {
             return Ok(None);
         }
         super::install_crypto_provider();
+        let loaded = fingerprint(&config.tls.certs_dir);
         let certs = Certificates::open(&config.tls)?;
         let count = certs.snapshot().entries().len();
         info!(dir = %certs.dir().display(), count, "certificates loaded");
@@ -58,12 +64,24 @@ impl TlsState {
         Ok(Some(Arc::new(Self {
             certs,
             acceptor: TlsAcceptor::from(server_config),
+            watch_interval: config.tls.watch_interval,
+            loaded,
             acme: config.tls.acme.clone(),
         })))
     }
 
-    /// Starts the ACME renewal task, if `[tls.acme]` is set; it ends on `shutdown`.
-    pub fn spawn_acme(&self, shutdown: CancellationToken) {
+    /// Starts the background tasks: watching `certs_dir` (unless
+    /// `watch_interval` is 0) and ACME renewal (if `[tls.acme]` is set). Both
+    /// end on `shutdown`.
+    pub fn spawn_tasks(&self, shutdown: CancellationToken) {
+        if !self.watch_interval.is_zero() {
+            tokio::spawn(watch(
+                self.certs.clone(),
+                self.loaded.clone(),
+                self.watch_interval,
+                shutdown.clone(),
+            ));
+        }
         if let Some(acme) = &self.acme {
             let manager = AcmeManager::new(acme.clone(), self.certs.clone());
             tokio::spawn(manager.run(shutdown));

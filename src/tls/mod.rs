@@ -17,6 +17,7 @@ pub mod resolver;
 pub mod serve;
 pub mod server_config;
 pub mod store;
+pub mod watch;
 
 pub use certs::{CertEntry, CertError};
 pub use challenge::{ChallengeStore, is_http01_path};

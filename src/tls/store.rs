@@ -125,7 +125,7 @@ impl CertStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::certs::tests::{self_signed, tempdir};
+    use crate::tls::certs::tests::self_signed;
 
     fn write_combined(dir: &Path, name: &str, names: &[&str]) {
         let (cert, key) = self_signed(names);
@@ -144,16 +144,17 @@ mod tests {
     #[test]
     fn sni_exact_then_wildcard_then_default() {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let dir = tempdir();
-        write_combined(&dir, "a-wild", &["*.example.com"]);
-        write_combined(&dir, "b-live", &["live.example.com"]);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write_combined(dir, "a-wild", &["*.example.com"]);
+        write_combined(dir, "b-live", &["live.example.com"]);
         let (cert, key) = self_signed(&["other.test"]);
         std::fs::write(dir.join("c-other.crt"), cert).unwrap();
         std::fs::write(dir.join("c-other.key"), key).unwrap();
         std::fs::write(dir.join("README.txt"), "ignored").unwrap();
         std::fs::create_dir(dir.join(".acme")).unwrap();
 
-        let store = CertStore::load_dir(&dir, Some("c-other")).unwrap();
+        let store = CertStore::load_dir(dir, Some("c-other")).unwrap();
         assert_eq!(store.entries().len(), 3);
         assert_eq!(served(&store, Some("live.example.com")).unwrap(), "b-live");
         assert_eq!(served(&store, Some("Live.Example.Com.")).unwrap(), "b-live");
@@ -162,27 +163,28 @@ mod tests {
         assert_eq!(served(&store, Some("x.y.example.com")).unwrap(), "c-other");
         assert_eq!(served(&store, None).unwrap(), "c-other");
 
-        let store = CertStore::load_dir(&dir, None).unwrap();
+        let store = CertStore::load_dir(dir, None).unwrap();
         assert_eq!(served(&store, None).unwrap(), "a-wild");
     }
 
     #[test]
     fn unknown_default_and_bad_file_are_refused() {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let dir = tempdir();
-        write_combined(&dir, "a", &["a.test"]);
-        let err = CertStore::load_dir(&dir, Some("nope")).unwrap_err();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        write_combined(dir, "a", &["a.test"]);
+        let err = CertStore::load_dir(dir, Some("nope")).unwrap_err();
         assert_eq!(err.path, dir);
         assert!(err.reason.contains("\"nope\""), "{err}");
 
         std::fs::write(dir.join("b.pem"), "garbage").unwrap();
-        let err = CertStore::load_dir(&dir, None).unwrap_err();
+        let err = CertStore::load_dir(dir, None).unwrap_err();
         assert_eq!(err.path, dir.join("b.pem"));
     }
 
     #[test]
     fn empty_dir_serves_nothing() {
-        let store = CertStore::load_dir(&tempdir(), None).unwrap();
+        let store = CertStore::load_dir(tempfile::tempdir().unwrap().path(), None).unwrap();
         assert!(store.is_empty());
         assert!(store.lookup(Some("a.test")).is_none());
     }

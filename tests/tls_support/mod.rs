@@ -16,15 +16,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
-/// A fresh directory under the system temp dir.
-pub fn tempdir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "amslb-{tag}-{}-{}",
-        std::process::id(),
-        rand::random::<u64>()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary directory, removed when dropped.
+pub fn tempdir(tag: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("amslb-{tag}-"))
+        .tempdir()
+        .unwrap()
 }
 
 /// A port the OS had free a moment ago (for programs that cannot report theirs).
@@ -104,6 +101,7 @@ pub struct Pebble {
     pub root_pem: String,
     _dns: Reaped,
     _pebble: Reaped,
+    _dir: tempfile::TempDir,
 }
 
 impl Pebble {
@@ -113,7 +111,8 @@ impl Pebble {
     pub async fn start(http_port: u16, tls_port: u16, validity_secs: Option<u64>) -> Pebble {
         require("pebble", "pebble");
         require("pebble-challtestsrv", "pebble");
-        let dir = tempdir("pebble");
+        let tmp = tempdir("pebble");
+        let dir = tmp.path();
         let ca = TestCa::new();
         let (cert, key) = ca.leaf(&["localhost", "127.0.0.1"]);
         std::fs::write(dir.join("cert.pem"), cert).unwrap();
@@ -188,6 +187,7 @@ impl Pebble {
             root_pem,
             _dns: dns,
             _pebble: pebble,
+            _dir: tmp,
         }
     }
 
@@ -308,13 +308,11 @@ pub fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-/// Stand-in for amslb's listeners until the HTTP core is wired: an `https`
-/// listener served through `amslb::tls` (ServerConfig, handshake, h1/h2 serving)
-/// and a plain HTTP listener that answers ACME http-01 from the challenge store.
-/// Responses carry the HTTP version and path; `/ws` echoes WebSocket messages.
+/// An `https` listener served through `amslb::tls` in the test process, for
+/// tests that run two ACME managers side by side over one `Certificates`
+/// (the binary runs one). Answers every request with 200 "ok".
 pub struct Front {
     pub https: SocketAddr,
-    pub http: SocketAddr,
     shutdown: tokio_util::sync::CancellationToken,
 }
 
@@ -328,31 +326,31 @@ impl Front {
     pub async fn start(certs: Arc<amslb::tls::Certificates>) -> Front {
         amslb::tls::install_crypto_provider();
         let shutdown = tokio_util::sync::CancellationToken::new();
-        let acceptor = tokio_rustls::TlsAcceptor::from(
-            amslb::tls::https_server_config(certs.clone()).unwrap(),
-        );
-        let tls_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let http_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let acceptor =
+            tokio_rustls::TlsAcceptor::from(amslb::tls::https_server_config(certs).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let front = Front {
-            https: tls_listener.local_addr().unwrap(),
-            http: http_listener.local_addr().unwrap(),
+            https: listener.local_addr().unwrap(),
             shutdown: shutdown.clone(),
         };
-        let stop = shutdown.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, _) = tokio::select! {
-                    accepted = tls_listener.accept() => accepted.unwrap(),
-                    () = stop.cancelled() => return,
+                    accepted = listener.accept() => accepted.unwrap(),
+                    () = shutdown.cancelled() => return,
                 };
-                let (acceptor, stop) = (acceptor.clone(), stop.clone());
+                let (acceptor, stop) = (acceptor.clone(), shutdown.clone());
                 tokio::spawn(async move {
                     let Ok(Some(tls)) =
                         amslb::tls::serve::handshake(&acceptor, tcp, Duration::from_secs(5)).await
                     else {
                         return;
                     };
-                    let service = hyper::service::service_fn(respond);
+                    let service = hyper::service::service_fn(|_| async {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(Bytes::from_static(b"ok")),
+                        ))
+                    });
                     let limits = amslb::tls::serve::HttpLimits {
                         header_read_timeout: Duration::from_secs(5),
                         max_header_bytes: 16 * 1024,
@@ -361,79 +359,8 @@ impl Front {
                 });
             }
         });
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, _) = tokio::select! {
-                    accepted = http_listener.accept() => accepted.unwrap(),
-                    () = stop.cancelled() => return,
-                };
-                let certs = certs.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        move |req: http::Request<hyper::body::Incoming>| {
-                            let answer = certs.challenges().http01_response(req.uri().path());
-                            async move {
-                                let response = match answer {
-                                    Some(body) => http::Response::new(full(body)),
-                                    None => http::Response::builder()
-                                        .status(404)
-                                        .body(full(String::new()))
-                                        .unwrap(),
-                                };
-                                Ok::<_, std::convert::Infallible>(response)
-                            }
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(tcp), service)
-                        .await;
-                });
-            }
-        });
         front
     }
-}
-
-fn full(body: String) -> http_body_util::Full<Bytes> {
-    http_body_util::Full::new(Bytes::from(body))
-}
-
-async fn respond(
-    mut req: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<http_body_util::Full<Bytes>>, std::convert::Infallible> {
-    use futures_util::{SinkExt, StreamExt};
-    let key = req.headers().get("sec-websocket-key").cloned();
-    if let (Some(key), true) = (key, req.uri().path() == "/ws") {
-        let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = upgrade.await else { return };
-            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
-                TokioIo::new(upgraded),
-                tokio_tungstenite::tungstenite::protocol::Role::Server,
-                None,
-            )
-            .await;
-            while let Some(Ok(message)) = ws.next().await {
-                if message.is_text() && ws.send(message).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
-        return Ok(http::Response::builder()
-            .status(101)
-            .header("upgrade", "websocket")
-            .header("connection", "upgrade")
-            .header("sec-websocket-accept", accept)
-            .body(full(String::new()))
-            .unwrap());
-    }
-    Ok(http::Response::new(full(format!(
-        "{:?} {}",
-        req.version(),
-        req.uri().path()
-    ))))
 }
 
 /// An amslb config with an `https` listener (and optionally a plain `http`

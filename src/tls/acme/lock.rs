@@ -74,11 +74,11 @@ impl Drop for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tls::certs::tests::tempdir;
 
     #[test]
     fn second_holder_waits_until_release() {
-        let path = tempdir().join("order.lock");
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("order.lock");
         let lease = Duration::from_secs(60);
         let first = Lease::try_acquire(&path, lease)
             .unwrap()
@@ -91,7 +91,8 @@ mod tests {
 
     #[test]
     fn stale_lock_is_taken_over() {
-        let path = tempdir().join("order.lock");
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("order.lock");
         std::fs::write(&path, "pid 1 token dead\n").unwrap();
         std::thread::sleep(Duration::from_millis(20));
         let lease = Lease::try_acquire(&path, Duration::from_millis(10)).unwrap();
