@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
 use support::{Amslb, listener_addr, sim_node};
-use tls_support::{TestCa, get, lb_config, tempdir};
+use tls_support::{TestCa, get, kept_request, lb_config, open_h1, tempdir};
 use tokio::net::TcpStream;
 
 fn leaf_der(pem: &str) -> CertificateDer<'static> {
@@ -211,7 +211,6 @@ async fn without_certificate_handshake_is_refused_until_one_is_added() {
 
 #[tokio::test]
 async fn changed_file_is_swapped_in_and_open_connection_survives() {
-    use http_body_util::Empty;
     amslb::tls::install_crypto_provider();
     let ca = TestCa::new();
     let tmp = tempdir("swap");
@@ -222,25 +221,9 @@ async fn changed_file_is_swapped_in_and_open_connection_survives() {
     let roots = [ca.der.clone()];
 
     // Keep one HTTP/1.1 connection open across the swap.
-    let tcp = TcpStream::connect(https).await.unwrap();
-    let tls = tls_support::connector(&roots, &[b"http/1.1"])
-        .connect(ServerName::try_from("live.amslb.test").unwrap(), tcp)
-        .await
-        .unwrap();
-    assert_eq!(
-        tls.get_ref().1.peer_certificates().unwrap()[0],
-        leaf_der(&old)
-    );
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = || {
-        http::Request::get("/kept")
-            .header("host", "live.amslb.test")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap()
-    };
+    let (mut send, leaf) = open_h1(https, "live.amslb.test", &roots).await;
+    assert_eq!(leaf, leaf_der(&old));
+    let request = || kept_request("live.amslb.test");
     assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
 
     let (new, new_key) = ca.leaf(&["live.amslb.test"]);

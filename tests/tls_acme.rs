@@ -10,15 +10,15 @@ mod tls_support;
 use amslb::config::tls::{AcmeConfig, ChallengeKind, TlsConfig};
 use amslb::tls::Certificates;
 use amslb::tls::acme::AcmeManager;
-use http_body_util::{BodyExt, Empty};
-use rustls::pki_types::ServerName;
+use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use support::{Amslb, sim_node};
-use tls_support::{Front, Pebble, free_port, get, get_eventually, lb_config, mode, tempdir};
-use tokio::net::TcpStream;
+use tls_support::{
+    Front, Pebble, free_port, get, get_eventually, kept_request, lb_config, mode, open_h1, tempdir,
+};
 
 const DOMAIN: &str = "live.amslb.test";
 
@@ -197,21 +197,8 @@ async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
         .leaf;
 
     // One connection stays open across the renewal.
-    let tcp = TcpStream::connect(https).await.unwrap();
-    let tls = tls_support::connector(&roots, &[b"http/1.1"])
-        .connect(ServerName::try_from(DOMAIN).unwrap(), tcp)
-        .await
-        .unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
-    let request = || {
-        http::Request::get("/kept")
-            .header("host", DOMAIN)
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap()
-    };
+    let (mut send, _) = open_h1(https, DOMAIN, &roots).await;
+    let request = || kept_request(DOMAIN);
     assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
 
     let deadline = Instant::now() + Duration::from_secs(20);

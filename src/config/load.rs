@@ -394,25 +394,16 @@ group = "edge"
     /// Issue 8's example on top of the core one, which must be accepted as written.
     #[test]
     fn accepts_the_tls_example() {
-        let text = format!(
-            "{CORE_EXAMPLE}{}",
-            r#"
+        let listener = r#"
 [[listener]]
 name = "https"
 bind = ["127.0.0.1:18743"]
 protocol = "https"
 default_group = "origin"
-
-[tls]
-certs_dir = "/var/lib/amslb/certs"
-
-[tls.acme]
-directory = "https://127.0.0.1:14700/dir"
-contact = ["mailto:ops@example.com"]
-domains = ["live.amslb.test"]
-challenge = "tls-alpn-01"
-ca_file = "/etc/amslb/acme-ca.pem"
-"#
+"#;
+        let text = format!(
+            "{CORE_EXAMPLE}{listener}{}",
+            crate::config::tls::tests::ISSUE_EXAMPLE
         );
         let loaded = parse(&text).expect("issue 8 example must parse");
         assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);

@@ -205,7 +205,7 @@ impl TlsConfig {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[derive(Deserialize)]
@@ -214,7 +214,7 @@ mod tests {
     }
 
     /// The `[tls]` part of issue 8's example, which must be accepted exactly as written.
-    const ISSUE_EXAMPLE: &str = r#"
+    pub(crate) const ISSUE_EXAMPLE: &str = r#"
 [tls]
 certs_dir = "/var/lib/amslb/certs"
 

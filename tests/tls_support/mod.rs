@@ -430,3 +430,34 @@ pub async fn get_eventually(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An HTTP/1.1 keep-alive connection over TLS to `addr` (SNI `sni`), kept
+/// open by the caller across certificate swaps; also returns the leaf served.
+pub async fn open_h1(
+    addr: SocketAddr,
+    sni: &str,
+    roots: &[CertificateDer<'static>],
+) -> (
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    CertificateDer<'static>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let tls = connector(roots, &[b"http/1.1"])
+        .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    (send, leaf)
+}
+
+/// `GET /kept` for `host`, for requests over a connection from [`open_h1`].
+pub fn kept_request(host: &str) -> http::Request<Empty<Bytes>> {
+    http::Request::get("/kept")
+        .header("host", host)
+        .body(Empty::new())
+        .unwrap()
+}
