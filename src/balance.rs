@@ -23,7 +23,9 @@ pub fn pick(mode: BalanceMode, members: &GroupMembers, tried: &[Arc<Node>]) -> O
                 .find(candidate)
                 .cloned()
         }
-        BalanceMode::LeastConn => {
+        // Stream-hash picks keyed requests elsewhere (crate::streaming::select);
+        // a request without a stream is balanced by load.
+        BalanceMode::LeastConn | BalanceMode::StreamHash => {
             // Ties go to the node after the cursor, so equal nodes share work
             // instead of the first one taking every burst.
             let len = members.nodes.len();
@@ -55,6 +57,7 @@ mod tests {
                         http_port: 5080,
                         rtmp_port: 1935,
                         drain: false,
+                        region: None,
                     }))
                 })
                 .collect(),

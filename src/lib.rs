@@ -14,6 +14,7 @@ pub mod proxy_protocol;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod streaming;
 pub mod tunnel;
 
 use config::Config;

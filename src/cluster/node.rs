@@ -22,6 +22,8 @@ pub struct NodeSpec {
     pub rtmp_port: u16,
     /// Operator asked for no new sessions on this node.
     pub drain: bool,
+    /// Region the node is in, if the source knows it.
+    pub region: Option<String>,
 }
 
 /// A node with its live state. Shared (`Arc`) between membership snapshots, so
@@ -70,6 +72,11 @@ impl Node {
     /// Group name.
     pub fn group(&self) -> &str {
         &self.spec.group
+    }
+
+    /// Region, if known.
+    pub fn region(&self) -> Option<&str> {
+        self.spec.region.as_deref()
     }
 
     /// Address of the node's HTTP server.
@@ -148,6 +155,7 @@ mod tests {
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
+            region: None,
         }
     }
 

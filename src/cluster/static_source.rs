@@ -15,6 +15,7 @@ pub fn specs(cluster: &ClusterConfig) -> Vec<NodeSpec> {
             http_port: n.http_port.unwrap_or(cluster.http_port),
             rtmp_port: n.rtmp_port.unwrap_or(cluster.rtmp_port),
             drain: false,
+            region: n.region.clone(),
         })
         .collect()
 }

@@ -235,6 +235,7 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(super::streaming::validate(self)?);
         Ok(warnings)
     }
 }

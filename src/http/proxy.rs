@@ -3,11 +3,11 @@
 use super::body::{ResponseBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
-use crate::balance;
-use crate::cluster::{Membership, Node, NodeLease};
+use crate::cluster::{Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
-use crate::route::{self, Route, Target};
+use crate::route;
 use crate::runtime::{ListenerView, Runtime};
+use crate::streaming::select::{self, Wanted};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -29,7 +29,7 @@ pub struct ConnContext {
 
 /// Why a request could not be forwarded; each maps to one status code.
 #[derive(Debug, thiserror::Error)]
-enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("no usable node in group {0:?}{backup}", backup = .1.as_ref().map(|b| format!(" or its backup {b:?}")).unwrap_or_default())]
     NoUsableNode(String, Option<String>),
     #[error("no node answered: {0}")]
@@ -99,12 +99,12 @@ async fn proxy(
     }
 
     let route = route::classify(request.uri().path(), request.uri().query());
-    let group = group_for(&view.config, listener, &route);
+    let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = forward(ctx, &view.config, group, request)
+    let (mut response, lease) = forward(ctx, &view.config, &wanted, request)
         .await
         .map_err(|e| (e.status(), e.to_string()))?;
 
@@ -143,20 +143,6 @@ fn is_upgrade(request: &Request<Incoming>) -> bool {
             })
 }
 
-/// The group the router's verdict names. `origin` and `edge` are the group
-/// names the router targets; a config without such a group sends that traffic
-/// to the listener's default group instead, so a single-group setup still works.
-fn group_for<'a>(config: &'a Config, listener: &'a ListenerConfig, route: &Route) -> &'a str {
-    let wanted = match route.target {
-        Target::Origin => "origin",
-        Target::Edge => "edge",
-        Target::ListenerDefault => return &listener.default_group,
-    };
-    config
-        .group(wanted)
-        .map_or(&listener.default_group, |g| &g.name)
-}
-
 fn prepare_upstream_request(
     request: &mut Request<Incoming>,
     host: Option<String>,
@@ -192,19 +178,20 @@ fn prepare_upstream_request(
 /// Picks a node and sends the request, retrying other nodes (of the group,
 /// then of its backup group) when connecting fails. Retries happen only
 /// before any byte of the request left, so no request is ever sent twice.
-async fn forward(
+pub(crate) async fn forward(
     ctx: &ConnContext,
     config: &Config,
-    group: &str,
+    wanted: &Wanted,
     mut request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
     let snapshot = ctx.runtime.cluster.snapshot();
+    let group = wanted.group.as_str();
     let backup = config.group(group).and_then(|g| g.backup.clone());
     let mut tried: Vec<Arc<Node>> = Vec::new();
     let mut attempts_left = config.global.retries + 1;
     let mut last_error = None;
     loop {
-        let Some(node) = pick(config, &snapshot, group, backup.as_deref(), &tried) else {
+        let Some(node) = select::pick(config, &snapshot, wanted, &tried) else {
             return Err(match last_error {
                 Some(e) => ProxyError::AllNodesFailed(e),
                 None => ProxyError::NoUsableNode(group.to_string(), backup),
@@ -250,23 +237,6 @@ async fn forward(
             },
         }
     }
-}
-
-fn pick(
-    config: &Config,
-    snapshot: &Membership,
-    group: &str,
-    backup: Option<&str>,
-    tried: &[Arc<Node>],
-) -> Option<Arc<Node>> {
-    [Some(group), backup]
-        .into_iter()
-        .flatten()
-        .find_map(|name| {
-            let members = snapshot.group(name)?;
-            let mode = config.group(name).map(|g| g.balance).unwrap_or_default();
-            balance::pick(mode, members, tried)
-        })
 }
 
 async fn checkout(node: &Node, connect_timeout: Duration) -> Result<Sender, ConnectError> {
