@@ -8,6 +8,7 @@ use crate::config::{Config, ListenerConfig};
 use crate::route;
 use crate::runtime::{ListenerView, Runtime};
 use crate::streaming::select::{self, Wanted};
+use crate::streaming::{assign, sniff};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -85,7 +86,7 @@ pub async fn handle(
 type Refusal = (StatusCode, String);
 
 async fn proxy(
-    ctx: &ConnContext,
+    ctx: &Arc<ConnContext>,
     view: &ListenerView,
     mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Refusal> {
@@ -99,6 +100,23 @@ async fn proxy(
     }
 
     let route = route::classify(request.uri().path(), request.uri().query());
+    if listener.assign_api && request.uri().path() == assign::PATH {
+        let snapshot = ctx.runtime.cluster.snapshot();
+        let (method, query) = (request.method(), request.uri().query());
+        let headers = request.headers();
+        return Ok(assign::answer(
+            &snapshot,
+            &view.config,
+            listener,
+            method,
+            query,
+            headers,
+        ));
+    }
+    if sniff::applies(listener, &route, request.headers()) {
+        prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
+        return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
+    }
     let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));

@@ -2,5 +2,8 @@
 //! (bounded-load consistent hashing), regions, routing WebSocket signalling by
 //! its first command, and the node assignment API.
 
+pub mod assign;
+pub mod frame;
 pub mod hash;
 pub mod select;
+pub mod sniff;
