@@ -42,7 +42,7 @@ pub fn score(key: &str, id: &str) -> u64 {
 
 /// Largest load a candidate may have and still take one more keyed session:
 /// `ceil(c · (total + 1) / n)`, at least 1. Some candidate is always under it,
-/// since `n · bound ≥ total + 1 > total`.
+/// since `n · bound ≥ total + 1 > total`. An infinite `c` means no bound.
 pub fn bound(load_factor: f64, total: usize, n: usize) -> usize {
     if n == 0 {
         return 0;
@@ -127,6 +127,7 @@ mod tests {
         assert_eq!(bound(1.25, 99, 4), 32); // 1.25 · 100 / 4 = 31.25
         assert_eq!(bound(2.0, 9, 5), 4);
         assert_eq!(bound(1.25, 5, 0), 0);
+        assert_eq!(bound(f64::INFINITY, 5, 3), usize::MAX);
     }
 
     #[test]

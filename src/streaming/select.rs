@@ -28,8 +28,9 @@ pub struct Wanted {
     pub group: String,
     /// `app/stream` when the session concerns one stream.
     pub key: Option<String>,
-    /// A publish session: hashed on its stream whatever the group's mode, so a
-    /// reconnecting publisher (and a WHIP session's follow-ups) finds its origin.
+    /// A publish session: hashed on its stream whatever the group's mode, and
+    /// with no load bound, so a reconnecting publisher (and a WHIP session's
+    /// follow-ups) finds its origin.
     pub publish: bool,
     /// Region the client asked for through `[global] region_header`.
     pub region: Option<String>,
@@ -131,10 +132,15 @@ pub fn pick(
             let members = snapshot.group(name)?;
             let group = config.group(name);
             let mode = group.map(|g| g.balance).unwrap_or_default();
-            let load_factor = group
-                .map_or_else(crate::config::streaming::default_load_factor, |g| {
-                    g.load_factor
-                });
+            // A publisher must find the origin that holds its stream, and a
+            // bound computed over a handful of publishers would move it as soon
+            // as its origin had one session more than the mean allows; so
+            // publish is hashed without a bound (spread comes from the hash).
+            let load_factor = match group {
+                _ if wanted.publish => f64::INFINITY,
+                Some(g) => g.load_factor,
+                None => crate::config::streaming::default_load_factor(),
+            };
             let key = wanted
                 .key
                 .as_deref()
@@ -302,6 +308,10 @@ backup = "origin"
         for _ in 0..10 {
             assert_eq!(id(pick(&c, &snap, &w, &[])), first);
         }
+        // Load does not move a publisher off its origin.
+        let origin = snap.node(&first).unwrap();
+        let _busy: Vec<_> = (0..5).map(|_| origin.lease()).collect();
+        assert_eq!(id(pick(&c, &snap, &w, &[])), first);
         // Play in a round-robin group is not hashed.
         let p = wanted("origin", Some("LiveApp/cam"), false, None);
         let seen: std::collections::HashSet<_> =
