@@ -63,8 +63,9 @@ pub async fn handle(
             "listener is gone",
         ));
     };
+    // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    let uri = request.uri().clone();
     let response = proxy(&ctx, &view, request)
         .await
         .unwrap_or_else(|(status, reason)| {
@@ -72,7 +73,7 @@ pub async fn handle(
                 listener = %ctx.listener,
                 client = %ctx.client.addr,
                 %method,
-                path,
+                path = uri.path(),
                 status = status.as_u16(),
                 reason,
                 "request failed"
