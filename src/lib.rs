@@ -8,3 +8,4 @@ pub mod balance;
 pub mod cluster;
 pub mod config;
 pub mod route;
+pub mod sticky;
