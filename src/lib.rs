@@ -7,5 +7,6 @@
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod health;
 pub mod route;
 pub mod sticky;
