@@ -23,7 +23,10 @@
 use crate::cluster::Node;
 use crate::config::sticky::{SameSite, StickyConfig, StickyMode};
 use crate::config::{Config, NodeConfig};
+use crate::route::RouteKind;
 use aws_lc_rs::hmac;
+use http::header::{CACHE_CONTROL, COOKIE, Entry, LOCATION, SET_COOKIE};
+use http::{HeaderMap, HeaderValue, Uri};
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -235,6 +238,147 @@ impl Sticky {
     /// Clients moved off their sticky node since start.
     pub fn redispatches(&self) -> u64 {
         self.redispatches.load(Ordering::Relaxed)
+    }
+}
+
+/// The affinity of one request, from [`Sticky::on_request`] to [`Sticky::on_response`].
+#[derive(Debug, Default)]
+pub struct Affinity {
+    /// The node the client is tied to, when it is healthy (draining or not:
+    /// a draining node keeps its sticky clients).
+    pub node: Option<Arc<Node>>,
+    /// The client named a node that is down: it gets another node and, in
+    /// insert mode, a new cookie.
+    pub redispatched: bool,
+    /// The key of the client's cookie, if it named a node of the group.
+    cookie_key: Option<String>,
+    /// WHIP/WHEP: tag the `Location` of the answer.
+    tag_location: bool,
+}
+
+impl Sticky {
+    /// Reads the client's tie to a node of `nodes` (the group the request is
+    /// routed to) from its cookies, or for WHIP/WHEP from the tag in the URL,
+    /// and rewrites the request for the node: prefix removed from the cookie,
+    /// tag removed from the query. Counts a redispatch when the named node is down.
+    pub fn on_request(
+        &self,
+        kind: RouteKind,
+        uri: &mut Uri,
+        headers: &mut HeaderMap,
+        nodes: &[Arc<Node>],
+    ) -> Affinity {
+        let session = matches!(kind, RouteKind::Whip | RouteKind::Whep);
+        let mut named: Option<&Arc<Node>> = None;
+        if session && let Some((key, query)) = uri.query().and_then(take_location_tag) {
+            named = self.find(nodes, &key);
+            set_query(uri, query.as_deref());
+        }
+        let values: Vec<&str> = headers
+            .get_all(COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let mut cookie_key = None;
+        // A header that is not text is left alone, and then so are the others,
+        // so that rewriting never drops one.
+        if values.len() == headers.get_all(COOKIE).iter().count() {
+            let read = self.read_request(&values, |k| self.find(nodes, k).is_some());
+            if let Some(rewritten) = read.rewritten {
+                headers.remove(COOKIE);
+                for value in rewritten {
+                    if let Ok(value) = HeaderValue::from_str(&value) {
+                        headers.append(COOKIE, value);
+                    }
+                }
+            }
+            cookie_key = read.key;
+        }
+        if named.is_none() {
+            named = cookie_key.as_deref().and_then(|k| self.find(nodes, k));
+        }
+        let redispatched = named.is_some_and(|n| !n.is_healthy());
+        if redispatched {
+            self.count_redispatch();
+        }
+        Affinity {
+            node: named.filter(|n| n.is_healthy()).cloned(),
+            redispatched,
+            cookie_key,
+            tag_location: session,
+        }
+    }
+
+    /// Rewrites the answer of `node` to a request with `affinity`: prefixes the
+    /// node's session cookie (prefix mode), or sets amslb's cookie when the
+    /// client does not already carry this node's (insert mode, `Secure` when
+    /// `tls`), and tags a WHIP/WHEP `Location`.
+    pub fn on_response(
+        &self,
+        affinity: &Affinity,
+        node: &Node,
+        headers: &mut HeaderMap,
+        tls: bool,
+    ) {
+        let key = self.node_key(node.id());
+        match self.mode {
+            StickyMode::Off => {}
+            StickyMode::Prefix => {
+                if let Entry::Occupied(entry) = headers.entry(SET_COOKIE) {
+                    let (_, values) = entry.remove_entry_mult();
+                    let values: Vec<HeaderValue> = values
+                        .map(|v| {
+                            v.to_str()
+                                .ok()
+                                .and_then(|text| self.prefix_set_cookie(text, &key))
+                                .and_then(|text| HeaderValue::from_str(&text).ok())
+                                .unwrap_or(v)
+                        })
+                        .collect();
+                    for value in values {
+                        headers.append(SET_COOKIE, value);
+                    }
+                }
+            }
+            StickyMode::Insert => {
+                if affinity.cookie_key.as_deref() != Some(key.as_str())
+                    && let Some(cookie) = self.insert_set_cookie(&key, tls)
+                    && let Ok(cookie) = HeaderValue::from_str(&cookie)
+                {
+                    let cache: Vec<&str> = headers
+                        .get_all(CACHE_CONTROL)
+                        .iter()
+                        .filter_map(|v| v.to_str().ok())
+                        .collect();
+                    if self.needs_private(&cache) {
+                        headers.append(CACHE_CONTROL, HeaderValue::from_static("private"));
+                    }
+                    headers.append(SET_COOKIE, cookie);
+                }
+            }
+        }
+        if affinity.tag_location
+            && let Some(location) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
+            && let Ok(tagged) =
+                HeaderValue::from_str(&tag_location(location, &key, &node.http_addr().to_string()))
+        {
+            headers.insert(LOCATION, tagged);
+        }
+    }
+}
+
+/// Replaces the query of `uri`, keeping everything else.
+fn set_query(uri: &mut Uri, query: Option<&str>) {
+    let path_and_query = match query {
+        Some(q) => format!("{}?{q}", uri.path()),
+        None => uri.path().to_string(),
+    };
+    let mut parts = uri.clone().into_parts();
+    if let Ok(pq) = path_and_query.parse() {
+        parts.path_and_query = Some(pq);
+        if let Ok(new) = Uri::from_parts(parts) {
+            *uri = new;
+        }
     }
 }
 
@@ -710,5 +854,139 @@ mod tests {
         s.count_redispatch();
         s.count_redispatch();
         assert_eq!(s.redispatches(), 2);
+    }
+
+    fn group(ids: &[&str]) -> Vec<Arc<Node>> {
+        ids.iter()
+            .enumerate()
+            .map(|(i, id)| {
+                Arc::new(Node::new(NodeSpec {
+                    id: id.to_string(),
+                    group: "origin".into(),
+                    addr: IpAddr::from([127, 0, 1, i as u8 + 1]),
+                    http_port: 5080,
+                    rtmp_port: 1935,
+                    drain: false,
+                }))
+            })
+            .collect()
+    }
+
+    fn request(uri: &str, cookies: &[&str]) -> (Uri, HeaderMap) {
+        let mut headers = HeaderMap::new();
+        for c in cookies {
+            headers.append(COOKIE, HeaderValue::from_str(c).unwrap());
+        }
+        (uri.parse().unwrap(), headers)
+    }
+
+    fn all(headers: &HeaderMap, name: http::header::HeaderName) -> Vec<&str> {
+        headers
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn prefix_round_trip_through_headers() {
+        let s = prefix();
+        let nodes = group(&["n1", "n2"]);
+        let (mut uri, mut headers) = request("/app/rest/x", &["a=1; JSESSIONID=ams2~abc"]);
+        let aff = s.on_request(RouteKind::Rest, &mut uri, &mut headers, &nodes);
+        assert_eq!(aff.node.as_ref().unwrap().id(), "n2");
+        assert!(!aff.redispatched);
+        assert_eq!(all(&headers, COOKIE), ["a=1; JSESSIONID=abc"]);
+
+        let mut response = HeaderMap::new();
+        response.append(
+            SET_COOKIE,
+            HeaderValue::from_static("JSESSIONID=new; Path=/"),
+        );
+        response.append(SET_COOKIE, HeaderValue::from_static("other=1"));
+        s.on_response(&aff, &nodes[1], &mut response, false);
+        assert_eq!(
+            all(&response, SET_COOKIE),
+            ["JSESSIONID=ams2~new; Path=/", "other=1"]
+        );
+        assert!(
+            response.get(CACHE_CONTROL).is_none(),
+            "prefix mode adds nothing"
+        );
+    }
+
+    #[test]
+    fn insert_cookie_only_when_missing_or_for_another_node() {
+        let s = sticky(StickyMode::Insert, None);
+        let nodes = group(&["n1", "n2"]);
+        let (mut uri, mut headers) = request("/", &[]);
+        let fresh = s.on_request(RouteKind::Other, &mut uri, &mut headers, &nodes);
+        assert!(fresh.node.is_none());
+        let mut response = HeaderMap::new();
+        s.on_response(&fresh, &nodes[0], &mut response, true);
+        assert_eq!(
+            all(&response, SET_COOKIE),
+            ["AMSLB=ams1; Path=/; HttpOnly; Secure"]
+        );
+        assert_eq!(all(&response, CACHE_CONTROL), ["private"]);
+
+        let (mut uri, mut headers) = request("/", &["AMSLB=ams1"]);
+        let sticky_aff = s.on_request(RouteKind::Other, &mut uri, &mut headers, &nodes);
+        assert_eq!(sticky_aff.node.as_ref().unwrap().id(), "n1");
+        let mut response = HeaderMap::new();
+        s.on_response(&sticky_aff, &nodes[0], &mut response, false);
+        assert!(response.is_empty(), "{response:?}");
+    }
+
+    #[test]
+    fn down_node_is_redispatched_draining_node_is_kept() {
+        let s = sticky(StickyMode::Insert, None);
+        let nodes = group(&["n1", "n2"]);
+        nodes[0].set_draining(true);
+        let (mut uri, mut headers) = request("/", &["AMSLB=ams1"]);
+        let kept = s.on_request(RouteKind::Hls, &mut uri, &mut headers, &nodes);
+        assert_eq!(kept.node.as_ref().unwrap().id(), "n1");
+        assert_eq!(s.redispatches(), 0);
+
+        nodes[0].set_healthy(false);
+        let moved = s.on_request(RouteKind::Hls, &mut uri, &mut headers, &nodes);
+        assert!(moved.node.is_none() && moved.redispatched);
+        assert_eq!(s.redispatches(), 1);
+        let mut response = HeaderMap::new();
+        s.on_response(&moved, &nodes[1], &mut response, false);
+        assert_eq!(all(&response, SET_COOKIE), ["AMSLB=ams2; Path=/; HttpOnly"]);
+    }
+
+    #[test]
+    fn whip_location_is_tagged_and_followed_without_cookies() {
+        let s = sticky(StickyMode::Off, None);
+        let nodes = group(&["n1", "n2", "n3"]);
+        let (mut uri, mut headers) = request("/app/whip/s1", &[]);
+        let post = s.on_request(RouteKind::Whip, &mut uri, &mut headers, &nodes);
+        let mut response = HeaderMap::new();
+        response.insert(
+            LOCATION,
+            HeaderValue::from_static("http://127.0.1.3:5080/app/whip/s1/sess"),
+        );
+        s.on_response(&post, &nodes[2], &mut response, false);
+        let location = response
+            .get(LOCATION)
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let key = s.node_key("n3");
+        assert_eq!(location, format!("/app/whip/s1/sess?amslb_node={key}"));
+        assert!(response.get(SET_COOKIE).is_none());
+
+        let (mut uri, mut headers) = request(&location, &[]);
+        let patch = s.on_request(RouteKind::Whip, &mut uri, &mut headers, &nodes);
+        assert_eq!(patch.node.as_ref().unwrap().id(), "n3");
+        assert_eq!(uri.to_string(), "/app/whip/s1/sess");
+        // Other kinds of request ignore (and keep) the parameter.
+        let (mut uri, mut headers) = request(&location, &[]);
+        let other = s.on_request(RouteKind::Rest, &mut uri, &mut headers, &nodes);
+        assert!(other.node.is_none());
+        assert_eq!(uri.to_string(), location);
     }
 }
