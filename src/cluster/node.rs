@@ -2,6 +2,7 @@
 //! its live state (health, draining, open sessions), kept in atomics so the data
 //! path reads it without locks.
 
+use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -37,6 +38,8 @@ pub struct Node {
     /// Share of new sessions offered, in thousandths: below [`FULL_WEIGHT`]
     /// while the node slow-starts after coming back (see `health`).
     weight: AtomicU32,
+    /// Idle keep-alive HTTP connections to the node.
+    pool: Arc<Pool>,
 }
 
 /// Weight of a node that takes its full share of new sessions.
@@ -52,7 +55,13 @@ impl Node {
             healthy: AtomicBool::new(true),
             draining,
             weight: AtomicU32::new(FULL_WEIGHT),
+            pool: Arc::default(),
         }
+    }
+
+    /// Idle keep-alive HTTP connections to the node.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// The description this node was built from.
