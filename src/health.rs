@@ -265,9 +265,10 @@ impl Health {
         nodes.get(id).map(|e| e.history()).unwrap_or_default()
     }
 
-    /// Passive check: connecting to `node` for real traffic failed.
-    pub fn report_connect_failure(&self, node: &Arc<Node>, error: &str) {
-        self.passive(node, Some(format!("connect failed: {error}")));
+    /// Passive check: real traffic to `node` failed before an answer came
+    /// (connect error, timeout, connection lost); `reason` says which.
+    pub fn report_failure(&self, node: &Arc<Node>, reason: &str) {
+        self.passive(node, Some(reason.to_string()));
     }
 
     /// Passive check: `node` answered real traffic with `status`. 5xx counts
@@ -650,9 +651,9 @@ name = "ingest-backup"
             n.is_healthy(),
             "200 and 501 (a live node's answer) reset the streak"
         );
-        health.report_connect_failure(&n, "refused");
+        health.report_failure(&n, "connect failed: refused");
         health.report_status(&n, 503);
-        health.report_connect_failure(&n, "refused");
+        health.report_failure(&n, "connect failed: refused");
         assert!(!n.is_healthy());
         let history = health.history("a");
         assert_eq!(history.len(), 1);
