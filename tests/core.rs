@@ -556,3 +556,12 @@ async fn over_max_connections_new_connections_are_refused() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(get(publish, "/").await.status, 200);
 }
+
+#[test]
+fn shipped_configs_are_valid() {
+    for file in ["conf/lb.toml", "conf/demo.toml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let (code, out) = amslb_command(&["check", "--config", &path]);
+        assert_eq!(code, 0, "{file}: {out}");
+    }
+}
