@@ -1,8 +1,9 @@
 //! Test harness shared by the integration tests: simulated AMS nodes, unique
 //! loopback addresses, the real `amslb` binary started with a config, and a
 //! small HTTP client.
-#![allow(dead_code)] // each test file uses a different part of the harness
+#![allow(dead_code, unused_imports)] // each test file uses a different part of the harness
 
+pub mod haproxy;
 pub mod sim;
 
 use bytes::Bytes;

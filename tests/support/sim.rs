@@ -212,7 +212,9 @@ async fn answer(
     };
     let request_headers = req.headers().clone();
     for value in request_headers.get_all("x-set-cookie") {
-        answer.headers_mut().append(header::SET_COOKIE, value.clone());
+        answer
+            .headers_mut()
+            .append(header::SET_COOKIE, value.clone());
     }
     for value in request_headers.get_all(header::COOKIE) {
         answer.headers_mut().append("x-got-cookie", value.clone());
