@@ -525,7 +525,6 @@ mod tests {
     use super::*;
     use crate::cluster::NodeSpec;
     use std::net::IpAddr;
-    use std::path::Path;
 
     #[test]
     fn rise_fall_needs_consecutive_results() {
@@ -614,9 +613,9 @@ name = "ingest-backup"
 {extra}
 "#
         );
-        crate::config::parse_str(&text, Path::new("lb.toml"))
-            .unwrap()
-            .config
+        // Deserialized without validation: TCP listeners are not served by
+        // every build yet, but the checker must already treat them right.
+        toml::from_str(&text).unwrap()
     }
 
     #[test]

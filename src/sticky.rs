@@ -35,6 +35,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Separates the node key from the node's own value in prefix mode (HAProxy's `~`).
 pub const PREFIX_DELIM: char = '~';
 
+/// Separates the keys of several groups in the inserted cookie.
+///
+/// One browser often talks to two groups through one host name: the player
+/// page and REST go to `origin`, the HLS segments to `edge`. With one key per
+/// cookie each group's answer would replace the other's key and the viewer
+/// would bounce between edges; so the inserted cookie carries one key per
+/// group (`AMSLB=<edge key>.<origin key>`), each request uses the key that
+/// names a node of its group, and a new key replaces only its own group's.
+pub const KEY_SEP: char = '.';
+
+/// Most keys kept in the inserted cookie (the groups one client uses at once).
+const MAX_KEYS: usize = 4;
+
 /// Query parameter that carries the node key in a rewritten WHIP/WHEP `Location`.
 pub const LOCATION_PARAM: &str = "amslb_node";
 
@@ -67,6 +80,9 @@ pub struct RequestCookies {
     /// In prefix mode, the `Cookie` headers to forward instead of the client's
     /// (prefixes removed); `None` when they go unchanged.
     pub rewritten: Option<Vec<String>>,
+    /// In insert mode, the cookie's keys that name no node of this request's
+    /// group (ties to other groups), kept when the cookie is replaced.
+    pub others: Vec<String>,
 }
 
 impl Sticky {
@@ -130,16 +146,24 @@ impl Sticky {
     pub fn read_request(&self, headers: &[&str], known: impl Fn(&str) -> bool) -> RequestCookies {
         match self.mode {
             StickyMode::Off => RequestCookies::default(),
-            StickyMode::Insert => RequestCookies {
-                key: headers
+            StickyMode::Insert => {
+                let mut read = RequestCookies::default();
+                let keys = headers
                     .iter()
                     .flat_map(|h| CookiePairs::new(h))
                     .filter(|p| p.name == self.name)
                     .filter_map(|p| p.value)
-                    .find(|v| known(v))
-                    .map(str::to_string),
-                rewritten: None,
-            },
+                    .flat_map(|v| v.split(KEY_SEP))
+                    .filter(|k| !k.is_empty());
+                for key in keys {
+                    if known(key) {
+                        read.key.get_or_insert_with(|| key.to_string());
+                    } else if !read.others.iter().any(|o| o == key) {
+                        read.others.push(key.to_string());
+                    }
+                }
+                read
+            }
             StickyMode::Prefix => {
                 let mut key = None;
                 let mut changed = false;
@@ -173,6 +197,7 @@ impl Sticky {
                 RequestCookies {
                     key,
                     rewritten: changed.then_some(rewritten),
+                    others: Vec::new(),
                 }
             }
         }
@@ -196,13 +221,19 @@ impl Sticky {
     }
 
     /// Insert mode: the `Set-Cookie` value that ties the client to the node
-    /// with `key`. `secure` is set on TLS listeners. No expiry: the tie ends with
-    /// the browser session, as HAProxy's inserted cookie does.
-    pub fn insert_set_cookie(&self, key: &str, secure: bool) -> Option<String> {
+    /// with `key`, keeping its ties to other groups (`others`, see [`KEY_SEP`]).
+    /// `secure` is set on TLS listeners. No expiry: the tie ends with the
+    /// browser session, as HAProxy's inserted cookie does.
+    pub fn insert_set_cookie(&self, key: &str, others: &[String], secure: bool) -> Option<String> {
         if self.mode != StickyMode::Insert {
             return None;
         }
-        let mut cookie = format!("{}={key}; Path=/; HttpOnly", self.name);
+        let mut cookie = format!("{}={key}", self.name);
+        for other in others.iter().take(MAX_KEYS - 1) {
+            cookie.push(KEY_SEP);
+            cookie.push_str(other);
+        }
+        cookie.push_str("; Path=/; HttpOnly");
         if secure {
             cookie.push_str("; Secure");
         }
@@ -252,6 +283,8 @@ pub struct Affinity {
     pub redispatched: bool,
     /// The key of the client's cookie, if it named a node of the group.
     cookie_key: Option<String>,
+    /// The client's keys for other groups.
+    other_keys: Vec<String>,
     /// WHIP/WHEP: tag the `Location` of the answer.
     tag_location: bool,
 }
@@ -280,6 +313,7 @@ impl Sticky {
             .filter_map(|v| v.to_str().ok())
             .collect();
         let mut cookie_key = None;
+        let mut other_keys = Vec::new();
         // A header that is not text is left alone, and then so are the others,
         // so that rewriting never drops one.
         if values.len() == headers.get_all(COOKIE).iter().count() {
@@ -293,6 +327,7 @@ impl Sticky {
                 }
             }
             cookie_key = read.key;
+            other_keys = read.others;
         }
         if named.is_none() {
             named = cookie_key.as_deref().and_then(|k| self.find(nodes, k));
@@ -305,6 +340,7 @@ impl Sticky {
             node: named.filter(|n| n.is_healthy()).cloned(),
             redispatched,
             cookie_key,
+            other_keys,
             tag_location: session,
         }
     }
@@ -342,7 +378,7 @@ impl Sticky {
             }
             StickyMode::Insert => {
                 if affinity.cookie_key.as_deref() != Some(key.as_str())
-                    && let Some(cookie) = self.insert_set_cookie(&key, tls)
+                    && let Some(cookie) = self.insert_set_cookie(&key, &affinity.other_keys, tls)
                     && let Ok(cookie) = HeaderValue::from_str(&cookie)
                 {
                     let cache: Vec<&str> = headers
@@ -751,6 +787,9 @@ mod tests {
             read(&s, &["x=1; AMSLB=stale; AMSLB=ams2", "AMSLB=ams1"]),
             (Some("ams2".into()), None)
         );
+        let r = s.read_request(&["AMSLB=e1.ams1.o1..e1"], known);
+        assert_eq!(r.key.as_deref(), Some("ams1"));
+        assert_eq!(r.others, ["e1", "o1"]);
         assert_eq!(read(&s, &["JSESSIONID=ams1~x"]), (None, None));
         let named = sticky(StickyMode::Insert, Some("LB"));
         assert_eq!(read(&named, &["LB=ams1"]).0.as_deref(), Some("ams1"));
@@ -764,7 +803,7 @@ mod tests {
     fn inserted_cookie_attributes() {
         let s = sticky(StickyMode::Insert, None);
         assert_eq!(
-            s.insert_set_cookie("k1", false).unwrap(),
+            s.insert_set_cookie("k1", &[], false).unwrap(),
             "AMSLB=k1; Path=/; HttpOnly"
         );
         let strict = Sticky::new(
@@ -776,10 +815,16 @@ mod tests {
             &[],
         );
         assert_eq!(
-            strict.insert_set_cookie("k1", true).unwrap(),
+            strict.insert_set_cookie("k1", &[], true).unwrap(),
             "AMSLB=k1; Path=/; HttpOnly; Secure; SameSite=None"
         );
-        assert_eq!(prefix().insert_set_cookie("k1", true), None);
+        assert_eq!(prefix().insert_set_cookie("k1", &[], true), None);
+        let others: Vec<String> = ["a", "b", "c", "d"].map(String::from).into();
+        assert_eq!(
+            s.insert_set_cookie("k1", &others, false).unwrap(),
+            "AMSLB=k1.a.b.c; Path=/; HttpOnly",
+            "at most four keys"
+        );
     }
 
     #[test]
@@ -936,6 +981,35 @@ mod tests {
         let mut response = HeaderMap::new();
         s.on_response(&sticky_aff, &nodes[0], &mut response, false);
         assert!(response.is_empty(), "{response:?}");
+    }
+
+    #[test]
+    fn insert_cookie_keeps_the_ties_to_other_groups() {
+        let s = sticky(StickyMode::Insert, None);
+        let origin = group(&["n1", "n2"]);
+        let edge = group(&["n3"]);
+        // The client is tied to n3 (edge) and now talks to origin.
+        let edge_key = s.node_key("n3");
+        let cookie = format!("AMSLB={edge_key}");
+        let (mut uri, mut headers) = request("/", &[&cookie]);
+        let aff = s.on_request(RouteKind::Rest, &mut uri, &mut headers, &origin);
+        assert!(aff.node.is_none());
+        let mut response = HeaderMap::new();
+        s.on_response(&aff, &origin[1], &mut response, false);
+        let both = format!("AMSLB=ams2.{edge_key}");
+        assert_eq!(
+            all(&response, SET_COOKIE),
+            [format!("{both}; Path=/; HttpOnly")]
+        );
+        // Both groups now find their node in the one cookie, and keep it.
+        for (nodes, id) in [(&origin, "n2"), (&edge, "n3")] {
+            let (mut uri, mut headers) = request("/", &[&both]);
+            let aff = s.on_request(RouteKind::Hls, &mut uri, &mut headers, nodes);
+            assert_eq!(aff.node.as_ref().unwrap().id(), id);
+            let mut response = HeaderMap::new();
+            s.on_response(&aff, aff.node.as_ref().unwrap(), &mut response, false);
+            assert!(response.is_empty());
+        }
     }
 
     #[test]

@@ -14,6 +14,16 @@ use support::*;
 /// A config with one listener on `listener`, every node in group `origin`
 /// (`cookie` set when given), and `extra` appended (e.g. `[sticky]`).
 fn config(listener: SocketAddr, nodes: &[(&SimNode, Option<&str>)], extra: &str) -> String {
+    let nodes: Vec<_> = nodes.iter().map(|(n, c)| (*n, *c, "origin")).collect();
+    config_groups(listener, &nodes, extra)
+}
+
+/// Like [`config`], with each node's group given and an `edge` group too.
+fn config_groups(
+    listener: SocketAddr,
+    nodes: &[(&SimNode, Option<&str>, &str)],
+    extra: &str,
+) -> String {
     let mut text = format!(
         r#"
 [timeouts]
@@ -30,14 +40,19 @@ default_group = "origin"
 name = "origin"
 balance = "round-robin"
 
+[[group]]
+name = "edge"
+balance = "round-robin"
+backup = "origin"
+
 {extra}
 
 [cluster]
 "#
     );
-    for (node, cookie) in nodes {
+    for (node, cookie, group) in nodes {
         text.push_str(&format!(
-            "\n[[cluster.node]]\nid = \"{}\"\naddress = \"{}\"\ngroup = \"origin\"\nhttp_port = {}\n",
+            "\n[[cluster.node]]\nid = \"{}\"\naddress = \"{}\"\ngroup = \"{group}\"\nhttp_port = {}\n",
             node.id(),
             node.addr.ip(),
             node.addr.port()
@@ -352,4 +367,38 @@ async fn whip_follow_ups_reach_the_session_node_without_cookies() {
             "the tag never reaches the node"
         );
     }
+}
+
+#[tokio::test]
+async fn one_insert_cookie_keeps_a_client_on_one_origin_and_one_edge() {
+    let origins = [sim_node("origin-1").await, sim_node("origin-2").await];
+    let edges = [sim_node("edge-1").await, sim_node("edge-2").await];
+    let mut specs: Vec<(&SimNode, Option<&str>, &str)> =
+        origins.iter().map(|n| (n, None, "origin")).collect();
+    specs.extend(edges.iter().map(|n| (n, None, "edge")));
+    let lb = listener_addr(18080);
+    let _amslb = Amslb::start(
+        &config_groups(lb, &specs, "[sticky]\nmode = \"insert\"\n"),
+        &[lb],
+    );
+
+    // A player page: REST on origin and HLS on edge, interleaved, with a
+    // browser's cookie jar (the last Set-Cookie wins).
+    let mut jar: Option<String> = None;
+    let mut landed = std::collections::HashSet::new();
+    for i in 0..20 {
+        let path = if i % 2 == 0 {
+            "/LiveApp/rest/v2/broadcasts/s1"
+        } else {
+            "/LiveApp/streams/s1.m3u8"
+        };
+        let cookies: Vec<&str> = jar.iter().map(String::as_str).collect();
+        let answer = get_with(lb, path, &cookies, &[]).await;
+        if let Some(set) = answer.headers.get("set-cookie") {
+            jar = Some(set.to_str().unwrap().split(';').next().unwrap().to_string());
+        }
+        landed.insert(answer.node());
+    }
+    assert_eq!(landed.len(), 2, "one origin and one edge: {landed:?}");
+    assert_eq!(jar.unwrap().matches('.').count(), 1, "one key per group");
 }

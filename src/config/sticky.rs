@@ -79,12 +79,13 @@ fn is_token_char(c: char) -> bool {
 }
 
 /// Whether `value` is a usable per-node cookie value: cookie-octets without
-/// the `~` that separates the prefix in prefix mode.
+/// the `~` that ends the prefix in prefix mode or the `.` that separates the
+/// keys of several groups in insert mode.
 pub fn is_valid_node_cookie(value: &str) -> bool {
     !value.is_empty()
         && value
             .chars()
-            .all(|c| c.is_ascii_graphic() && !"\",;\\~".contains(c))
+            .all(|c| c.is_ascii_graphic() && !"\",;\\~.".contains(c))
 }
 
 /// Checks `[sticky]` and the `cookie` keys of `[[cluster.node]]`; returns the
@@ -107,7 +108,7 @@ pub fn validate<'a>(
             return Err((
                 key,
                 format!(
-                    "{value:?} is not a valid cookie value (printable ASCII without space, '\"', ',', ';', '\\' or '~')"
+                    "{value:?} is not a valid cookie value (printable ASCII without space, '\"', ',', ';', '\\', '~' or '.')"
                 ),
             ));
         }

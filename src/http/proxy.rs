@@ -131,7 +131,8 @@ async fn proxy(
 }
 
 /// Reads (and strips from the request) the client's tie to a node of `group`
-/// or its backup: sticky cookie, or the WHIP/WHEP tag in the URL.
+/// (or of its backup, while the backup is what serves the group): sticky
+/// cookie, or the WHIP/WHEP tag in the URL.
 fn sticky_affinity(
     ctx: &ConnContext,
     config: &Config,
@@ -140,13 +141,16 @@ fn sticky_affinity(
     route: &Route,
     request: &mut Request<Incoming>,
 ) -> Affinity {
-    let backup = config.group(group).and_then(|g| g.backup.as_deref());
-    let nodes: Vec<Arc<Node>> = [Some(group), backup]
-        .into_iter()
-        .flatten()
-        .filter_map(|name| snapshot.group(name))
-        .flat_map(|members| members.nodes.iter().cloned())
-        .collect();
+    let mut nodes: Vec<Arc<Node>> = snapshot
+        .group(group)
+        .map(|members| members.nodes.clone())
+        .unwrap_or_default();
+    if !nodes.iter().any(|n| n.is_usable())
+        && let Some(backup) = config.group(group).and_then(|g| g.backup.as_deref())
+        && let Some(members) = snapshot.group(backup)
+    {
+        nodes.extend(members.nodes.iter().cloned());
+    }
     let mut uri = std::mem::take(request.uri_mut());
     let affinity =
         ctx.runtime
