@@ -23,39 +23,6 @@ use tokio_util::sync::CancellationToken;
 /// Scheduling slack added to every timing bound.
 const SLACK: Duration = Duration::from_millis(250);
 
-fn config(listener: SocketAddr, nodes: &[&SimNode], extra: &str) -> String {
-    let mut text = format!(
-        r#"
-[timeouts]
-connect = "1s"
-server = "2s"
-
-[[listener]]
-name = "http"
-bind = ["{listener}"]
-protocol = "http"
-default_group = "origin"
-
-[[group]]
-name = "origin"
-balance = "round-robin"
-
-{extra}
-
-[cluster]
-"#
-    );
-    for node in nodes {
-        text.push_str(&format!(
-            "\n[[cluster.node]]\nid = \"{}\"\naddress = \"{}\"\ngroup = \"origin\"\nhttp_port = {}\n",
-            node.id(),
-            node.addr.ip(),
-            node.addr.port()
-        ));
-    }
-    text
-}
-
 /// amslb run in-process, so a test can look at node state and drain a node
 /// the way the admin API will; stopped when dropped.
 struct InProcess {
@@ -141,10 +108,10 @@ async fn last_seen(addr: SocketAddr, id: &str, window: Duration) -> Option<Durat
 #[tokio::test]
 async fn failing_liveness_takes_a_node_out_within_fall_intervals_and_rise_brings_it_back() {
     let (interval, rise, fall) = (Duration::from_millis(300), 2u32, 2u32);
-    let nodes = [sim_node("node-a").await, sim_node("node-b").await];
+    let nodes = sim_nodes(&["node-a", "node-b"]).await;
     let lb = listener_addr(18080);
     let amslb = Amslb::start(
-        &config(lb, &[&nodes[0], &nodes[1]], &health(300, 200, rise, fall)),
+        &origin_config(lb, &nodes, &health(300, 200, rise, fall)),
         &[lb],
     );
     // Both nodes serve to begin with.
@@ -191,9 +158,8 @@ async fn failing_liveness_takes_a_node_out_within_fall_intervals_and_rise_brings
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_node_does_not_stall_the_checks_of_others() {
-    let hung = sim_node("hung").await;
-    let flaky = sim_node("flaky").await;
-    let steady = sim_node("steady").await;
+    let nodes = sim_nodes(&["hung", "flaky", "steady"]).await;
+    let (hung, flaky) = (&nodes[0], &nodes[1]);
     hung.set_mode(Mode::Hang);
     // The timeout is longer than the interval: the worst case for pile-ups.
     let (interval, timeout, fall) = (
@@ -201,9 +167,9 @@ async fn a_hung_node_does_not_stall_the_checks_of_others() {
         Duration::from_millis(1000),
         2u32,
     );
-    let lb = InProcess::start(&config(
+    let lb = InProcess::start(&origin_config(
         listener_addr(18080),
-        &[&hung, &flaky, &steady],
+        &nodes,
         &health(200, 1000, 2, fall),
     ));
     let started = Instant::now();
@@ -260,10 +226,10 @@ async fn a_hung_node_does_not_stall_the_checks_of_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_node_keeps_its_tunnels_and_sticky_clients_but_gets_no_new_ones() {
-    let nodes = [sim_node("node-a").await, sim_node("node-b").await];
-    let lb = InProcess::start(&config(
+    let nodes = sim_nodes(&["node-a", "node-b"]).await;
+    let lb = InProcess::start(&origin_config(
         listener_addr(18080),
-        &[&nodes[0], &nodes[1]],
+        &nodes,
         "[sticky]\nmode = \"insert\"\n",
     ));
     let first = get_cookie(lb.addr, "/", None).await;
@@ -315,10 +281,16 @@ async fn a_draining_node_keeps_its_tunnels_and_sticky_clients_but_gets_no_new_on
 
 #[tokio::test]
 async fn drain_in_config_keeps_new_sessions_off_the_node() {
-    let nodes = [sim_node("node-a").await, sim_node("node-b").await];
+    let nodes = sim_nodes(&["node-a", "node-b"]).await;
     let lb = listener_addr(18080);
-    let text = config(lb, &[&nodes[0], &nodes[1]], "")
-        .replace("id = \"node-a\"\n", "id = \"node-a\"\ndrain = true\n");
+    let text = one_listener_config(
+        lb,
+        &[
+            (&nodes[0], "origin", "drain = true"),
+            (&nodes[1], "origin", ""),
+        ],
+        "",
+    );
     let _amslb = Amslb::start(&text, &[lb]);
     for _ in 0..10 {
         assert_eq!(get(lb, "/").await.node(), "node-b");
@@ -328,10 +300,10 @@ async fn drain_in_config_keeps_new_sessions_off_the_node() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_coming_back_slow_starts() {
-    let nodes = [sim_node("node-a").await, sim_node("node-b").await];
-    let lb = InProcess::start(&config(
+    let nodes = sim_nodes(&["node-a", "node-b"]).await;
+    let lb = InProcess::start(&origin_config(
         listener_addr(18080),
-        &[&nodes[0], &nodes[1]],
+        &nodes,
         &format!("{}slow_start = \"3s\"\n", health(100, 100, 1, 1)),
     ));
     let a = lb.node("node-a");

@@ -11,59 +11,6 @@ use std::time::Duration;
 use support::haproxy::Haproxy;
 use support::*;
 
-/// A config with one listener on `listener`, every node in group `origin`
-/// (`cookie` set when given), and `extra` appended (e.g. `[sticky]`).
-fn config(listener: SocketAddr, nodes: &[(&SimNode, Option<&str>)], extra: &str) -> String {
-    let nodes: Vec<_> = nodes.iter().map(|(n, c)| (*n, *c, "origin")).collect();
-    config_groups(listener, &nodes, extra)
-}
-
-/// Like [`config`], with each node's group given and an `edge` group too.
-fn config_groups(
-    listener: SocketAddr,
-    nodes: &[(&SimNode, Option<&str>, &str)],
-    extra: &str,
-) -> String {
-    let mut text = format!(
-        r#"
-[timeouts]
-connect = "1s"
-server = "2s"
-
-[[listener]]
-name = "http"
-bind = ["{listener}"]
-protocol = "http"
-default_group = "origin"
-
-[[group]]
-name = "origin"
-balance = "round-robin"
-
-[[group]]
-name = "edge"
-balance = "round-robin"
-backup = "origin"
-
-{extra}
-
-[cluster]
-"#
-    );
-    for (node, cookie, group) in nodes {
-        text.push_str(&format!(
-            "\n[[cluster.node]]\nid = \"{}\"\naddress = \"{}\"\ngroup = \"{group}\"\nhttp_port = {}\n",
-            node.id(),
-            node.addr.ip(),
-            node.addr.port()
-        ));
-        if let Some(cookie) = cookie {
-            text.push_str(&format!("cookie = \"{cookie}\"\n"));
-        }
-    }
-    text
-}
-
 /// GET `path` with the given `Cookie` headers, and `x-set-cookie` headers
 /// that the simulated node turns into its own `Set-Cookie`s.
 async fn get_with(addr: SocketAddr, path: &str, cookies: &[&str], node_sets: &[&str]) -> Fetched {
@@ -107,7 +54,7 @@ async fn exchange(addr: SocketAddr, cookies: &[&str], node_sets: &[&str]) -> Exc
 
 #[tokio::test]
 async fn prefix_cookies_round_trip_exactly_as_haproxys() {
-    let nodes = [sim_node("node-a").await, sim_node("node-b").await];
+    let nodes = sim_nodes(&["node-a", "node-b"]).await;
     let lb = listener_addr(18080);
     let reference = listener_addr(18081);
     // seeds/004's backend, minus TLS (`redirect scheme https`), on loopback.
@@ -134,9 +81,12 @@ backend backend_http
     );
     let _haproxy = Haproxy::start(&haproxy_config, reference);
     let _amslb = Amslb::start(
-        &config(
+        &one_listener_config(
             lb,
-            &[(&nodes[0], Some("ams1")), (&nodes[1], Some("ams2"))],
+            &[
+                (&nodes[0], "origin", "cookie = \"ams1\""),
+                (&nodes[1], "origin", "cookie = \"ams2\""),
+            ],
             "[sticky]\nmode = \"prefix\"\ncookie = \"JSESSIONID\"\n",
         ),
         &[lb],
@@ -216,16 +166,11 @@ backend backend_http
 
 #[tokio::test]
 async fn insert_mode_stickiness_holds_over_100_requests_and_two_instances() {
-    let nodes = [
-        sim_node("node-a").await,
-        sim_node("node-b").await,
-        sim_node("node-c").await,
-    ];
-    let specs: Vec<(&SimNode, Option<&str>)> = nodes.iter().map(|n| (n, None)).collect();
+    let nodes = sim_nodes(&["node-a", "node-b", "node-c"]).await;
     let sticky = "[sticky]\nmode = \"insert\"\n";
     let (first, second) = (listener_addr(18080), listener_addr(18080));
-    let _a = Amslb::start(&config(first, &specs, sticky), &[first]);
-    let _b = Amslb::start(&config(second, &specs, sticky), &[second]);
+    let _a = Amslb::start(&origin_config(first, &nodes, sticky), &[first]);
+    let _b = Amslb::start(&origin_config(second, &nodes, sticky), &[second]);
 
     let fresh = get_with(first, "/", &[], &[]).await;
     let set = values(&fresh.headers, "set-cookie");
@@ -265,15 +210,10 @@ async fn insert_mode_stickiness_holds_over_100_requests_and_two_instances() {
 
 #[tokio::test]
 async fn sticky_clients_of_a_dead_node_are_redispatched_with_a_new_cookie() {
-    let nodes = [
-        sim_node("node-a").await,
-        sim_node("node-b").await,
-        sim_node("node-c").await,
-    ];
-    let specs: Vec<(&SimNode, Option<&str>)> = nodes.iter().map(|n| (n, None)).collect();
+    let nodes = sim_nodes(&["node-a", "node-b", "node-c"]).await;
     let lb = listener_addr(18080);
     let extra = "[sticky]\nmode = \"insert\"\n\n[health]\ninterval = \"200ms\"\ntimeout = \"100ms\"\nrise = 2\nfall = 2\n";
-    let amslb = Amslb::start(&config(lb, &specs, extra), &[lb]);
+    let amslb = Amslb::start(&origin_config(lb, &nodes, extra), &[lb]);
 
     let cookie_from = |f: &Fetched| -> String {
         values(&f.headers, "set-cookie")[0]
@@ -317,15 +257,10 @@ async fn sticky_clients_of_a_dead_node_are_redispatched_with_a_new_cookie() {
 
 #[tokio::test]
 async fn whip_follow_ups_reach_the_session_node_without_cookies() {
-    let nodes = [
-        sim_node("node-a").await,
-        sim_node("node-b").await,
-        sim_node("node-c").await,
-    ];
-    let specs: Vec<(&SimNode, Option<&str>)> = nodes.iter().map(|n| (n, None)).collect();
+    let nodes = sim_nodes(&["node-a", "node-b", "node-c"]).await;
     let lb = listener_addr(18080);
     // No [sticky] at all: WHIP/WHEP affinity does not depend on cookies.
-    let _amslb = Amslb::start(&config(lb, &specs, ""), &[lb]);
+    let _amslb = Amslb::start(&origin_config(lb, &nodes, ""), &[lb]);
 
     for kind in ["whip", "whep"] {
         let request = |method: Method, uri: &str| {
@@ -371,14 +306,12 @@ async fn whip_follow_ups_reach_the_session_node_without_cookies() {
 
 #[tokio::test]
 async fn one_insert_cookie_keeps_a_client_on_one_origin_and_one_edge() {
-    let origins = [sim_node("origin-1").await, sim_node("origin-2").await];
-    let edges = [sim_node("edge-1").await, sim_node("edge-2").await];
-    let mut specs: Vec<(&SimNode, Option<&str>, &str)> =
-        origins.iter().map(|n| (n, None, "origin")).collect();
-    specs.extend(edges.iter().map(|n| (n, None, "edge")));
+    let nodes = sim_nodes(&["origin-1", "origin-2", "edge-1", "edge-2"]).await;
+    let groups = ["origin", "origin", "edge", "edge"];
+    let specs: Vec<_> = nodes.iter().zip(groups).map(|(n, g)| (n, g, "")).collect();
     let lb = listener_addr(18080);
     let _amslb = Amslb::start(
-        &config_groups(lb, &specs, "[sticky]\nmode = \"insert\"\n"),
+        &one_listener_config(lb, &specs, "[sticky]\nmode = \"insert\"\n"),
         &[lb],
     );
 

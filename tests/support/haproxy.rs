@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 /// A running `haproxy -db`; killed when dropped.
 pub struct Haproxy {
@@ -33,24 +32,9 @@ impl Haproxy {
             Err(e) => panic!("cannot run haproxy ({e}); install it: apt-get install haproxy"),
         };
         let mut haproxy = Haproxy { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect_timeout(&ready, Duration::from_millis(100)).is_err() {
-            if let Ok(Some(status)) = haproxy.child.try_wait() {
-                panic!("haproxy exited with {status}:\n{}", haproxy.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "haproxy did not listen on {ready}:\n{}",
-                haproxy.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let log = haproxy.dir.path().join("haproxy.log");
+        super::wait_listening("haproxy", &mut haproxy.child, &[ready], &log);
         haproxy
-    }
-
-    /// What HAProxy wrote so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default()
     }
 }
 
