@@ -334,3 +334,75 @@ async fn a_node_coming_back_slow_starts() {
         "after the ramp: {late:?}"
     );
 }
+
+#[tokio::test]
+async fn passive_failures_take_a_node_out_before_the_probes_and_backoff_delays_its_return() {
+    let (interval, backoff) = (Duration::from_millis(500), Duration::from_millis(1500));
+    let mut nodes = sim_nodes(&["node-a", "node-b"]).await;
+    let lb = listener_addr(18080);
+    let extra = format!(
+        "{}passive_failures = 2\npassive_backoff = \"1500ms\"\n",
+        health(500, 200, 1, 3)
+    );
+    let amslb = Amslb::start(&origin_config(lb, &nodes, &extra), &[lb]);
+    let a_addr = nodes[0].addr;
+    nodes[0].stop();
+    let stopped = Instant::now();
+    for _ in 0..4 {
+        assert_eq!(
+            get(lb, "/").await.node(),
+            "node-b",
+            "retried on the live node"
+        );
+    }
+    // Three probe failures at 500 ms would take 1.5 s; traffic did it first.
+    let mut log = amslb.log();
+    while !log.contains("node down") {
+        assert!(
+            stopped.elapsed() < interval * 2,
+            "no passive mark-down:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        log = amslb.log();
+    }
+    assert!(log.contains("consecutive failures on traffic"), "{log}");
+
+    nodes[0] = SimNode::start("node-a", a_addr).await.unwrap();
+    let back = poll_until(lb, Duration::from_secs(5), |n| n == "node-a").await;
+    assert!(back.is_some(), "node-a never came back");
+    let back = stopped.elapsed();
+    eprintln!("node-a back {back:?} after the passive mark-down");
+    let upper = backoff + interval.mul_f64(2.1) + SLACK;
+    assert!(
+        back >= backoff.mul_f64(0.9) && back <= upper,
+        "back after {back:?}, expected {backoff:?}..={upper:?}"
+    );
+}
+
+#[tokio::test]
+async fn tcp_checks_connect_to_the_rtmp_port() {
+    let open = tokio::net::TcpListener::bind((unique_loopback(), 0))
+        .await
+        .unwrap();
+    let addr = open.local_addr().unwrap();
+    let node = |port: u16| {
+        Node::new(amslb::cluster::NodeSpec {
+            id: "rtmp".into(),
+            group: "ingest".into(),
+            addr: addr.ip(),
+            http_port: 5080,
+            rtmp_port: port,
+            drain: false,
+        })
+    };
+    let config = amslb::config::health::HealthConfig::default();
+    let kind = amslb::health::CheckKind::Tcp;
+    let up = amslb::health::probe(kind, &node(addr.port()), &config).await;
+    assert_eq!(up, amslb::health::Outcome::Ok);
+    drop(open);
+    let down = amslb::health::probe(kind, &node(addr.port()), &config).await;
+    assert!(
+        matches!(down, amslb::health::Outcome::Io(ref e) if e.contains("connect")),
+        "{down:?}"
+    );
+}
