@@ -65,6 +65,7 @@ pub struct Sticky {
     mode: StickyMode,
     name: String,
     same_site: Option<SameSite>,
+    always_secure: bool,
     nocache: bool,
     hmac_key: hmac::Key,
     /// Node id → configured `cookie` value.
@@ -90,12 +91,13 @@ impl Sticky {
     pub fn new(config: &StickyConfig, nodes: &[NodeConfig]) -> Self {
         let secret = config
             .secret
-            .as_deref()
-            .map_or(DEFAULT_SECRET, str::as_bytes);
+            .as_ref()
+            .map_or(DEFAULT_SECRET, |s| s.expose());
         Self {
             mode: config.mode,
             name: config.cookie_name().to_string(),
             same_site: config.same_site,
+            always_secure: config.secure,
             nocache: config.nocache(),
             hmac_key: hmac::Key::new(hmac::HMAC_SHA256, secret),
             configured: nodes
@@ -222,7 +224,7 @@ impl Sticky {
 
     /// Insert mode: the `Set-Cookie` value that ties the client to the node
     /// with `key`, keeping its ties to other groups (`others`, see [`KEY_SEP`]).
-    /// `secure` is set on TLS listeners. No expiry: the tie ends with the
+    /// `secure` is set on TLS listeners (on all with `[sticky] secure`). No expiry: the tie ends with the
     /// browser session, as HAProxy's inserted cookie does.
     pub fn insert_set_cookie(&self, key: &str, others: &[String], secure: bool) -> Option<String> {
         if self.mode != StickyMode::Insert {
@@ -234,7 +236,7 @@ impl Sticky {
             cookie.push_str(other);
         }
         cookie.push_str("; Path=/; HttpOnly");
-        if secure {
+        if secure || self.always_secure {
             cookie.push_str("; Secure");
         }
         if let Some(same_site) = self.same_site {
@@ -749,13 +751,7 @@ mod tests {
         // Another instance with the same config agrees; another secret does not.
         assert_eq!(prefix().node_key("10.0.0.7"), derived);
         assert_ne!(s.node_key("10.0.0.8"), derived);
-        let other = Sticky::new(
-            &StickyConfig {
-                secret: Some("s3cret".into()),
-                ..Default::default()
-            },
-            &[],
-        );
+        let other = Sticky::new(&toml::from_str("secret = \"s3cret\"").unwrap(), &[]);
         assert_ne!(other.node_key("10.0.0.7"), derived);
     }
 
@@ -813,6 +809,18 @@ mod tests {
                 ..Default::default()
             },
             &[],
+        );
+        let behind_tls = Sticky::new(
+            &StickyConfig {
+                mode: StickyMode::Insert,
+                secure: true,
+                ..Default::default()
+            },
+            &[],
+        );
+        assert_eq!(
+            behind_tls.insert_set_cookie("k1", &[], false).unwrap(),
+            "AMSLB=k1; Path=/; HttpOnly; Secure"
         );
         assert_eq!(
             strict.insert_set_cookie("k1", &[], true).unwrap(),

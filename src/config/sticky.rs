@@ -49,12 +49,34 @@ pub struct StickyConfig {
     pub cookie: Option<String>,
     /// `SameSite` attribute of the inserted cookie; not sent when unset (browsers then use Lax).
     pub same_site: Option<SameSite>,
+    /// Mark the inserted cookie `Secure` on every listener, not only on TLS
+    /// ones: for amslb behind a TLS-terminating front (HAProxy `cookie ... secure`).
+    pub secure: bool,
     /// Mark responses that carry an inserted cookie `Cache-Control: private`
     /// (default on in insert mode). Prefix mode never adds headers, as in HAProxy.
     pub nocache: Option<bool>,
     /// Key for deriving node cookie values from node ids. Balancers that share a
     /// DNS name must share it; without it the derivation uses a built-in key.
-    pub secret: Option<String>,
+    pub secret: Option<Secret>,
+}
+
+/// A secret from the config: usable as bytes, never shown by `Debug`, so a
+/// logged config does not leak it.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret's bytes.
+    pub fn expose(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl StickyConfig {
@@ -249,6 +271,15 @@ fall = 2
         );
         let err = parse_str(&tilde, Path::new("lb.toml")).unwrap_err();
         assert_eq!(err.key, "cluster.node[0].cookie");
+    }
+
+    #[test]
+    fn secret_is_read_but_never_shown() {
+        let c = parse("[sticky]\nmode = \"insert\"\nsecret = \"hunter2\"\n")
+            .unwrap()
+            .config;
+        assert_eq!(c.sticky.secret.as_ref().unwrap().expose(), b"hunter2");
+        assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
