@@ -29,8 +29,8 @@ use http::header::{CACHE_CONTROL, COOKIE, Entry, LOCATION, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, Uri};
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
 
 /// Separates the node key from the node's own value in prefix mode (HAProxy's `~`).
 pub const PREFIX_DELIM: char = '~';
@@ -59,6 +59,9 @@ const DEFAULT_SECRET: &[u8] = b"amslb sticky node key v1";
 /// Bytes of the HMAC kept in a node key: 64 bits, 16 hex digits.
 const KEY_BYTES: usize = 8;
 
+/// Derived keys cached at most (a cluster has far fewer nodes).
+const KEY_CACHE_MAX: usize = 4096;
+
 /// The affinity settings in effect, with the per-node keys resolved.
 #[derive(Debug)]
 pub struct Sticky {
@@ -69,7 +72,9 @@ pub struct Sticky {
     nocache: bool,
     hmac_key: hmac::Key,
     /// Node id → configured `cookie` value.
-    configured: HashMap<String, String>,
+    configured: HashMap<String, Arc<str>>,
+    /// Node id → derived key, cached so the data path hashes each id once.
+    derived: RwLock<HashMap<String, Arc<str>>>,
     redispatches: AtomicU64,
 }
 
@@ -94,16 +99,17 @@ impl Sticky {
             .as_ref()
             .map_or(DEFAULT_SECRET, |s| s.expose());
         Self {
+            configured: nodes
+                .iter()
+                .filter_map(|n| Some((n.id.clone(), n.cookie.as_deref()?.into())))
+                .collect(),
+            derived: RwLock::default(),
             mode: config.mode,
             name: config.cookie_name().to_string(),
             same_site: config.same_site,
             always_secure: config.secure,
             nocache: config.nocache(),
             hmac_key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            configured: nodes
-                .iter()
-                .filter_map(|n| Some((n.id.clone(), n.cookie.clone()?)))
-                .collect(),
             redispatches: AtomicU64::new(0),
         }
     }
@@ -125,22 +131,39 @@ impl Sticky {
 
     /// The key that names `node_id` in cookies and tagged URLs: the configured
     /// `cookie`, else 16 hex digits of HMAC-SHA256(secret, id).
-    pub fn node_key(&self, node_id: &str) -> String {
-        if let Some(value) = self.configured.get(node_id) {
-            return value.clone();
+    ///
+    /// Derived keys are cached: a request with a cookie compares it with the
+    /// key of every node of its group. The cache is bounded because node ids
+    /// come and go with autoscaling; when full, the derived keys are dropped
+    /// and recomputed as needed.
+    pub fn node_key(&self, node_id: &str) -> Arc<str> {
+        if let Some(key) = self.configured.get(node_id) {
+            return key.clone();
         }
+        let cached = self.derived.read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(key) = cached.get(node_id) {
+            return key.clone();
+        }
+        drop(cached);
         let tag = hmac::sign(&self.hmac_key, node_id.as_bytes());
-        tag.as_ref()[..KEY_BYTES]
+        let key: Arc<str> = tag.as_ref()[..KEY_BYTES]
             .iter()
             .fold(String::with_capacity(2 * KEY_BYTES), |mut s, b| {
                 let _ = write!(s, "{b:02x}");
                 s
             })
+            .into();
+        let mut cache = self.derived.write().unwrap_or_else(PoisonError::into_inner);
+        if cache.len() >= KEY_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(node_id.to_string(), key.clone());
+        key
     }
 
     /// The node among `nodes` whose key is `key`.
     pub fn find<'a>(&self, nodes: &'a [Arc<Node>], key: &str) -> Option<&'a Arc<Node>> {
-        nodes.iter().find(|n| self.node_key(n.id()) == key)
+        nodes.iter().find(|n| *self.node_key(n.id()) == *key)
     }
 
     /// Reads the request's `Cookie` header values. `known` says whether a key
@@ -379,7 +402,7 @@ impl Sticky {
                 }
             }
             StickyMode::Insert => {
-                if affinity.cookie_key.as_deref() != Some(key.as_str())
+                if affinity.cookie_key.as_deref() != Some(&*key)
                     && let Some(cookie) = self.insert_set_cookie(&key, &affinity.other_keys, tls)
                     && let Ok(cookie) = HeaderValue::from_str(&cookie)
                 {
@@ -743,7 +766,7 @@ mod tests {
     #[test]
     fn node_keys_are_configured_or_opaque_and_stable() {
         let s = prefix();
-        assert_eq!(s.node_key("n1"), "ams1");
+        assert_eq!(&*s.node_key("n1"), "ams1");
         let derived = s.node_key("10.0.0.7");
         assert_eq!(derived.len(), 16);
         assert!(derived.chars().all(|c| c.is_ascii_hexdigit()));
@@ -753,6 +776,18 @@ mod tests {
         assert_ne!(s.node_key("10.0.0.8"), derived);
         let other = Sticky::new(&toml::from_str("secret = \"s3cret\"").unwrap(), &[]);
         assert_ne!(other.node_key("10.0.0.7"), derived);
+    }
+
+    #[test]
+    fn key_cache_is_bounded_and_keys_survive_eviction() {
+        let s = prefix();
+        let first = s.node_key("node-0");
+        for i in 1..=KEY_CACHE_MAX + 10 {
+            s.node_key(&format!("node-{i}"));
+        }
+        assert!(s.derived.read().unwrap().len() <= KEY_CACHE_MAX);
+        assert_eq!(s.node_key("node-0"), first);
+        assert_eq!(&*s.node_key("n2"), "ams2", "configured keys are never evicted");
     }
 
     #[test]
