@@ -8,6 +8,7 @@ use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
 use crate::route::{self, Route, Target};
 use crate::runtime::{ListenerView, Runtime};
+use crate::sticky::Affinity;
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -101,13 +102,21 @@ async fn proxy(
 
     let route = route::classify(request.uri().path(), request.uri().query());
     let group = group_for(&view.config, listener, &route);
+    let snapshot = ctx.runtime.cluster.snapshot();
+    let affinity = sticky_affinity(ctx, &view.config, &snapshot, group, &route, &mut request);
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = forward(ctx, &view.config, group, request)
+    let (mut response, lease) = forward(ctx, &view.config, &snapshot, group, &affinity, request)
         .await
         .map_err(|e| (e.status(), e.to_string()))?;
+    ctx.runtime.sticky.on_response(
+        &affinity,
+        lease.node(),
+        response.headers_mut(),
+        ctx.client.tls,
+    );
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
@@ -120,6 +129,36 @@ async fn proxy(
         body,
         lease: Some(lease),
     }))
+}
+
+/// Reads (and strips from the request) the client's tie to a node of `group`
+/// (or of its backup, while the backup is what serves the group): sticky
+/// cookie, or the WHIP/WHEP tag in the URL.
+fn sticky_affinity(
+    ctx: &ConnContext,
+    config: &Config,
+    snapshot: &Membership,
+    group: &str,
+    route: &Route,
+    request: &mut Request<Incoming>,
+) -> Affinity {
+    let mut nodes: Vec<Arc<Node>> = snapshot
+        .group(group)
+        .map(|members| members.nodes.clone())
+        .unwrap_or_default();
+    if !nodes.iter().any(|n| n.is_usable())
+        && let Some(backup) = config.group(group).and_then(|g| g.backup.as_deref())
+        && let Some(members) = snapshot.group(backup)
+    {
+        nodes.extend(members.nodes.iter().cloned());
+    }
+    let mut uri = std::mem::take(request.uri_mut());
+    let affinity =
+        ctx.runtime
+            .sticky
+            .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
+    *request.uri_mut() = uri;
+    affinity
 }
 
 fn request_host(request: &Request<Incoming>) -> Option<String> {
@@ -193,19 +232,31 @@ fn prepare_upstream_request(
 /// Picks a node and sends the request, retrying other nodes (of the group,
 /// then of its backup group) when connecting fails. Retries happen only
 /// before any byte of the request left, so no request is ever sent twice.
+///
+/// The client's sticky node, when it has a healthy one, is tried first
+/// (draining or not); every failure is reported to the health checker.
 async fn forward(
     ctx: &ConnContext,
     config: &Config,
+    snapshot: &Membership,
     group: &str,
+    affinity: &Affinity,
     mut request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
-    let snapshot = ctx.runtime.cluster.snapshot();
+    let health = &ctx.runtime.health;
     let backup = config.group(group).and_then(|g| g.backup.clone());
     let mut tried: Vec<Arc<Node>> = Vec::new();
     let mut attempts_left = config.global.retries + 1;
     let mut last_error = None;
     loop {
-        let Some(node) = pick(config, &snapshot, group, backup.as_deref(), &tried) else {
+        let sticky = affinity
+            .node
+            .clone()
+            .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, n)));
+        let is_sticky = sticky.is_some();
+        let Some(node) =
+            sticky.or_else(|| pick(config, snapshot, group, backup.as_deref(), &tried))
+        else {
             return Err(match last_error {
                 Some(e) => ProxyError::AllNodesFailed(e),
                 None => ProxyError::NoUsableNode(group.to_string(), backup),
@@ -216,6 +267,10 @@ async fn forward(
             Ok(sender) => sender,
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                health.report_failure(&node, &format!("connect failed: {e}"));
+                if is_sticky {
+                    ctx.runtime.sticky.count_redispatch();
+                }
                 tried.push(node);
                 attempts_left -= 1;
                 if attempts_left == 0 {
@@ -227,8 +282,12 @@ async fn forward(
         };
         let server_timeout = config.timeouts.server;
         match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
-            Err(_) => return Err(ProxyError::Timeout(node.id().to_string(), server_timeout)),
+            Err(_) => {
+                health.report_failure(&node, "no response head in time");
+                return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
+            }
             Ok(Ok(response)) => {
+                health.report_status(&node, response.status().as_u16());
                 node.pool().give_back_when_idle(sender);
                 return Ok((response, lease));
             }
@@ -243,6 +302,7 @@ async fn forward(
                     request = unsent;
                 }
                 None => {
+                    health.report_failure(&node, "connection lost before the answer");
                     return Err(ProxyError::Upstream(
                         node.id().to_string(),
                         failed.into_error(),
