@@ -5,7 +5,7 @@
 use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 /// What a membership source says about a node: enough to build or match a [`Node`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,9 +37,15 @@ pub struct Node {
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
     draining: AtomicBool,
+    /// Share of new sessions offered, in thousandths: below [`FULL_WEIGHT`]
+    /// while the node slow-starts after coming back (see `health`).
+    weight: AtomicU32,
     /// Idle keep-alive HTTP connections to the node.
     pool: Arc<Pool>,
 }
+
+/// Weight of a node that takes its full share of new sessions.
+pub const FULL_WEIGHT: u32 = 1000;
 
 impl Node {
     /// Creates a node in the up state.
@@ -50,6 +56,7 @@ impl Node {
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
+            weight: AtomicU32::new(FULL_WEIGHT),
             pool: Arc::default(),
         }
     }
@@ -112,6 +119,17 @@ impl Node {
     /// Starts or stops draining; returns the previous state.
     pub fn set_draining(&self, draining: bool) -> bool {
         self.draining.swap(draining, Ordering::Relaxed)
+    }
+
+    /// Share of new sessions offered, 0..=[`FULL_WEIGHT`].
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the share of new sessions (clamped to [`FULL_WEIGHT`]).
+    pub fn set_weight(&self, weight: u32) {
+        self.weight
+            .store(weight.min(FULL_WEIGHT), Ordering::Relaxed);
     }
 
     /// Sessions open on the node through this balancer.

@@ -7,7 +7,9 @@
 //! `amslb check` and a reload run.
 
 pub mod duration;
+pub mod health;
 mod load;
+pub mod sticky;
 pub mod streaming;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
@@ -34,6 +36,12 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where cluster membership comes from.
     pub cluster: ClusterConfig,
+    /// Cookie affinity.
+    #[serde(default)]
+    pub sticky: sticky::StickyConfig,
+    /// Node health checks.
+    #[serde(default)]
+    pub health: health::HealthConfig,
 }
 
 /// `[global]`: process-wide settings.
@@ -257,6 +265,13 @@ pub struct NodeConfig {
     /// Region the node is in (see `[global] region`).
     #[serde(default)]
     pub region: Option<String>,
+    /// This node's value in the sticky cookie (HAProxy `server ... cookie ams1`);
+    /// derived from the id when unset.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Start the node draining: no new sessions, existing ones continue.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 impl Config {

@@ -3,10 +3,11 @@
 use super::body::{ResponseBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
-use crate::cluster::{Node, NodeLease};
+use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
-use crate::route;
+use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
+use crate::sticky::Affinity;
 use crate::streaming::select::{self, Wanted};
 use crate::streaming::{assign, sniff};
 use crate::tunnel;
@@ -64,8 +65,9 @@ pub async fn handle(
             "listener is gone",
         ));
     };
+    // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    let uri = request.uri().clone();
     let response = proxy(&ctx, &view, request)
         .await
         .unwrap_or_else(|(status, reason)| {
@@ -73,7 +75,7 @@ pub async fn handle(
                 listener = %ctx.listener,
                 client = %ctx.client.addr,
                 %method,
-                path,
+                path = uri.path(),
                 status = status.as_u16(),
                 reason,
                 "request failed"
@@ -118,13 +120,28 @@ async fn proxy(
         return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
     }
     let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
+    let snapshot = ctx.runtime.cluster.snapshot();
+    let affinity = sticky_affinity(
+        ctx,
+        &view.config,
+        &snapshot,
+        &wanted.group,
+        &route,
+        &mut request,
+    );
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = forward(ctx, &view.config, &wanted, request)
+    let (mut response, lease) = forward(ctx, &view.config, &snapshot, &wanted, &affinity, request)
         .await
         .map_err(|e| (e.status(), e.to_string()))?;
+    ctx.runtime.sticky.on_response(
+        &affinity,
+        lease.node(),
+        response.headers_mut(),
+        ctx.client.tls,
+    );
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
@@ -137,6 +154,36 @@ async fn proxy(
         body,
         lease: Some(lease),
     }))
+}
+
+/// Reads (and strips from the request) the client's tie to a node of `group`
+/// (or of its backup, while the backup is what serves the group): sticky
+/// cookie, or the WHIP/WHEP tag in the URL.
+pub(crate) fn sticky_affinity(
+    ctx: &ConnContext,
+    config: &Config,
+    snapshot: &Membership,
+    group: &str,
+    route: &Route,
+    request: &mut Request<Incoming>,
+) -> Affinity {
+    let mut nodes: Vec<Arc<Node>> = snapshot
+        .group(group)
+        .map(|members| members.nodes.clone())
+        .unwrap_or_default();
+    if !nodes.iter().any(|n| n.is_usable())
+        && let Some(backup) = config.group(group).and_then(|g| g.backup.as_deref())
+        && let Some(members) = snapshot.group(backup)
+    {
+        nodes.extend(members.nodes.iter().cloned());
+    }
+    let mut uri = std::mem::take(request.uri_mut());
+    let affinity =
+        ctx.runtime
+            .sticky
+            .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
+    *request.uri_mut() = uri;
+    affinity
 }
 
 fn request_host(request: &Request<Incoming>) -> Option<String> {
@@ -196,20 +243,30 @@ fn prepare_upstream_request(
 /// Picks a node and sends the request, retrying other nodes (of the group,
 /// then of its backup group) when connecting fails. Retries happen only
 /// before any byte of the request left, so no request is ever sent twice.
+///
+/// The client's sticky node, when it has a healthy one, is tried first
+/// (draining or not); every failure is reported to the health checker.
 pub(crate) async fn forward(
     ctx: &ConnContext,
     config: &Config,
+    snapshot: &Membership,
     wanted: &Wanted,
+    affinity: &Affinity,
     mut request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
-    let snapshot = ctx.runtime.cluster.snapshot();
+    let health = &ctx.runtime.health;
     let group = wanted.group.as_str();
     let backup = config.group(group).and_then(|g| g.backup.clone());
     let mut tried: Vec<Arc<Node>> = Vec::new();
     let mut attempts_left = config.global.retries + 1;
     let mut last_error = None;
     loop {
-        let Some(node) = select::pick(config, &snapshot, wanted, &tried) else {
+        let sticky = affinity
+            .node
+            .clone()
+            .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, n)));
+        let is_sticky = sticky.is_some();
+        let Some(node) = sticky.or_else(|| select::pick(config, snapshot, wanted, &tried)) else {
             return Err(match last_error {
                 Some(e) => ProxyError::AllNodesFailed(e),
                 None => ProxyError::NoUsableNode(group.to_string(), backup),
@@ -220,6 +277,10 @@ pub(crate) async fn forward(
             Ok(sender) => sender,
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                health.report_failure(&node, &format!("connect failed: {e}"));
+                if is_sticky {
+                    ctx.runtime.sticky.count_redispatch();
+                }
                 tried.push(node);
                 attempts_left -= 1;
                 if attempts_left == 0 {
@@ -231,8 +292,12 @@ pub(crate) async fn forward(
         };
         let server_timeout = config.timeouts.server;
         match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
-            Err(_) => return Err(ProxyError::Timeout(node.id().to_string(), server_timeout)),
+            Err(_) => {
+                health.report_failure(&node, "no response head in time");
+                return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
+            }
             Ok(Ok(response)) => {
+                health.report_status(&node, response.status().as_u16());
                 node.pool().give_back_when_idle(sender);
                 return Ok((response, lease));
             }
@@ -247,6 +312,7 @@ pub(crate) async fn forward(
                     request = unsent;
                 }
                 None => {
+                    health.report_failure(&node, "connection lost before the answer");
                     return Err(ProxyError::Upstream(
                         node.id().to_string(),
                         failed.into_error(),

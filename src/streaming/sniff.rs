@@ -16,8 +16,8 @@ use super::select::Wanted;
 use crate::cluster::NodeLease;
 use crate::config::{Config, ListenerConfig};
 use crate::http::body::ResponseBody;
-use crate::http::proxy::{ConnContext, forward};
-use crate::route::Target;
+use crate::http::proxy::{ConnContext, forward, sticky_affinity};
+use crate::route::{Route, RouteKind, Target};
 use crate::tunnel;
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
@@ -137,11 +137,7 @@ impl Sniffer {
 /// Whether `request` is a WebSocket upgrade this listener should sniff: a
 /// sniffing listener, `/{app}/websocket` without `?target=`, and a valid
 /// version-13 handshake (anything else is proxied as usual).
-pub fn applies(
-    listener: &ListenerConfig,
-    route: &crate::route::Route,
-    headers: &HeaderMap,
-) -> bool {
+pub fn applies(listener: &ListenerConfig, route: &Route, headers: &HeaderMap) -> bool {
     let has = |name: header::HeaderName, value: &str| {
         headers
             .get_all(name)
@@ -151,7 +147,7 @@ pub fn applies(
             .any(|t| t.trim().eq_ignore_ascii_case(value))
     };
     listener.sniff_websocket
-        && route.kind == crate::route::RouteKind::WebSocket
+        && route.kind == RouteKind::WebSocket
         && route.target == Target::ListenerDefault
         && has(header::UPGRADE, "websocket")
         && has(header::CONNECTION, "upgrade")
@@ -329,14 +325,23 @@ async fn sniff<C: AsyncRead + Unpin>(
 type NodeSide = (TokioIo<hyper::upgrade::Upgraded>, NodeLease);
 
 /// Sends the client's upgrade request to a node picked for `wanted` (with the
-/// proxy's retries) and returns the upgraded connection.
+/// proxy's retries, and the client's sticky node first if it has one in the
+/// chosen group) and returns the upgraded connection. No sticky cookie can be
+/// set: the client already has its 101.
 async fn connect(
     ctx: &ConnContext,
     config: &Config,
     wanted: &Wanted,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<NodeSide, String> {
-    let (mut response, lease) = forward(ctx, config, wanted, request)
+    let snapshot = ctx.runtime.cluster.snapshot();
+    let route = Route {
+        target: Target::ListenerDefault,
+        kind: RouteKind::WebSocket,
+        affinity: wanted.key.clone(),
+    };
+    let affinity = sticky_affinity(ctx, config, &snapshot, &wanted.group, &route, &mut request);
+    let (mut response, lease) = forward(ctx, config, &snapshot, wanted, &affinity, request)
         .await
         .map_err(|e| e.to_string())?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
