@@ -311,6 +311,14 @@ async fn served_by(addr: SocketAddr, path: &str, region: Option<&str>) -> String
     fetched.node()
 }
 
+/// The node that answered a WHIP POST for `stream` through amslb.
+async fn whip(addr: SocketAddr, stream: &str) -> String {
+    let request = Request::post(format!("/LiveApp/whip/{stream}")).header("host", "live.test");
+    let fetched = send(addr, request.body(Empty::new()).unwrap()).await;
+    assert!((200..300).contains(&fetched.status), "{}", fetched.text());
+    fetched.node()
+}
+
 fn hls(stream: usize) -> String {
     format!("/LiveApp/streams/s{stream}_adaptive.m3u8")
 }
@@ -415,15 +423,7 @@ async fn reconnecting_publisher_returns_to_its_origin() {
     }
     // WHIP for the same stream goes to the same origin as the WebSocket publish.
     for (stream, &i) in &origin_of {
-        let fetched = send(
-            c.addr,
-            Request::post(format!("/LiveApp/whip/{stream}"))
-                .header("host", "live.test")
-                .body(Empty::new())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(fetched.node(), c.origins[i].id(), "{stream}");
+        assert_eq!(whip(c.addr, stream).await, c.origins[i].id(), "{stream}");
     }
 }
 
@@ -506,15 +506,8 @@ async fn assign_api_names_the_node_the_proxy_uses() {
         .await;
         let body: serde_json::Value = serde_json::from_slice(&fetched.body).unwrap();
         assert_eq!(body["group"], "origin");
-        let whip = send(
-            c.addr,
-            Request::post(format!("/LiveApp/whip/s{stream}"))
-                .header("host", "live.test")
-                .body(Empty::new())
-                .unwrap(),
-        )
-        .await;
-        assert_eq!(whip.node(), body["node"].as_str().unwrap());
+        let whip = whip(c.addr, &format!("s{stream}")).await;
+        assert_eq!(whip, body["node"].as_str().unwrap());
     }
     let fetched = get(c.addr, "/amslb/v1/assign?app=LiveApp&role=play").await;
     assert_eq!(fetched.status, 400);

@@ -239,6 +239,16 @@ backup = "origin"
         cluster
     }
 
+    /// Three nodes `e1..e3` (edge) or `o1..o3` (origin), no region.
+    fn three(group: &'static str) -> Cluster {
+        let ids: Vec<String> = (1..=3).map(|i| format!("{}{i}", &group[..1])).collect();
+        cluster(&[
+            (&ids[0], group, None),
+            (&ids[1], group, None),
+            (&ids[2], group, None),
+        ])
+    }
+
     fn wanted(group: &str, key: Option<&str>, publish: bool, region: Option<&str>) -> Wanted {
         Wanted {
             group: group.into(),
@@ -255,11 +265,7 @@ backup = "origin"
     #[test]
     fn stream_hash_is_stable_per_stream_and_keyless_uses_least_conn() {
         let c = config("", "stream-hash");
-        let cl = cluster(&[
-            ("e1", "edge", None),
-            ("e2", "edge", None),
-            ("e3", "edge", None),
-        ]);
+        let cl = three("edge");
         let snap = cl.snapshot();
         let w = wanted("edge", Some("LiveApp/s1"), false, None);
         let first = id(pick(&c, &snap, &w, &[]));
@@ -281,11 +287,7 @@ backup = "origin"
     #[test]
     fn a_retry_takes_the_streams_next_node() {
         let c = config("", "stream-hash");
-        let cl = cluster(&[
-            ("e1", "edge", None),
-            ("e2", "edge", None),
-            ("e3", "edge", None),
-        ]);
+        let cl = three("edge");
         let snap = cl.snapshot();
         let w = wanted("edge", Some("LiveApp/s9"), false, None);
         let order = hash::ranked("LiveApp/s9", &snap.group("edge").unwrap().nodes);
@@ -297,11 +299,7 @@ backup = "origin"
     #[test]
     fn publish_is_hashed_even_in_a_round_robin_group() {
         let c = config("", "round-robin");
-        let cl = cluster(&[
-            ("o1", "origin", None),
-            ("o2", "origin", None),
-            ("o3", "origin", None),
-        ]);
+        let cl = three("origin");
         let snap = cl.snapshot();
         let w = wanted("origin", Some("LiveApp/cam"), true, None);
         let first = id(pick(&c, &snap, &w, &[]));
