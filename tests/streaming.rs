@@ -532,3 +532,22 @@ async fn node_refusing_the_upgrade_closes_the_client_with_an_error() {
     };
     assert_eq!(u16::from(frame.code), 1011);
 }
+
+#[tokio::test]
+async fn client_leaving_before_any_message_bothers_no_node() {
+    let c = sniffing(1, 1, "sniff_timeout = \"10s\"", ROUND_ROBIN).await;
+    let tcp = raw_upgrade(c.addr).await;
+    drop(tcp);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(websockets(&c.edges[0]) + websockets(&c.origins[0]), 0);
+    // A client that sent a message and then half-closed still gets it delivered.
+    let mut tcp = raw_upgrade(c.addr).await;
+    let hello = encode_client(true, TEXT, br#"{"command":"ping"}"#, [1, 2, 3, 4]);
+    tcp.write_all(&hello).await.unwrap();
+    tcp.shutdown().await.unwrap();
+    assert_eq!(
+        read_server_frame(&mut tcp).await,
+        (0x1, br#"{"command":"ping"}"#.to_vec())
+    );
+    assert_eq!(websockets(&c.edges[0]), 1);
+}

@@ -47,6 +47,9 @@ pub enum Verdict {
     Play(Option<String>),
     /// Nothing to learn from this client: the listener's default group.
     Undecidable(&'static str),
+    /// The client closed or failed before a verdict: what it sent still goes
+    /// to the default group, and if it sent nothing no node is bothered.
+    Gone,
 }
 
 /// Reads client frames as they arrive, keeping every byte for the replay.
@@ -247,7 +250,10 @@ impl Session {
         let (target, key, publish) = match &verdict {
             Verdict::Publish(key) => (Target::Origin, key.clone(), true),
             Verdict::Play(key) => (Target::Edge, key.clone(), false),
-            Verdict::Pending | Verdict::Undecidable(_) => (Target::ListenerDefault, None, false),
+            Verdict::Gone if sniffer.held().is_empty() => return,
+            Verdict::Pending | Verdict::Undecidable(_) | Verdict::Gone => {
+                (Target::ListenerDefault, None, false)
+            }
         };
         let wanted = Wanted::for_target(
             &self.config,
@@ -309,7 +315,7 @@ async fn sniff<C: AsyncRead + Unpin>(
         let mut buf = [0u8; 4096];
         loop {
             match client.read(&mut buf).await {
-                Ok(0) | Err(_) => return Verdict::Undecidable("client stopped sending"),
+                Ok(0) | Err(_) => return Verdict::Gone,
                 Ok(n) => match sniffer.push(&buf[..n]) {
                     Verdict::Pending => {}
                     decided => return decided,
