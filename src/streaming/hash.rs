@@ -60,18 +60,23 @@ pub fn ranked<'a, T: Candidate>(key: &str, candidates: &'a [T]) -> Vec<&'a T> {
 }
 
 /// The candidate `key` goes to: the best-ranked one under the load bound.
-/// `None` only when there is no candidate.
+/// `None` only when there is no candidate. One pass, no sort: O(candidates).
 pub fn pick<'a, T: Candidate>(key: &str, candidates: &'a [T], load_factor: f64) -> Option<&'a T> {
     let total: usize = candidates.iter().map(Candidate::load).sum();
     let limit = bound(load_factor, total, candidates.len());
-    let order = ranked(key, candidates);
-    order
-        .iter()
-        .find(|c| c.load() < limit)
-        // Unreachable by the bound's arithmetic; kept so a float surprise
-        // still yields a node instead of none.
-        .or(order.first())
-        .copied()
+    best(key, candidates.iter().filter(|c| c.load() < limit))
+        // Loads are live counters: sessions opened by other requests since
+        // `total` was read can fill every candidate; the stream's own node
+        // then beats refusing the request.
+        .or_else(|| best(key, candidates.iter()))
+}
+
+/// The best-ranked of `candidates`: same order as [`ranked`] (higher score, then lower id).
+fn best<'a, T: Candidate>(key: &str, candidates: impl Iterator<Item = &'a T>) -> Option<&'a T> {
+    candidates
+        .map(|c| (score(key, c.id()), c))
+        .max_by(|a, b| a.0.cmp(&b.0).then_with(|| b.1.id().cmp(a.1.id())))
+        .map(|(_, c)| c)
 }
 
 #[cfg(test)]
@@ -217,6 +222,39 @@ mod tests {
             per_node.values().all(|&c| (800..1200).contains(&c)),
             "{per_node:?}"
         );
+    }
+
+    /// A node whose load grows each time it is read, as if other requests
+    /// opened sessions on it while a pick runs.
+    struct Growing {
+        id: String,
+        reads: std::cell::Cell<usize>,
+    }
+
+    impl Candidate for Growing {
+        fn id(&self) -> &str {
+            &self.id
+        }
+        fn load(&self) -> usize {
+            self.reads.set(self.reads.get() + 1);
+            self.reads.get() * 100
+        }
+    }
+
+    #[test]
+    fn loads_rising_during_a_pick_still_give_the_streams_node() {
+        let group: Vec<Growing> = ["a", "b"]
+            .iter()
+            .map(|id| Growing {
+                id: id.to_string(),
+                reads: Default::default(),
+            })
+            .collect();
+        let expected = ranked("LiveApp/s", &group)[0].id.clone();
+        for g in &group {
+            g.reads.set(0);
+        }
+        assert_eq!(pick("LiveApp/s", &group, 1.25).unwrap().id, expected);
     }
 
     #[test]
