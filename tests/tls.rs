@@ -2,7 +2,6 @@
 //! WebSocket over TLS, swapping changed files, and refusal of bad files: the
 //! real amslb binary in front of a simulated node.
 
-#[allow(unused_imports)] // the shared harness re-exports more than this file uses
 mod support;
 mod tls_support;
 

@@ -3,7 +3,6 @@
 //! hot swap (the real binary in front of a simulated node), and the order lock
 //! between instances (two managers in one process sharing a directory).
 
-#[allow(unused_imports)] // the shared harness re-exports more than this file uses
 mod support;
 mod tls_support;
 
