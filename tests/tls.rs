@@ -11,7 +11,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use std::net::SocketAddr;
 use std::path::Path;
 use support::{Amslb, listener_addr, sim_node};
-use tls_support::{TestCa, get, kept_request, lb_config, open_h1, tempdir};
+use tls_support::{TestCa, get, get_via, kept_request, lb_config, open_h1, tempdir};
 use tokio::net::TcpStream;
 
 fn leaf_der(pem: &str) -> CertificateDer<'static> {
@@ -120,6 +120,38 @@ async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
         seen[0].uri, "/LiveApp/streams/s1.m3u8",
         "h2 request reaches the node in origin form"
     );
+}
+
+#[tokio::test]
+async fn tls12_and_tls13_both_handshake_and_resume() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("resume");
+    let dir = tmp.path();
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (_amslb, https, _node) = start(dir, "").await;
+
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // One connector, so one client session cache for both connections.
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let first = get_via(&connector, https, "live.amslb.test", "/")
+            .await
+            .unwrap();
+        assert_eq!(first.tls_version, Some(version.version));
+        assert!(!first.resumed);
+        assert_eq!(first.status, 200);
+        let second = get_via(&connector, https, "live.amslb.test", "/")
+            .await
+            .unwrap();
+        assert!(second.resumed, "{:?} session not resumed", version.version);
+        assert_eq!(second.status, 200);
+    }
 }
 
 #[tokio::test]

@@ -248,6 +248,10 @@ pub struct Seen {
     pub headers: http::HeaderMap,
     /// Response body.
     pub body: String,
+    /// TLS version negotiated.
+    pub tls_version: Option<rustls::ProtocolVersion>,
+    /// Whether the handshake resumed an earlier session.
+    pub resumed: bool,
 }
 
 /// Connects to `addr` with SNI `sni`, trusting `roots` and offering `alpn`,
@@ -259,14 +263,27 @@ pub async fn get(
     alpn: &[&[u8]],
     path: &str,
 ) -> Result<Seen, String> {
+    get_via(&connector(roots, alpn), addr, sni, path).await
+}
+
+/// Like [`get`], through a given client config (to control TLS versions, or
+/// to reuse its session cache for resumption).
+pub async fn get_via(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    sni: &str,
+    path: &str,
+) -> Result<Seen, String> {
     let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let tls = connector(roots, alpn)
+    let tls = connector
         .connect(ServerName::try_from(sni.to_string()).unwrap(), tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let (_, conn) = tls.get_ref();
     let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
     let leaf = conn.peer_certificates().unwrap()[0].clone().into_owned();
+    let tls_version = conn.protocol_version();
+    let resumed = conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
     let request = http::Request::get(format!("https://{sni}{path}"))
         .body(Empty::<Bytes>::new())
         .unwrap();
@@ -299,6 +316,8 @@ pub async fn get(
         status: parts.status,
         headers: parts.headers,
         body: String::from_utf8_lossy(&body).to_string(),
+        tls_version,
+        resumed,
     })
 }
 
