@@ -9,8 +9,23 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 /// Picks a usable node of `members` that is not in `tried`, or `None`.
+/// Nodes that report load over their threshold are picked only when no other
+/// candidate has room: AMS refuses work when overloaded, but a busy node beats a 503.
 pub fn pick(mode: BalanceMode, members: &GroupMembers, tried: &[Arc<Node>]) -> Option<Arc<Node>> {
-    let candidate = |n: &&Arc<Node>| n.is_usable() && !tried.iter().any(|t| Arc::ptr_eq(t, n));
+    pick_among(mode, members, tried, false).or_else(|| pick_among(mode, members, tried, true))
+}
+
+fn pick_among(
+    mode: BalanceMode,
+    members: &GroupMembers,
+    tried: &[Arc<Node>],
+    allow_overloaded: bool,
+) -> Option<Arc<Node>> {
+    let candidate = |n: &&Arc<Node>| {
+        n.is_usable()
+            && (allow_overloaded || !n.is_overloaded())
+            && !tried.iter().any(|t| Arc::ptr_eq(t, n))
+    };
     match mode {
         BalanceMode::RoundRobin => {
             let len = members.nodes.len();
@@ -108,6 +123,25 @@ mod tests {
         let _c = g.nodes[2].lease();
         for _ in 0..4 {
             assert_eq!(pick(BalanceMode::LeastConn, &g, &[]).unwrap().id(), "n2");
+        }
+    }
+
+    #[test]
+    fn overloaded_node_gets_work_only_when_no_other_has_room() {
+        let busy = crate::cluster::ReportedLoad {
+            cpu: Some(90.0),
+            memory: Some(20.0),
+        };
+        for mode in [BalanceMode::RoundRobin, BalanceMode::LeastConn] {
+            let g = members(3);
+            g.nodes[0].set_reported_load(busy, 75.0);
+            g.nodes[2].set_reported_load(busy, 75.0);
+            for _ in 0..6 {
+                assert_eq!(pick(mode, &g, &[]).unwrap().id(), "n2", "{mode:?}");
+            }
+            g.nodes[1].set_stale(true);
+            let picked = pick(mode, &g, &[]).unwrap();
+            assert!(picked.is_overloaded(), "{mode:?}: {}", picked.id());
         }
     }
 

@@ -9,7 +9,7 @@
 mod node;
 pub mod static_source;
 
-pub use node::{Node, NodeLease, NodeSpec};
+pub use node::{Node, NodeLease, NodeSpec, ReportedLoad};
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
