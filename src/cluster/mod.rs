@@ -6,6 +6,7 @@
 //! their `Arc<Node>`, so health state and session counts survive updates, and
 //! requests already on a node keep it.
 
+pub mod mongodb;
 mod node;
 pub mod static_source;
 
