@@ -2,6 +2,7 @@
 //! its live state (health, draining, open sessions), kept in atomics so the data
 //! path reads it without locks.
 
+use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -42,6 +43,8 @@ pub struct Node {
     memory: AtomicU32,
     /// Reported load is at or over the source's threshold.
     overloaded: AtomicBool,
+    /// Idle keep-alive HTTP connections to the node.
+    pool: Arc<Pool>,
 }
 
 /// Load figures a node reports about itself (AMS writes them to MongoDB).
@@ -84,7 +87,13 @@ impl Node {
             cpu: AtomicU32::new(f32::NAN.to_bits()),
             memory: AtomicU32::new(f32::NAN.to_bits()),
             overloaded: AtomicBool::new(false),
+            pool: Arc::default(),
         }
+    }
+
+    /// Idle keep-alive HTTP connections to the node.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// The description this node was built from.
