@@ -1,17 +1,17 @@
 //! The MongoDB membership source against a real SecantusDB server, with the
 //! registry written through the official driver exactly as AMS writes it.
 
-mod secantus;
+mod support;
 
 use amslb::balance::pick;
 use amslb::cluster::Cluster;
 use amslb::cluster::mongodb::{MongoSource, spawn};
 use amslb::config::{BalanceMode, ClusterConfig, parse_str};
 use mongodb::bson::doc;
-use secantus::{Secantus, ams_doc, client, heartbeat, now_ms, registry, wait_until};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use support::secantus::{Secantus, ams_doc, client, heartbeat, now_ms, registry, wait_until};
 use tokio_util::sync::CancellationToken;
 
 /// `[cluster]` for `uri` with the roles, plus `extra` keys.
@@ -155,8 +155,8 @@ async fn node_that_stops_refreshing_leaves_after_stale_after() {
     let coll = registry(&client(&db.uri(None)).await);
     // stale_after 2 s: the skew allowance is 0.5 s, so a silent node goes at 2.5 s.
     let h = Harness::start(&cluster_config(&db.uri(None), "stale_after = \"2s\""));
-    heartbeat(&coll, "e1", "127.0.6.1", "5").await;
-    heartbeat(&coll, "e2", "127.0.6.2", "5").await;
+    heartbeat(&coll, "e1", "127.0.6.1", "5").await.unwrap();
+    heartbeat(&coll, "e2", "127.0.6.2", "5").await.unwrap();
     wait_until(Duration::from_secs(10), "both nodes", || {
         h.has("e1") && h.has("e2")
     })
@@ -166,7 +166,7 @@ async fn node_that_stops_refreshing_leaves_after_stale_after() {
     let stopped = std::time::Instant::now();
     let mut silent_for = Duration::ZERO;
     while h.usable("e2") {
-        heartbeat(&coll, "e1", "127.0.6.1", "5").await;
+        heartbeat(&coll, "e1", "127.0.6.1", "5").await.unwrap();
         tokio::time::sleep(Duration::from_millis(200)).await;
         silent_for = stopped.elapsed();
         assert!(silent_for < Duration::from_secs(5), "e2 never went stale");
@@ -182,7 +182,7 @@ async fn node_that_stops_refreshing_leaves_after_stale_after() {
     }
 
     // When it refreshes again it is back.
-    heartbeat(&coll, "e2", "127.0.6.2", "5").await;
+    heartbeat(&coll, "e2", "127.0.6.2", "5").await.unwrap();
     wait_until(Duration::from_secs(1), "e2 back", || h.usable("e2")).await;
     h.stop().await;
 }
@@ -237,8 +237,8 @@ async fn cidr_roles_map_origin_and_edge_and_malformed_documents_are_skipped() {
 async fn high_cpu_node_gets_no_new_sessions_while_another_has_room() {
     let db = Secantus::start(&[]);
     let coll = registry(&client(&db.uri(None)).await);
-    heartbeat(&coll, "busy", "127.0.6.1", "91.5").await;
-    heartbeat(&coll, "idle", "127.0.6.2", "12").await;
+    heartbeat(&coll, "busy", "127.0.6.1", "91.5").await.unwrap();
+    heartbeat(&coll, "idle", "127.0.6.2", "12").await.unwrap();
     let h = Harness::start(&cluster_config(&db.uri(None), ""));
     wait_until(Duration::from_secs(10), "both nodes", || {
         h.has("busy") && h.has("idle")
@@ -252,7 +252,7 @@ async fn high_cpu_node_gets_no_new_sessions_while_another_has_room() {
         }
     }
     // Once the idle node is busy too, both take work again rather than none.
-    heartbeat(&coll, "idle", "127.0.6.2", "88").await;
+    heartbeat(&coll, "idle", "127.0.6.2", "88").await.unwrap();
     let idle = snap.node("idle").unwrap().clone();
     wait_until(Duration::from_secs(1), "idle node overloaded", || {
         idle.is_overloaded()
@@ -275,7 +275,7 @@ async fn mongodb_outage_keeps_known_nodes_and_recovers() {
     let mut db = Secantus::start(&[]);
     let uri = db.uri(None);
     let coll = registry(&client(&uri).await);
-    heartbeat(&coll, "e1", "127.0.6.1", "5").await;
+    heartbeat(&coll, "e1", "127.0.6.1", "5").await.unwrap();
     let h = Harness::start(&cluster_config(&uri, "stale_after = \"2s\""));
     wait_until(Duration::from_secs(10), "e1", || h.usable("e1")).await;
 
@@ -290,8 +290,8 @@ async fn mongodb_outage_keeps_known_nodes_and_recovers() {
 
     db.restart(&[]);
     // AMS keeps heartbeating once MongoDB is back; a new node registers too.
-    heartbeat(&coll, "e1", "127.0.6.1", "5").await;
-    heartbeat(&coll, "e2", "127.0.6.2", "5").await;
+    heartbeat(&coll, "e1", "127.0.6.1", "5").await.unwrap();
+    heartbeat(&coll, "e2", "127.0.6.2", "5").await.unwrap();
     let took = wait_until(Duration::from_secs(15), "e2 after restart", || h.has("e2")).await;
     println!("after restart: new node visible after {took:?}");
     assert!(h.source.status.is_connected());
@@ -301,7 +301,7 @@ async fn mongodb_outage_keeps_known_nodes_and_recovers() {
 
 #[tokio::test]
 async fn starts_while_mongodb_is_down_then_picks_up_nodes() {
-    let port = secantus::free_port();
+    let port = support::secantus::free_port();
     let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
     let started = std::time::Instant::now();
     let h = Harness::start(&cluster_config(&uri, ""));
@@ -313,7 +313,7 @@ async fn starts_while_mongodb_is_down_then_picks_up_nodes() {
 
     let db = Secantus::start_on(port, &[]);
     let coll = registry(&client(&db.uri(None)).await);
-    heartbeat(&coll, "o1", "127.0.5.1", "5").await;
+    heartbeat(&coll, "o1", "127.0.5.1", "5").await.unwrap();
     let took = wait_until(Duration::from_secs(15), "o1", || h.has("o1")).await;
     println!("MongoDB up: node visible after {took:?}");
     assert!(h.source.status.is_connected());
@@ -339,7 +339,9 @@ async fn scram_authentication_works() {
         db.uri(Some(("ams", "ams-pw")))
     ))
     .await;
-    heartbeat(&registry(&writer), "e1", "127.0.6.1", "5").await;
+    heartbeat(&registry(&writer), "e1", "127.0.6.1", "5")
+        .await
+        .unwrap();
 
     // Wrong password: never connects, and the password is not what it logs.
     let wrong = format!("{}&authSource=admin", db.uri(Some(("amslb", "nope"))));

@@ -3,6 +3,8 @@
 //! small HTTP client.
 #![allow(dead_code)] // each test file uses a different part of the harness
 
+pub mod registry;
+pub mod secantus;
 pub mod sim;
 
 use bytes::Bytes;
@@ -16,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
+#[allow(unused_imports)] // not every test crate uses both
 pub use sim::{Mode, SimNode};
 
 /// A random address in 127.0.0.0/8 other than 127.0.0.1, so tests running in

@@ -18,7 +18,8 @@
 //!    times. A timestamp in the future counts as age 0, and rule 1 bounds how
 //!    long that can keep a dead node.
 //! 3. **Outages stop the clock.** The timer only runs while MongoDB answers
-//!    ([`ConnectedClock`]): heartbeats we could not see do not make nodes stale,
+//!    ([`ConnectedClock`]), and an outage counts from the last answer, not from
+//!    when we noticed it: heartbeats we could not see do not make nodes stale,
 //!    so an outage keeps the last known membership, and after it nodes have
 //!    their usual time to refresh.
 //!
@@ -64,7 +65,8 @@ impl ConnectedClock {
         millis(run)
     }
 
-    /// Stops the clock (MongoDB unreachable); a no-op when already stopped.
+    /// Stops the clock as of `at`, which may lie in the past (MongoDB's last
+    /// answer); a no-op when already stopped.
     pub fn pause(&mut self, at: Instant) {
         self.paused_at.get_or_insert(at);
     }
@@ -153,5 +155,8 @@ mod tests {
         clock.resume(at(60_000));
         clock.resume(at(61_000));
         assert_eq!(clock.now_ms(at(62_000)), 4_000);
+        // Pausing as of an earlier moment takes back the time since then.
+        clock.pause(at(63_000));
+        assert_eq!(clock.now_ms(at(65_000)), 5_000);
     }
 }

@@ -134,6 +134,7 @@ pub fn spawn(
         tracker: Tracker::new(cfg),
         clock: ConnectedClock::new(Instant::now()),
         resume: None,
+        last_answer: Instant::now(),
         outage_logged: false,
         polling_logged: false,
     };
@@ -180,6 +181,8 @@ struct Runner {
     tracker: Tracker,
     clock: ConnectedClock,
     resume: Option<ResumeToken>,
+    /// When MongoDB last answered: an outage is counted from here.
+    last_answer: Instant,
     outage_logged: bool,
     polling_logged: bool,
 }
@@ -423,6 +426,7 @@ impl Runner {
     fn answered(&mut self) -> i64 {
         let at = Instant::now();
         self.clock.resume(at);
+        self.last_answer = at;
         if !self.status.connected.swap(true, Ordering::Relaxed) {
             tracing::info!("reading cluster membership from MongoDB");
         }
@@ -433,11 +437,17 @@ impl Runner {
         self.clock.now_ms(at)
     }
 
-    /// Records an outage: the freshness clock stops, the membership stays, and
-    /// only the first failure of an outage is logged as a warning.
+    /// Records an outage: the membership stays, only the first failure of an
+    /// outage is logged as a warning, and the freshness clock stops as of the
+    /// last answer. Noticing an outage takes a while (a server-selection
+    /// timeout at least), and heartbeats written meanwhile could not be seen
+    /// either, so that time does not count against nodes: stale flags set in
+    /// it are undone at once.
     fn lost(&mut self, e: &SourceError) {
-        self.clock.pause(Instant::now());
-        self.status.connected.store(false, Ordering::Relaxed);
+        self.clock.pause(self.last_answer);
+        if self.status.connected.swap(false, Ordering::Relaxed) {
+            self.republish();
+        }
         if self.outage_logged {
             tracing::debug!("MongoDB still unreachable: {e}");
         } else {

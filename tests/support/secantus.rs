@@ -1,15 +1,11 @@
-//! Test helpers for the MongoDB membership source: a real SecantusDB server
-//! (MongoDB wire-compatible, from PyPI) on a free loopback port, and AMS-style
-//! registry writes made with the official driver.
-#![allow(dead_code)] // each test crate uses a different part
+//! A real SecantusDB server (MongoDB wire-compatible, from PyPI) on a free
+//! loopback port, and AMS-style registry writes made with the official driver.
 
 use mongodb::bson::{Document, doc};
 use mongodb::options::ClientOptions;
 use mongodb::{Client, Collection};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const INSTALL: &str = "SecantusDB is missing: pip install secantusdb==0.7.0b3";
@@ -18,7 +14,7 @@ const INSTALL: &str = "SecantusDB is missing: pip install secantusdb==0.7.0b3";
 pub struct Secantus {
     child: Option<Child>,
     port: u16,
-    dir: PathBuf,
+    dir: tempfile::TempDir,
     args: Vec<String>,
 }
 
@@ -39,16 +35,10 @@ impl Secantus {
 
     /// Starts a server on `port`; data lives in a fresh directory so a restart keeps it.
     pub fn start_on(port: u16, flags: &[&str]) -> Self {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "amslb-secantus-{}-{}",
-            std::process::id(),
-            SEQ.fetch_add(1, Ordering::Relaxed)
-        ));
         let mut server = Self {
             child: None,
             port,
-            dir,
+            dir: tempfile::tempdir().unwrap(),
             args: flags.iter().map(|f| f.to_string()).collect(),
         };
         server.launch();
@@ -65,7 +55,7 @@ impl Secantus {
             .args(["-m", "secantus", "--host", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
             .arg("--storage-path")
-            .arg(&self.dir)
+            .arg(self.dir.path())
             // Without it a killed server may lose its last writes (users included).
             .args(["--log-level", "WARNING", "--sync-on-commit"])
             .args(&self.args)
@@ -119,8 +109,8 @@ impl Secantus {
 
 impl Drop for Secantus {
     fn drop(&mut self) {
+        // Before the data directory goes.
         self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -158,11 +148,16 @@ pub fn ams_doc(id: &str, ip: &str, last_update_ms: i64, cpu: &str, memory: &str)
 
 /// Writes a node's heartbeat the way AMS does: Morphia `save()`, i.e. a
 /// replace with upsert of the whole document.
-pub async fn heartbeat(coll: &Collection<Document>, id: &str, ip: &str, cpu: &str) {
+pub async fn heartbeat(
+    coll: &Collection<Document>,
+    id: &str,
+    ip: &str,
+    cpu: &str,
+) -> mongodb::error::Result<()> {
     coll.replace_one(doc! { "_id": id }, ams_doc(id, ip, now_ms(), cpu, "30"))
         .upsert(true)
         .await
-        .unwrap();
+        .map(drop)
 }
 
 /// Waits until `check` holds, polling every 20 ms; returns how long it took.
