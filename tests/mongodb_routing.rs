@@ -8,7 +8,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 use support::registry::{AMS_REFRESH, Registration};
-use support::secantus::{Secantus, free_port};
+use support::secantus::{Secantus, cluster_toml, free_port};
 use support::*;
 
 /// Two random /24 blocks of 127.0.0.0/8, one for origins and one for edges, so
@@ -68,22 +68,13 @@ name = "origin"
 
 [[group]]
 name = "edge"
-
-[cluster]
-source = "mongodb"
-uri = "{uri}"
-{extra}
-
-[[cluster.role]]
-cidr = "{}"
-group = "origin"
-
-[[cluster.role]]
-cidr = "{}"
-group = "edge"
-"#,
-        Subnets::cidr(nets.origin),
-        Subnets::cidr(nets.edge)
+{}"#,
+        cluster_toml(
+            uri,
+            &Subnets::cidr(nets.origin),
+            &Subnets::cidr(nets.edge),
+            extra
+        )
     )
 }
 

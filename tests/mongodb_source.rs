@@ -11,29 +11,16 @@ use mongodb::bson::doc;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use support::secantus::{Secantus, ams_doc, client, heartbeat, now_ms, registry, wait_until};
+use support::secantus::{
+    Secantus, ams_doc, client, cluster_toml, heartbeat, now_ms, registry, wait_until,
+};
 use tokio_util::sync::CancellationToken;
 
 /// `[cluster]` for `uri` with the issue's roles, plus `extra` keys.
 fn cluster_config(uri: &str, extra: &str) -> ClusterConfig {
     let text = format!(
-        r#"
-[[group]]
-name = "origin"
-[[group]]
-name = "edge"
-backup = "origin"
-[cluster]
-source = "mongodb"
-uri = "{uri}"
-{extra}
-[[cluster.role]]
-cidr = "127.0.5.0/24"
-group = "origin"
-[[cluster.role]]
-cidr = "127.0.6.0/24"
-group = "edge"
-"#
+        "[[group]]\nname = \"origin\"\n[[group]]\nname = \"edge\"\nbackup = \"origin\"\n{}",
+        cluster_toml(uri, "127.0.5.0/24", "127.0.6.0/24", extra)
     );
     parse_str(&text, Path::new("test.toml"))
         .unwrap()

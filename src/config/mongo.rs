@@ -160,15 +160,14 @@ pub fn validate(
     Ok(())
 }
 
+/// Config texts shared by the MongoDB source's unit tests.
 #[cfg(test)]
-mod tests {
-    use crate::config::{ClusterSource, ConfigError, Loaded, parse_str};
+pub(crate) mod fixtures {
+    use crate::config::{ClusterConfig, ConfigError, Loaded, parse_str};
     use std::path::Path;
-    use std::time::Duration;
 
-    /// Listeners and groups for the examples below; the `[cluster]` part is the
-    /// issue's text.
-    const BASE: &str = r#"
+    /// Listeners and groups; the `[cluster]` part comes from [`ISSUE_CLUSTER`].
+    pub const BASE: &str = r#"
 [[listener]]
 name = "http"
 bind = ["127.0.0.1:18080"]
@@ -184,7 +183,7 @@ backup = "origin"
 "#;
 
     /// The issue's example, which must be accepted exactly as written.
-    const ISSUE_CLUSTER: &str = r#"
+    pub const ISSUE_CLUSTER: &str = r#"
 [cluster]
 source = "mongodb"
 uri = "mongodb://127.0.0.1:27217/?directConnection=true"
@@ -200,9 +199,27 @@ cidr = "127.0.6.0/24"
 group = "edge"
 "#;
 
-    fn parse(cluster: &str) -> Result<Loaded, ConfigError> {
+    /// Parses [`BASE`] followed by `cluster`.
+    pub fn parse(cluster: &str) -> Result<Loaded, ConfigError> {
         parse_str(&format!("{BASE}{cluster}"), Path::new("lb.toml"))
     }
+
+    /// The issue's `[cluster]` with `keys` added to the table and `tables`
+    /// (more `[[cluster.role]]`, `[[cluster.node]]`) after its two roles.
+    pub fn cluster(keys: &str, tables: &str) -> ClusterConfig {
+        let text = ISSUE_CLUSTER.replace(
+            "poll_interval = \"2s\"",
+            &format!("poll_interval = \"2s\"\n{keys}"),
+        );
+        parse(&format!("{text}{tables}")).unwrap().config.cluster
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::{ISSUE_CLUSTER, parse};
+    use crate::config::ClusterSource;
+    use std::time::Duration;
 
     #[test]
     fn accepts_the_issue_example() {

@@ -172,3 +172,24 @@ pub async fn wait_until(limit: Duration, what: &str, mut check: impl FnMut() -> 
     }
     start.elapsed()
 }
+
+/// A `[cluster]` table following the registry at `uri`, with `extra` keys and
+/// tables, and CIDR roles sending `origin_cidr` to "origin" and `edge_cidr` to "edge".
+pub fn cluster_toml(uri: &str, origin_cidr: &str, edge_cidr: &str, extra: &str) -> String {
+    format!(
+        r#"
+[cluster]
+source = "mongodb"
+uri = "{uri}"
+{extra}
+
+[[cluster.role]]
+cidr = "{origin_cidr}"
+group = "origin"
+
+[[cluster.role]]
+cidr = "{edge_cidr}"
+group = "edge"
+"#
+    )
+}

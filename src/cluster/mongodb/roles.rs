@@ -58,41 +58,26 @@ impl RoleMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ClusterConfig, parse_str};
-    use std::path::Path;
+    use crate::config::mongo::fixtures;
 
-    fn cluster(extra: &str) -> ClusterConfig {
-        let text = format!(
+    /// The issue's roles, then a wider edge block, IPv6, and one pinned address.
+    fn cluster(keys: &str) -> ClusterConfig {
+        fixtures::cluster(
+            &format!("http_port = 5081\n{keys}"),
             r#"
-[[group]]
-name = "origin"
-[[group]]
-name = "edge"
-[cluster]
-source = "mongodb"
-uri = "mongodb://127.0.0.1:1"
-http_port = 5081
-{extra}
 [[cluster.role]]
-cidr = "172.31.1.0/24"
-group = "origin"
-[[cluster.role]]
-cidr = "172.31.0.0/16"
+cidr = "127.0.0.0/16"
 group = "edge"
 [[cluster.role]]
 cidr = "fd00::/8"
 group = "edge"
 [[cluster.node]]
 id = "pinned"
-address = "172.31.1.9"
+address = "127.0.5.9"
 group = "edge"
 rtmp_port = 1936
-"#
-        );
-        parse_str(&text, Path::new("t.toml"))
-            .unwrap()
-            .config
-            .cluster
+"#,
+        )
     }
 
     fn group(map: &RoleMap, ip: &str) -> Option<String> {
@@ -102,12 +87,10 @@ rtmp_port = 1936
     #[test]
     fn first_matching_cidr_wins() {
         let map = RoleMap::new(&cluster(""));
-        assert_eq!(group(&map, "172.31.1.5").as_deref(), Some("origin"));
-        assert_eq!(group(&map, "172.31.2.5").as_deref(), Some("edge"));
+        assert_eq!(group(&map, "127.0.5.5").as_deref(), Some("origin"));
+        assert_eq!(group(&map, "127.0.7.5").as_deref(), Some("edge"));
         assert_eq!(group(&map, "fd00::5").as_deref(), Some("edge"));
-        let spec = map
-            .spec_for("doc-7", "172.31.1.5".parse().unwrap())
-            .unwrap();
+        let spec = map.spec_for("doc-7", "127.0.5.5".parse().unwrap()).unwrap();
         assert_eq!(spec.id, "doc-7");
         assert_eq!((spec.http_port, spec.rtmp_port), (5081, 1935));
     }
@@ -122,7 +105,7 @@ rtmp_port = 1936
     #[test]
     fn pinned_address_overrides_rules() {
         let map = RoleMap::new(&cluster(""));
-        let spec = map.spec_for("doc", "172.31.1.9".parse().unwrap()).unwrap();
+        let spec = map.spec_for("doc", "127.0.5.9".parse().unwrap()).unwrap();
         assert_eq!(spec.id, "pinned");
         assert_eq!(spec.group, "edge");
         assert_eq!((spec.http_port, spec.rtmp_port), (5081, 1936));

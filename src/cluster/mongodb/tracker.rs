@@ -184,30 +184,12 @@ fn log_changes(old: &[NodeSpec], new: &[NodeSpec]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::parse_str;
     use mongodb::bson::doc;
-    use std::path::Path;
 
     const WALL: i64 = 1_700_000_000_000;
 
     fn tracker() -> Tracker {
-        let text = r#"
-[[group]]
-name = "origin"
-[[group]]
-name = "edge"
-[cluster]
-source = "mongodb"
-uri = "mongodb://127.0.0.1:1"
-stale_after = "20s"
-[[cluster.role]]
-cidr = "127.0.5.0/24"
-group = "origin"
-[[cluster.role]]
-cidr = "127.0.6.0/24"
-group = "edge"
-"#;
-        Tracker::new(&parse_str(text, Path::new("t.toml")).unwrap().config.cluster)
+        Tracker::new(&crate::config::mongo::fixtures::cluster("", ""))
     }
 
     fn ams(id: &str, ip: &str, beat: i64, cpu: &str) -> Document {
