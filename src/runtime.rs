@@ -3,6 +3,8 @@
 use crate::cluster::Cluster;
 use crate::cluster::mongodb::SourceStatus;
 use crate::config::{Config, ListenerConfig};
+use crate::health::Health;
+use crate::sticky::Sticky;
 use arc_swap::ArcSwap;
 use std::sync::{Arc, OnceLock};
 use tokio::sync::Semaphore;
@@ -29,6 +31,10 @@ pub struct Runtime {
     pub connection_slots: Arc<Semaphore>,
     /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
     pub membership: OnceLock<Arc<SourceStatus>>,
+    /// Cookie and WHIP/WHEP affinity (`[sticky]`).
+    pub sticky: Sticky,
+    /// Node health checks (`[health]`); the proxy reports passive failures here.
+    pub health: Arc<Health>,
 }
 
 impl Runtime {
@@ -36,6 +42,8 @@ impl Runtime {
     pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Arc::new(Self {
+            sticky: Sticky::from_config(&config),
+            health: Health::new(&config),
             config: ArcSwap::from_pointee(config),
             cluster,
             shutdown: CancellationToken::new(),

@@ -90,6 +90,9 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
         start_membership_source(&runtime);
+        runtime
+            .health
+            .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
         for bound in self.bound {
             if let Ok(addr) = bound.socket.local_addr() {
                 info!(listener = %bound.name, %addr, "listening");

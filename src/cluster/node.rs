@@ -22,6 +22,8 @@ pub struct NodeSpec {
     pub rtmp_port: u16,
     /// Operator asked for no new sessions on this node.
     pub drain: bool,
+    /// Region the node is in, if the source knows it.
+    pub region: Option<String>,
 }
 
 /// A node with its live state. Shared (`Arc`) between membership snapshots, so
@@ -43,6 +45,9 @@ pub struct Node {
     memory: AtomicU32,
     /// Reported load is at or over the source's threshold.
     overloaded: AtomicBool,
+    /// Share of new sessions offered, in thousandths: below [`FULL_WEIGHT`]
+    /// while the node slow-starts after coming back (see `health`).
+    weight: AtomicU32,
     /// Idle keep-alive HTTP connections to the node.
     pool: Arc<Pool>,
 }
@@ -73,6 +78,8 @@ fn store_percent(cell: &AtomicU32, value: Option<f32>) {
 fn load_percent(cell: &AtomicU32) -> Option<f32> {
     Some(f32::from_bits(cell.load(Ordering::Relaxed))).filter(|v| !v.is_nan())
 }
+/// Weight of a node that takes its full share of new sessions.
+pub const FULL_WEIGHT: u32 = 1000;
 
 impl Node {
     /// Creates a node in the up state.
@@ -87,6 +94,7 @@ impl Node {
             cpu: AtomicU32::new(f32::NAN.to_bits()),
             memory: AtomicU32::new(f32::NAN.to_bits()),
             overloaded: AtomicBool::new(false),
+            weight: AtomicU32::new(FULL_WEIGHT),
             pool: Arc::default(),
         }
     }
@@ -109,6 +117,11 @@ impl Node {
     /// Group name.
     pub fn group(&self) -> &str {
         &self.spec.group
+    }
+
+    /// Region, if known.
+    pub fn region(&self) -> Option<&str> {
+        self.spec.region.as_deref()
     }
 
     /// Address of the node's HTTP server.
@@ -179,6 +192,17 @@ impl Node {
         self.draining.swap(draining, Ordering::Relaxed)
     }
 
+    /// Share of new sessions offered, 0..=[`FULL_WEIGHT`].
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the share of new sessions (clamped to [`FULL_WEIGHT`]).
+    pub fn set_weight(&self, weight: u32) {
+        self.weight
+            .store(weight.min(FULL_WEIGHT), Ordering::Relaxed);
+    }
+
     /// Sessions open on the node through this balancer.
     pub fn active_sessions(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -220,6 +244,7 @@ mod tests {
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
+            region: None,
         }
     }
 

@@ -228,6 +228,12 @@ impl Config {
             *per_group.entry(node.group.as_str()).or_default() += 1;
         }
         mongo::validate(&self.cluster, &group_names, &mut warnings)?;
+        super::sticky::validate(
+            &self.sticky,
+            (self.cluster.nodes.iter().enumerate())
+                .filter_map(|(i, n)| Some((i, n.cookie.as_deref()?))),
+        )?;
+        warnings.extend(super::health::validate(&self.health)?);
         for group in &self.groups {
             // MongoDB fills groups at run time; its validation warns about unfed ones.
             if self.cluster.source == ClusterSource::Static
@@ -239,6 +245,7 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(super::streaming::validate(self)?);
         Ok(warnings)
     }
 }

@@ -51,6 +51,8 @@ impl RoleMap {
             http_port: self.http_port,
             rtmp_port: self.rtmp_port,
             drain: false,
+            // Regions from CIDR rules belong to the regions work (issue 11).
+            region: None,
         })
     }
 }

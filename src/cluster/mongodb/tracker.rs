@@ -206,16 +206,14 @@ mod tests {
 
     #[test]
     fn full_read_maps_roles_and_replaces_seeds() {
+        let seeded = crate::config::mongo::fixtures::cluster(
+            "",
+            "[[cluster.node]]\nid = \"seed\"\naddress = \"127.0.9.9\"\ngroup = \"origin\"",
+        );
         let cluster = Cluster::new();
-        cluster.update(vec![NodeSpec {
-            id: "seed".into(),
-            group: "origin".into(),
-            addr: "127.0.9.9".parse().unwrap(),
-            http_port: 5080,
-            rtmp_port: 1935,
-            drain: false,
-        }]);
-        let mut t = tracker();
+        cluster.update(crate::cluster::static_source::specs(&seeded));
+        assert_eq!(ids(&cluster, "origin"), ["seed"]);
+        let mut t = Tracker::new(&seeded);
         t.replace_all(
             &[
                 ams("o1", "127.0.5.1", WALL, "5"),
