@@ -217,7 +217,11 @@ async fn mongodb_outage_keeps_traffic_flowing_and_recovers() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let log = amslb.log();
-    assert_eq!(log.matches("MongoDB unreachable").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("cannot read cluster membership").count(),
+        1,
+        "{log}"
+    );
 
     db.restart(&[]);
     let _second = edges[1].register(&uri, every).await;
@@ -265,4 +269,40 @@ async fn starts_while_mongodb_is_down_and_picks_up_nodes() {
     println!("registered node served {took:?} after MongoDB started");
     assert_eq!(answers(publish, 3).await, ["seed"; 3]);
     drop(db);
+}
+
+#[tokio::test]
+async fn scram_credentials_work_and_never_reach_the_log() {
+    let db = Secantus::start_with_users(&[
+        ("amslb", "s3cret-amslb", "read"),
+        ("ams", "s3cret-ams", "readWrite"),
+    ])
+    .await;
+    let nets = Subnets::new();
+    let edge = node_in(nets.edge, 1, "edge-1").await;
+    let _reg = edge
+        .register(&db.uri(Some(("ams", "s3cret-ams"))), AMS_REFRESH)
+        .await;
+
+    // Wrong password: amslb serves, logs the failure once, and no password.
+    let (publish, play) = (listener_addr(18080), listener_addr(18081));
+    let wrong = db.uri(Some(("amslb", "s3cret-wrong")));
+    let denied = Amslb::start(&config(publish, play, &wrong, &nets, ""), &[publish, play]);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(get(play, "/LiveApp/streams/s1.m3u8").await.status, 503);
+    let log = denied.log();
+    assert_eq!(
+        log.matches("cannot read cluster membership").count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("uthentication"), "{log}");
+    assert!(!log.contains("s3cret"), "{log}");
+
+    // Right password: the registered node serves.
+    let (publish, play) = (listener_addr(18080), listener_addr(18081));
+    let good = db.uri(Some(("amslb", "s3cret-amslb")));
+    let amslb = Amslb::start(&config(publish, play, &good, &nets, ""), &[publish, play]);
+    wait_for_node(play, "edge-1", Duration::from_secs(5)).await;
+    assert!(!amslb.log().contains("s3cret"));
 }

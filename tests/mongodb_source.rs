@@ -309,31 +309,20 @@ async fn starts_while_mongodb_is_down_then_picks_up_nodes() {
 
 #[tokio::test]
 async fn scram_authentication_works() {
-    let mut db = Secantus::start(&[]);
-    let admin = client(&db.uri(None)).await.database("admin");
-    for (user, role) in [("amslb", "read"), ("ams", "readWrite")] {
-        admin
-            .run_command(doc! {
-                "createUser": user, "pwd": format!("{user}-pw"),
-                "roles": [{ "role": role, "db": "clusterdb" }],
-            })
-            .await
-            .unwrap();
-    }
-    db.restart(&["--auth"]);
-    let writer = client(&format!(
-        "{}&authSource=admin",
-        db.uri(Some(("ams", "ams-pw")))
-    ))
+    let db = Secantus::start_with_users(&[
+        ("amslb", "amslb-pw", "read"),
+        ("ams", "ams-pw", "readWrite"),
+    ])
     .await;
+    let writer = client(&db.uri(Some(("ams", "ams-pw")))).await;
     heartbeat(&registry(&writer), "e1", "127.0.6.1", "5")
         .await
         .unwrap();
 
-    // Wrong password: never connects, and the password is not what it logs.
-    let wrong = format!("{}&authSource=admin", db.uri(Some(("amslb", "nope"))));
+    // Wrong password: never connects.
+    let wrong = db.uri(Some(("amslb", "nope")));
     let denied = Harness::start(&cluster_config(&wrong, ""));
-    let good = format!("{}&authSource=admin", db.uri(Some(("amslb", "amslb-pw"))));
+    let good = db.uri(Some(("amslb", "amslb-pw")));
     let h = Harness::start(&cluster_config(&good, ""));
     wait_until(Duration::from_secs(10), "e1 with auth", || h.has("e1")).await;
     assert!(h.source.status.uses_change_stream() || h.source.status.is_connected());

@@ -75,20 +75,41 @@ impl Secantus {
         }
     }
 
+    /// Starts a server that requires SCRAM authentication, with `users`
+    /// (name, password, role on `clusterdb`) created in `admin`. SecantusDB
+    /// provisions users only without `--auth`, so it starts plain, creates
+    /// them and restarts with `--auth` on the same data.
+    pub async fn start_with_users(users: &[(&str, &str, &str)]) -> Self {
+        let mut server = Self::start(&[]);
+        let admin = client(&server.uri(None)).await.database("admin");
+        for (user, password, role) in users {
+            admin
+                .run_command(doc! {
+                    "createUser": *user, "pwd": *password,
+                    "roles": [{ "role": *role, "db": "clusterdb" }],
+                })
+                .await
+                .unwrap();
+        }
+        server.restart(&["--auth"]);
+        server
+    }
+
     /// The server's port.
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// A connection string for this server, with optional `user:password@`.
+    /// A connection string for this server, with optional `user:password@`
+    /// (checked against the `admin` database).
     pub fn uri(&self, credentials: Option<(&str, &str)>) -> String {
-        let auth = credentials
-            .map(|(u, p)| format!("{u}:{p}@"))
-            .unwrap_or_default();
-        format!(
-            "mongodb://{auth}127.0.0.1:{}/?directConnection=true",
-            self.port
-        )
+        match credentials {
+            Some((user, password)) => format!(
+                "mongodb://{user}:{password}@127.0.0.1:{}/?directConnection=true&authSource=admin",
+                self.port
+            ),
+            None => format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port),
+        }
     }
 
     /// Kills the server at once (SIGKILL: an outage, not a clean shutdown).

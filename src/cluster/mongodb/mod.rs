@@ -449,10 +449,10 @@ impl Runner {
             self.republish();
         }
         if self.outage_logged {
-            tracing::debug!("MongoDB still unreachable: {e}");
+            tracing::debug!("MongoDB still failing: {e}");
         } else {
             tracing::warn!(
-                "MongoDB unreachable ({e}); keeping the last known membership and retrying"
+                "cannot read cluster membership from MongoDB ({e}); keeping the last known membership and retrying"
             );
             self.outage_logged = true;
         }
