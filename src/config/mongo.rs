@@ -243,6 +243,17 @@ mod tests {
     }
 
     #[test]
+    fn shipped_mongodb_config_is_valid() {
+        let text = include_str!("../../conf/lb-mongodb.toml");
+        let loaded = crate::config::parse_str(text, std::path::Path::new("lb-mongodb.toml"))
+            .expect("conf/lb-mongodb.toml must be valid");
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        let c = &loaded.config.cluster;
+        assert_eq!(c.source, ClusterSource::Mongodb);
+        assert_eq!((c.roles.len(), c.nodes.len()), (2, 1));
+    }
+
+    #[test]
     fn uri_is_required_with_mongodb() {
         let text = ISSUE_CLUSTER.replace(
             "uri = \"mongodb://127.0.0.1:27217/?directConnection=true\"",
