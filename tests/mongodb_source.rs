@@ -109,6 +109,36 @@ async fn inserted_node_appears_within_a_second_via_change_stream() {
 }
 
 #[tokio::test]
+async fn broken_change_stream_is_reopened_after_a_full_read() {
+    let db = Secantus::start(&[]);
+    let coll = registry(&client(&db.uri(None)).await);
+    coll.insert_one(ams_doc("e1", "127.0.6.1", now_ms(), "5", "20"))
+        .await
+        .unwrap();
+    let h = Harness::start(&cluster_config(&db.uri(None), ""));
+    wait_until(Duration::from_secs(10), "e1", || h.has("e1")).await;
+
+    // Dropping the collection invalidates the stream: it cannot resume, so the
+    // source re-reads (the node is gone) and opens a new stream.
+    coll.drop().await.unwrap();
+    wait_until(Duration::from_secs(2), "e1 to leave", || !h.has("e1")).await;
+    wait_until(Duration::from_secs(2), "a new change stream", || {
+        h.source.status.uses_change_stream()
+    })
+    .await;
+    let inserted = std::time::Instant::now();
+    coll.insert_one(ams_doc("e2", "127.0.6.2", now_ms(), "5", "20"))
+        .await
+        .unwrap();
+    wait_until(Duration::from_secs(1), "e2 via the new stream", || {
+        h.has("e2")
+    })
+    .await;
+    assert!(inserted.elapsed() < Duration::from_secs(1));
+    h.stop().await;
+}
+
+#[tokio::test]
 async fn standalone_server_is_polled_within_poll_interval() {
     let db = Secantus::start(&["--standalone"]);
     let coll = registry(&client(&db.uri(None)).await);
