@@ -31,6 +31,8 @@ pub struct Runtime {
     pub connection_slots: Arc<Semaphore>,
     /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
     pub membership: OnceLock<Arc<SourceStatus>>,
+    /// Certificates and ACME, when some listener terminates TLS.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
     /// Cookie and WHIP/WHEP affinity (`[sticky]`).
     pub sticky: Sticky,
     /// Node health checks (`[health]`); the proxy reports passive failures here.
@@ -39,7 +41,11 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the shared state for `config`.
-    pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        cluster: Arc<Cluster>,
+        tls: Option<Arc<crate::tls::TlsState>>,
+    ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Arc::new(Self {
             sticky: Sticky::from_config(&config),
@@ -51,6 +57,7 @@ impl Runtime {
             tasks: TaskTracker::new(),
             connection_slots: slots,
             membership: OnceLock::new(),
+            tls,
         })
     }
 
