@@ -14,8 +14,17 @@ use std::sync::atomic::Ordering;
 /// offered a new session only with probability weight/[`FULL_WEIGHT`], so it
 /// ramps up instead of taking a stampede; if that leaves no candidate, any
 /// usable node serves, so a group whose only node is ramping still works.
+///
+/// Nodes that report load at or over their threshold (MongoDB source) are
+/// candidates only when no other node has room: AMS refuses work when
+/// overloaded, but a busy node beats a 503.
 pub fn pick(mode: BalanceMode, members: &GroupMembers, tried: &[Arc<Node>]) -> Option<Arc<Node>> {
-    let candidate = |n: &Arc<Node>| n.is_usable() && !tried.iter().any(|t| Arc::ptr_eq(t, n));
+    let usable = |n: &Arc<Node>| n.is_usable() && !tried.iter().any(|t| Arc::ptr_eq(t, n));
+    let room = members
+        .nodes
+        .iter()
+        .any(|n| usable(n) && !n.is_overloaded());
+    let candidate = |n: &Arc<Node>| usable(n) && !(room && n.is_overloaded());
     choose(mode, members, |n| candidate(n) && admits(n))
         .or_else(|| choose(mode, members, candidate))
 }
@@ -131,6 +140,28 @@ mod tests {
         let _c = g.nodes[2].lease();
         for _ in 0..4 {
             assert_eq!(pick(BalanceMode::LeastConn, &g, &[]).unwrap().id(), "n2");
+        }
+    }
+
+    #[test]
+    fn overloaded_node_gets_work_only_when_no_other_has_room() {
+        let busy = crate::cluster::ReportedLoad {
+            cpu: Some(90.0),
+            memory: Some(20.0),
+        };
+        for mode in [BalanceMode::RoundRobin, BalanceMode::LeastConn] {
+            let g = members(3);
+            g.nodes[0].set_reported_load(busy, 75.0);
+            g.nodes[2].set_reported_load(busy, 75.0);
+            for _ in 0..6 {
+                assert_eq!(pick(mode, &g, &[]).unwrap().id(), "n2", "{mode:?}");
+            }
+            // With no node left with room, the busy ones share the work.
+            g.nodes[1].set_stale(true);
+            let picked: std::collections::HashSet<_> = (0..4)
+                .map(|_| pick(mode, &g, &[]).unwrap().id().to_string())
+                .collect();
+            assert_eq!(picked.len(), 2, "{mode:?}: {picked:?}");
         }
     }
 

@@ -1,11 +1,12 @@
 //! State shared by every listener and connection of a running amslb.
 
 use crate::cluster::Cluster;
+use crate::cluster::mongodb::SourceStatus;
 use crate::config::{Config, ListenerConfig};
 use crate::health::Health;
 use crate::sticky::Sticky;
 use arc_swap::ArcSwap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -28,6 +29,8 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
+    pub membership: OnceLock<Arc<SourceStatus>>,
     /// Certificates and ACME, when some listener terminates TLS.
     pub tls: Option<Arc<crate::tls::TlsState>>,
     /// Cookie and WHIP/WHEP affinity (`[sticky]`).
@@ -53,6 +56,7 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
+            membership: OnceLock::new(),
             tls,
         })
     }

@@ -1,7 +1,7 @@
 //! Starting listeners, accepting connections, and shutting down gracefully.
 
-use crate::cluster::{Cluster, static_source};
-use crate::config::{Config, Protocol};
+use crate::cluster::{Cluster, mongodb, static_source};
+use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
 use crate::listener::{bind_tcp, tune_stream};
 use crate::proxy_protocol;
@@ -93,6 +93,7 @@ impl Server {
     /// whatever is still open (tunnels).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
+        start_membership_source(&runtime);
         runtime
             .health
             .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
@@ -125,6 +126,25 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), runtime.tasks.wait()).await;
         }
         info!("stopped");
+    }
+}
+
+/// Starts following MongoDB when the config asks for it. Never waits for
+/// MongoDB: the static (or empty) membership serves until it answers.
+fn start_membership_source(runtime: &Runtime) {
+    let config = runtime.config();
+    if config.cluster.source != ClusterSource::Mongodb {
+        return;
+    }
+    match mongodb::spawn(
+        &config.cluster,
+        runtime.cluster.clone(),
+        runtime.shutdown.clone(),
+    ) {
+        Ok(source) => {
+            let _ = runtime.membership.set(source.status);
+        }
+        Err(e) => warn!("membership source not started: {e}"),
     }
 }
 

@@ -6,10 +6,11 @@
 //! their `Arc<Node>`, so health state and session counts survive updates, and
 //! requests already on a node keep it.
 
+pub mod mongodb;
 mod node;
 pub mod static_source;
 
-pub use node::{FULL_WEIGHT, Node, NodeLease, NodeSpec};
+pub use node::{FULL_WEIGHT, Node, NodeLease, NodeSpec, ReportedLoad};
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! Reading a config file into a [`Config`] and checking it as a whole.
 
-use super::{Config, Protocol};
+use super::{ClusterSource, Config, Protocol, mongo};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -228,6 +228,7 @@ impl Config {
             }
             *per_group.entry(node.group.as_str()).or_default() += 1;
         }
+        mongo::validate(&self.cluster, &group_names, &mut warnings)?;
         super::sticky::validate(
             &self.sticky,
             (self.cluster.nodes.iter().enumerate())
@@ -235,7 +236,10 @@ impl Config {
         )?;
         warnings.extend(super::health::validate(&self.health)?);
         for group in &self.groups {
-            if !per_group.contains_key(group.name.as_str()) {
+            // MongoDB fills groups at run time; its validation warns about unfed ones.
+            if self.cluster.source == ClusterSource::Static
+                && !per_group.contains_key(group.name.as_str())
+            {
                 warnings.push(format!(
                     "group {:?} has no node yet; its traffic goes to its backup or gets 503",
                     group.name

@@ -9,6 +9,7 @@
 pub mod duration;
 pub mod health;
 mod load;
+pub mod mongo;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
@@ -222,6 +223,8 @@ pub enum ClusterSource {
     /// Only the `[[cluster.node]]` entries.
     #[default]
     Static,
+    /// AMS's own node registry in MongoDB, followed live (see [`mongo`]).
+    Mongodb,
 }
 
 /// `[cluster]`: membership source and node defaults.
@@ -237,9 +240,35 @@ pub struct ClusterConfig {
     /// RTMP port every node listens on (AMS: 1935).
     #[serde(default = "default_rtmp_port")]
     pub rtmp_port: u16,
-    /// Nodes listed by hand.
+    /// Nodes listed by hand. With `source = "mongodb"` they seed the membership
+    /// until MongoDB answers, and set id, group and ports of the node with that address.
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeConfig>,
+    /// MongoDB connection string (`source = "mongodb"`); never logged.
+    #[serde(default)]
+    pub uri: Option<mongo::MongoUri>,
+    /// Database of AMS's node registry.
+    #[serde(default = "mongo::default_database")]
+    pub database: String,
+    /// Collection of AMS's node registry.
+    #[serde(default = "mongo::default_collection")]
+    pub collection: String,
+    /// A node whose heartbeat (`lastUpdateTime`) is older than this takes no new sessions.
+    #[serde(default = "mongo::default_stale_after", with = "duration")]
+    pub stale_after: Duration,
+    /// How often to re-read the registry when change streams are unavailable.
+    #[serde(default = "mongo::default_poll_interval", with = "duration")]
+    pub poll_interval: Duration,
+    /// Group of MongoDB nodes that match no role; without it they are ignored.
+    #[serde(default)]
+    pub default_group: Option<String>,
+    /// Address block → group rules for MongoDB nodes, first match wins.
+    #[serde(default, rename = "role")]
+    pub roles: Vec<mongo::RoleConfig>,
+    /// Reported cpu or memory percentage from which a node gets new sessions
+    /// only when no other node of its group has room.
+    #[serde(default = "mongo::default_load_threshold")]
+    pub load_threshold: f32,
 }
 
 fn default_http_port() -> u16 {

@@ -4,6 +4,8 @@
 #![allow(dead_code, unused_imports)] // each test file uses a different part of the harness
 
 pub mod haproxy;
+pub mod registry;
+pub mod secantus;
 pub mod sim;
 
 use bytes::Bytes;
