@@ -1,6 +1,6 @@
 //! The request handler: classify, pick a node, forward, stream the answer back.
 
-use super::body::{ResponseBody, local_response, redirect};
+use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
 use crate::cluster::{Membership, Node, NodeLease};
@@ -12,6 +12,7 @@ use crate::streaming::select::{self, Wanted};
 use crate::streaming::{assign, sniff};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Body;
 use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -255,8 +256,9 @@ pub(crate) async fn forward(
     snapshot: &Membership,
     wanted: &Wanted,
     affinity: &Affinity,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
+    let mut request = request.map(UpstreamBody::Client);
     let health = &ctx.runtime.health;
     let group = wanted.group.as_str();
     let backup = config.group(group).and_then(|g| g.backup.clone());
@@ -276,8 +278,8 @@ pub(crate) async fn forward(
             });
         };
         let lease = node.lease();
-        let mut sender = match checkout(&node, config.timeouts.connect).await {
-            Ok(sender) => sender,
+        let (mut sender, reused) = match checkout(&node, config.timeouts.connect).await {
+            Ok(checked_out) => checked_out,
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
                 health.report_failure(&node, &format!("connect failed: {e}"));
@@ -293,6 +295,11 @@ pub(crate) async fn forward(
                 continue;
             }
         };
+        // A reused keep-alive connection may die under the request (the node
+        // closed it, or the node itself died). A bodiless idempotent request
+        // can then be sent again safely, as HAProxy and nginx do; keep what
+        // rebuilding it takes.
+        let replay = (reused && is_replayable(&request)).then(|| replay_copy(&request));
         let server_timeout = config.timeouts.server;
         match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
             Err(_) => {
@@ -304,17 +311,21 @@ pub(crate) async fn forward(
                 node.pool().give_back_when_idle(sender);
                 return Ok((response, lease));
             }
-            Ok(Err(mut failed)) => match failed.take_message() {
+            Ok(Err(mut failed)) => match (failed.take_message(), replay) {
                 // Not sent at all: the pooled connection was closing. Pick again
                 // without counting it against the node: this is not its fault.
-                Some(unsent) => {
+                (Some(unsent), _) => {
                     info!(
                         node = node.id(),
                         "pooled connection was closed, reconnecting"
                     );
                     request = unsent;
                 }
-                None => {
+                (None, Some(copy)) => {
+                    info!(node = node.id(), error = %failed.into_error(), "reused connection lost, sending again");
+                    request = copy;
+                }
+                (None, None) => {
                     health.report_failure(&node, "connection lost before the answer");
                     return Err(ProxyError::Upstream(
                         node.id().to_string(),
@@ -326,10 +337,29 @@ pub(crate) async fn forward(
     }
 }
 
-async fn checkout(node: &Node, connect_timeout: Duration) -> Result<Sender, ConnectError> {
+/// Whether a request may be sent a second time: an idempotent method and no body.
+fn is_replayable(request: &Request<UpstreamBody>) -> bool {
+    request.method().is_idempotent() && request.body().is_end_stream()
+}
+
+/// A bodiless copy of `request`.
+fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(UpstreamBody::Empty);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// A connection to `node`, and whether it is a reused keep-alive one.
+async fn checkout(node: &Node, connect_timeout: Duration) -> Result<(Sender, bool), ConnectError> {
     match node.pool().take() {
-        Some(sender) => Ok(sender),
-        None => pool::connect(node.http_addr(), connect_timeout).await,
+        Some(sender) => Ok((sender, true)),
+        None => Ok((
+            pool::connect(node.http_addr(), connect_timeout).await?,
+            false,
+        )),
     }
 }
 
