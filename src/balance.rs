@@ -54,6 +54,7 @@ mod tests {
                         addr: IpAddr::from([127, 0, 2, i]),
                         http_port: 5080,
                         rtmp_port: 1935,
+                        srt_port: 4200,
                         drain: false,
                     }))
                 })

@@ -7,4 +7,5 @@
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod l4;
 pub mod route;

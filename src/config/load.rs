@@ -191,6 +191,7 @@ impl Config {
                 binds.push(((*addr, udp), key));
             }
         }
+        super::l4::validate(self)?;
         if self.listeners.is_empty() {
             warnings.push("no [[listener]] defined: amslb will accept no traffic".into());
         }

@@ -7,6 +7,7 @@
 //! `amslb check` and a reload run.
 
 pub mod duration;
+pub mod l4;
 mod load;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
@@ -140,6 +141,9 @@ pub struct ListenerConfig {
     /// Add a `Via` header naming this balancer.
     #[serde(default)]
     pub via: bool,
+    /// Settings of `tcp`, `tls` and `udp` listeners (RTMP, RTMPS, SRT); see [`l4::L4Options`].
+    #[serde(flatten)]
+    pub l4: l4::L4Options,
 }
 
 fn default_group_name() -> String {
@@ -197,6 +201,9 @@ pub struct ClusterConfig {
     /// RTMP port every node listens on (AMS: 1935).
     #[serde(default = "default_rtmp_port")]
     pub rtmp_port: u16,
+    /// SRT (UDP) port every node listens on (AMS: 4200).
+    #[serde(default = "l4::default_srt_port")]
+    pub srt_port: u16,
     /// Nodes listed by hand.
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeConfig>,
@@ -226,6 +233,9 @@ pub struct NodeConfig {
     /// Overrides `[cluster] rtmp_port` for this node.
     #[serde(default)]
     pub rtmp_port: Option<u16>,
+    /// Overrides `[cluster] srt_port` for this node.
+    #[serde(default)]
+    pub srt_port: Option<u16>,
 }
 
 impl Config {
