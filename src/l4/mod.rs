@@ -7,9 +7,12 @@
 //! first bytes a client sends to learn app and stream key.
 
 pub mod relay;
+pub mod rtmp;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod stats;
+pub mod tcp;
+pub mod tls;
 pub mod upstream;
 
 pub use stats::{L4Stats, L4StatsSnapshot};

@@ -1,0 +1,543 @@
+//! Passive RTMP inspection: reads the bytes a client sends to its node, without
+//! changing or delaying them, to learn the app (`connect`) and the stream name
+//! (`publish`/`play`) for logs and counters.
+//!
+//! Design and limits:
+//! - amslb does not terminate RTMP. The handshake (C0/C1/C2, S0/S1/S2) passes
+//!   through untouched; the inspector only checks C0 (version 3, plain RTMP)
+//!   and skips the 3073 handshake bytes, then parses the client's chunk stream
+//!   (chunk headers, chunk-size changes, AMF0/AMF3 command messages).
+//! - The stream key travels in `releaseStream`/`FCPublish`/`publish`, which a
+//!   client sends only after the *server* answered `connect`. So the key is
+//!   known only once a node was chosen and is serving the session; choosing
+//!   the node by stream key would require answering `connect` here and
+//!   rewriting the node's replies (chunk-stream state, acknowledgements), i.e.
+//!   terminating RTMP, which this design avoids on purpose.
+//! - Inspection stops at the first `publish` or `play`, at [`INSPECT_CAP`]
+//!   bytes after the handshake, or at the first malformed chunk; after that the
+//!   inspector costs nothing and the bytes still flow to the node, which judges
+//!   them. Nothing here panics on any input (see the fuzz-style tests).
+
+pub mod amf0;
+
+use amf0::Value;
+use std::collections::HashMap;
+use std::fmt;
+
+/// Length of C0 + C1, read before a node is chosen so a silent or non-RTMP
+/// client never reaches a node.
+pub const C0_C1_LEN: usize = 1 + 1536;
+/// C0 + C1 + C2: bytes before the chunk stream begins.
+const HANDSHAKE_LEN: usize = 1 + 1536 + 1536;
+/// Chunk-stream bytes inspected at most after the handshake. `connect` to
+/// `publish` takes a few hundred bytes from real encoders.
+pub const INSPECT_CAP: usize = 64 * 1024;
+/// Largest command message buffered; bigger ones are skipped.
+const MAX_COMMAND: usize = 16 * 1024;
+/// Most chunk streams tracked; real clients use a handful.
+const MAX_CHUNK_STREAMS: usize = 64;
+/// RTMP's initial chunk size.
+const DEFAULT_CHUNK_SIZE: usize = 128;
+/// Largest chunk size the protocol allows.
+const MAX_CHUNK_SIZE: usize = 0x00ff_ffff;
+
+const TYPE_SET_CHUNK_SIZE: u8 = 1;
+const TYPE_AMF3_COMMAND: u8 = 17;
+const TYPE_AMF0_COMMAND: u8 = 20;
+
+/// Why a client's first byte shows it is not plain RTMP.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HandshakeError {
+    /// C0 = 6: RTMPE (encrypted), which AMS does not speak.
+    #[error("RTMPE (encrypted RTMP) is not supported")]
+    Encrypted,
+    /// Any other version byte.
+    #[error("not RTMP: version byte {0:#04x}")]
+    NotRtmp(u8),
+}
+
+/// Checks C0, the client's version byte.
+pub fn check_c0(c0: u8) -> Result<(), HandshakeError> {
+    match c0 {
+        3 => Ok(()),
+        6 => Err(HandshakeError::Encrypted),
+        other => Err(HandshakeError::NotRtmp(other)),
+    }
+}
+
+/// What the inspector learned, in the order the client said it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// `connect`: the application and the URL the client used.
+    Connect {
+        /// `app` of the command object.
+        app: String,
+        /// `tcUrl`, without its query string (it may carry credentials).
+        tc_url: String,
+    },
+    /// `publish`: the stream name (key) being published.
+    Publish {
+        /// App from `connect`, empty if not seen.
+        app: String,
+        /// Stream name without its query string (tokens stay out of logs).
+        stream: String,
+    },
+    /// `play`: the stream name being played.
+    Play {
+        /// App from `connect`, empty if not seen.
+        app: String,
+        /// Stream name without its query string.
+        stream: String,
+    },
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::Connect { app, tc_url } => write!(f, "connect app={app:?} tcUrl={tc_url:?}"),
+            Event::Publish { app, stream } => write!(f, "publish app={app:?} stream={stream:?}"),
+            Event::Play { app, stream } => write!(f, "play app={app:?} stream={stream:?}"),
+        }
+    }
+}
+
+/// Why inspection stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `publish` or `play` was seen: everything worth knowing is known.
+    Done,
+    /// [`INSPECT_CAP`] bytes went by without it.
+    CapReached,
+    /// The data is not a valid chunk stream (the node will judge it).
+    Malformed(&'static str),
+}
+
+/// Header state of one chunk stream, as RTMP's header compression needs it.
+#[derive(Debug, Default)]
+struct ChunkStream {
+    len: usize,
+    type_id: u8,
+    extended: bool,
+    /// Bytes of the current message received so far (0: between messages).
+    received: usize,
+    /// The message's bytes, kept only for messages the inspector reads.
+    body: Vec<u8>,
+}
+
+/// Incremental, bounded reader of a client's RTMP start.
+#[derive(Debug)]
+pub struct Inspector {
+    /// Bytes observed so far, handshake included.
+    seen: usize,
+    /// Chunk-stream bytes not parsed yet (an incomplete chunk).
+    pending: Vec<u8>,
+    chunk_size: usize,
+    streams: HashMap<u32, ChunkStream>,
+    app: String,
+    events: Vec<Event>,
+    stop: Option<Stop>,
+    cap: usize,
+}
+
+impl Inspector {
+    /// An inspector that reads at most `cap` bytes after the handshake.
+    pub fn new(cap: usize) -> Self {
+        Self {
+            seen: 0,
+            pending: Vec::new(),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            streams: HashMap::new(),
+            app: String::new(),
+            events: Vec::new(),
+            stop: None,
+            cap,
+        }
+    }
+
+    /// Why inspection stopped, or `None` while it goes on.
+    pub fn stopped(&self) -> Option<Stop> {
+        self.stop
+    }
+
+    /// Takes the events found since the last call.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    /// Observes the next client→node bytes.
+    pub fn feed(&mut self, mut data: &[u8]) {
+        if self.stop.is_some() || data.is_empty() {
+            return;
+        }
+        if self.seen == 0
+            && let Err(e) = check_c0(data[0])
+        {
+            self.stop = Some(Stop::Malformed(match e {
+                HandshakeError::Encrypted => "RTMPE",
+                HandshakeError::NotRtmp(_) => "bad version byte",
+            }));
+            return;
+        }
+        if self.seen < HANDSHAKE_LEN {
+            let skip = (HANDSHAKE_LEN - self.seen).min(data.len());
+            self.seen += skip;
+            data = &data[skip..];
+        }
+        if data.is_empty() {
+            return;
+        }
+        let room = self.cap.saturating_sub(self.seen - HANDSHAKE_LEN);
+        let take = data.len().min(room);
+        self.seen += data.len();
+        // Taken out of `self` so chunks can be parsed while `self` changes.
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.extend_from_slice(&data[..take]);
+        let mut pos = 0;
+        while self.stop.is_none() {
+            match self.chunk(&pending[pos..]) {
+                Ok(Some(used)) => pos += used,
+                Ok(None) => break,
+                Err(reason) => self.stop = Some(Stop::Malformed(reason)),
+            }
+        }
+        pending.drain(..pos);
+        self.pending = pending;
+        if self.stop.is_none() && take < data.len() {
+            self.stop = Some(Stop::CapReached);
+        }
+        if self.stop.is_some() {
+            self.pending = Vec::new();
+            self.streams = HashMap::new();
+        }
+    }
+
+    /// Parses one chunk at the start of `buf`: `Ok(Some(len))` when complete,
+    /// `Ok(None)` when more bytes are needed.
+    fn chunk(&mut self, buf: &[u8]) -> Result<Option<usize>, &'static str> {
+        let Some(&b0) = buf.first() else {
+            return Ok(None);
+        };
+        let fmt = b0 >> 6;
+        let (csid, mut at) = match b0 & 0x3f {
+            0 => match buf.get(1) {
+                Some(&b) => (64 + u32::from(b), 2),
+                None => return Ok(None),
+            },
+            1 => match (buf.get(1), buf.get(2)) {
+                (Some(&lo), Some(&hi)) => (64 + u32::from(lo) + 256 * u32::from(hi), 3),
+                _ => return Ok(None),
+            },
+            id => (u32::from(id), 1),
+        };
+        let header_len = [11, 7, 3, 0][usize::from(fmt)];
+        let Some(header) = buf.get(at..at + header_len) else {
+            return Ok(None);
+        };
+        at += header_len;
+        if !self.streams.contains_key(&csid) && self.streams.len() >= MAX_CHUNK_STREAMS {
+            return Err("too many chunk streams");
+        }
+        let known = self.streams.contains_key(&csid);
+        let stream = self.streams.entry(csid).or_default();
+        if fmt != 0 && !known {
+            return Err("compressed header on a new chunk stream");
+        }
+        if fmt != 3 && stream.received != 0 {
+            return Err("new header inside a message");
+        }
+        if fmt < 3 {
+            stream.extended = be24(&header[0..3]) == 0x00ff_ffff;
+        }
+        if fmt < 2 {
+            stream.len = be24(&header[3..6]);
+            stream.type_id = header[6];
+        }
+        if stream.extended {
+            if buf.len() < at + 4 {
+                return Ok(None);
+            }
+            at += 4;
+        }
+        let part = (stream.len - stream.received).min(self.chunk_size);
+        let Some(payload) = buf.get(at..at + part) else {
+            return Ok(None);
+        };
+        let wanted = matches!(
+            stream.type_id,
+            TYPE_SET_CHUNK_SIZE | TYPE_AMF0_COMMAND | TYPE_AMF3_COMMAND
+        ) && stream.len <= MAX_COMMAND;
+        if wanted {
+            stream.body.extend_from_slice(payload);
+        }
+        stream.received += part;
+        if stream.received == stream.len {
+            stream.received = 0;
+            let body = std::mem::take(&mut stream.body);
+            let type_id = stream.type_id;
+            if wanted {
+                self.message(type_id, &body)?;
+            }
+        }
+        Ok(Some(at + part))
+    }
+
+    /// Acts on one complete message the inspector reads.
+    fn message(&mut self, type_id: u8, body: &[u8]) -> Result<(), &'static str> {
+        match type_id {
+            TYPE_SET_CHUNK_SIZE => {
+                let raw = body.get(..4).ok_or("short set-chunk-size")?;
+                let size = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) & 0x7fff_ffff;
+                if size == 0 {
+                    return Err("chunk size 0");
+                }
+                self.chunk_size = (size as usize).min(MAX_CHUNK_SIZE);
+            }
+            TYPE_AMF3_COMMAND => self.command(body.get(1..).unwrap_or_default()),
+            _ => self.command(body),
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, body: &[u8]) {
+        // Command messages whose AMF is broken are ignored: the node decides.
+        let (values, _) = amf0::decode_all(body);
+        let arg = |i: usize| values.get(i).and_then(Value::as_str).map(without_query);
+        match values.first().and_then(Value::as_str) {
+            Some("connect") => {
+                let object = values.get(2);
+                let field = |k| object.and_then(|o| o.get(k)).and_then(Value::as_str);
+                self.app = field("app").map(without_query).unwrap_or_default();
+                self.events.push(Event::Connect {
+                    app: self.app.clone(),
+                    tc_url: field("tcUrl").map(without_query).unwrap_or_default(),
+                });
+            }
+            Some("publish") => {
+                if let Some(stream) = arg(3) {
+                    let app = self.app.clone();
+                    self.events.push(Event::Publish { app, stream });
+                    self.stop = Some(Stop::Done);
+                }
+            }
+            Some("play") => {
+                if let Some(stream) = arg(3) {
+                    let app = self.app.clone();
+                    self.events.push(Event::Play { app, stream });
+                    self.stop = Some(Stop::Done);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+fn be24(b: &[u8]) -> usize {
+    (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
+}
+
+fn without_query(s: &str) -> String {
+    s.split('?').next().unwrap_or_default().to_string()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::amf0::encode;
+    use super::*;
+
+    /// Splits a message into chunks the way encoders send it: a type-0 header,
+    /// then type-3 continuation chunks.
+    pub fn chunks(csid: u8, type_id: u8, body: &[u8], chunk_size: usize) -> Vec<u8> {
+        let mut out = vec![csid & 0x3f, 0, 0, 0];
+        let len = body.len() as u32;
+        out.extend_from_slice(&len.to_be_bytes()[1..]);
+        out.push(type_id);
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        for (i, part) in body.chunks(chunk_size).enumerate() {
+            if i > 0 {
+                out.push(0xc0 | (csid & 0x3f));
+            }
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn command(
+        name: &str,
+        txn: f64,
+        object: Option<&[(&str, &str)]>,
+        arg: Option<&str>,
+    ) -> Vec<u8> {
+        let mut m = Vec::new();
+        encode::string(&mut m, name);
+        encode::number(&mut m, txn);
+        match object {
+            Some(pairs) => encode::object(&mut m, pairs),
+            None => m.push(0x05),
+        }
+        if let Some(a) = arg {
+            encode::string(&mut m, a);
+        }
+        m
+    }
+
+    /// What ffmpeg sends when publishing rtmp://host/live/s1?token=secret.
+    pub fn publisher_bytes() -> Vec<u8> {
+        let mut out = vec![3u8];
+        out.extend(std::iter::repeat_n(7u8, 1536 * 2));
+        let connect = command(
+            "connect",
+            1.0,
+            Some(&[
+                ("app", "live"),
+                ("type", "nonprivate"),
+                ("tcUrl", "rtmp://127.0.0.1:1935/live"),
+            ]),
+            None,
+        );
+        out.extend(chunks(3, TYPE_AMF0_COMMAND, &connect, 128));
+        out.extend(chunks(2, TYPE_SET_CHUNK_SIZE, &4096u32.to_be_bytes(), 128));
+        out.extend(chunks(
+            3,
+            TYPE_AMF0_COMMAND,
+            &command("releaseStream", 2.0, None, Some("s1")),
+            4096,
+        ));
+        out.extend(chunks(
+            3,
+            TYPE_AMF0_COMMAND,
+            &command("FCPublish", 3.0, None, Some("s1")),
+            4096,
+        ));
+        out.extend(chunks(
+            3,
+            TYPE_AMF0_COMMAND,
+            &command("createStream", 4.0, None, None),
+            4096,
+        ));
+        let mut publish = command("publish", 5.0, None, Some("s1?token=secret"));
+        encode::string(&mut publish, "live");
+        out.extend(chunks(8, TYPE_AMF0_COMMAND, &publish, 4096));
+        // Media follows; the inspector must not care.
+        out.extend(chunks(4, 9, &[0x17; 3000], 4096));
+        out
+    }
+
+    fn expected() -> Vec<Event> {
+        vec![
+            Event::Connect {
+                app: "live".into(),
+                tc_url: "rtmp://127.0.0.1:1935/live".into(),
+            },
+            Event::Publish {
+                app: "live".into(),
+                stream: "s1".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn learns_app_and_stream_key_from_a_publisher() {
+        let mut i = Inspector::new(INSPECT_CAP);
+        i.feed(&publisher_bytes());
+        assert_eq!(i.take_events(), expected());
+        assert_eq!(i.stopped(), Some(Stop::Done));
+    }
+
+    #[test]
+    fn byte_by_byte_feeding_gives_the_same_result() {
+        let mut i = Inspector::new(INSPECT_CAP);
+        let mut events = Vec::new();
+        for b in publisher_bytes() {
+            i.feed(&[b]);
+            events.extend(i.take_events());
+        }
+        assert_eq!(events, expected());
+    }
+
+    #[test]
+    fn cap_stops_inspection() {
+        let mut i = Inspector::new(50);
+        i.feed(&publisher_bytes());
+        assert_eq!(i.stopped(), Some(Stop::CapReached));
+        assert!(i.take_events().is_empty());
+    }
+
+    #[test]
+    fn bad_version_and_rtmpe_are_refused() {
+        assert_eq!(check_c0(3), Ok(()));
+        assert_eq!(check_c0(6), Err(HandshakeError::Encrypted));
+        assert_eq!(check_c0(b'G'), Err(HandshakeError::NotRtmp(b'G')));
+        let mut i = Inspector::new(INSPECT_CAP);
+        i.feed(b"GET / HTTP/1.1\r\n");
+        assert!(matches!(i.stopped(), Some(Stop::Malformed(_))));
+    }
+
+    #[test]
+    fn play_is_recognised() {
+        let mut bytes = vec![3u8];
+        bytes.extend(std::iter::repeat_n(0u8, 3072));
+        bytes.extend(chunks(
+            3,
+            TYPE_AMF0_COMMAND,
+            &command("connect", 1.0, Some(&[("app", "vod")]), None),
+            128,
+        ));
+        bytes.extend(chunks(
+            8,
+            TYPE_AMF0_COMMAND,
+            &command("play", 4.0, None, Some("movie")),
+            128,
+        ));
+        let mut i = Inspector::new(INSPECT_CAP);
+        i.feed(&bytes);
+        let events = i.take_events();
+        assert_eq!(
+            events[1],
+            Event::Play {
+                app: "vod".into(),
+                stream: "movie".into()
+            }
+        );
+    }
+
+    fn xorshift(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics_and_stays_bounded() {
+        let good = publisher_bytes();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for round in 0..3000 {
+            let mut data = if round % 2 == 0 {
+                // Pure noise after a valid C0.
+                let len = (xorshift(&mut seed) % 9000) as usize;
+                let mut d: Vec<u8> = (0..len).map(|_| xorshift(&mut seed) as u8).collect();
+                if let Some(first) = d.first_mut() {
+                    *first = 3;
+                }
+                d
+            } else {
+                // The real sequence with a few bytes flipped after the handshake.
+                let mut d = good.clone();
+                for _ in 0..4 {
+                    let at =
+                        HANDSHAKE_LEN + (xorshift(&mut seed) as usize % (d.len() - HANDSHAKE_LEN));
+                    d[at] = xorshift(&mut seed) as u8;
+                }
+                d
+            };
+            let cut = (xorshift(&mut seed) as usize) % (data.len() + 1);
+            data.truncate(cut);
+            let mut i = Inspector::new(4096);
+            for piece in data.chunks(1 + (xorshift(&mut seed) % 700) as usize) {
+                i.feed(piece);
+                assert!(i.pending.len() <= 4096);
+            }
+            let _ = i.take_events();
+        }
+    }
+}
