@@ -13,6 +13,7 @@ pub mod splice;
 pub mod stats;
 pub mod tcp;
 pub mod tls;
+pub mod udp;
 pub mod upstream;
 
 pub use stats::{L4Stats, L4StatsSnapshot};

@@ -5,6 +5,7 @@
 
 use super::stats::L4Stats;
 use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -37,8 +38,8 @@ impl RelayEnd {
 /// (also added to the listener's counters) and the time of the last activity,
 /// which drives the idle timeout.
 #[derive(Debug)]
-pub struct SessionMeter<'a> {
-    stats: &'a L4Stats,
+pub struct SessionMeter {
+    stats: Arc<L4Stats>,
     start: Instant,
     /// Milliseconds since `start` of the last byte moved either way.
     last_ms: AtomicU64,
@@ -46,9 +47,9 @@ pub struct SessionMeter<'a> {
     bytes_out: AtomicU64,
 }
 
-impl<'a> SessionMeter<'a> {
+impl SessionMeter {
     /// A meter for a session starting now.
-    pub fn new(stats: &'a L4Stats) -> Self {
+    pub fn new(stats: Arc<L4Stats>) -> Self {
         Self {
             stats,
             start: Instant::now(),
@@ -111,7 +112,7 @@ impl<'a> SessionMeter<'a> {
 pub async fn relay<C, N>(
     client: C,
     node: N,
-    meter: &SessionMeter<'_>,
+    meter: &SessionMeter,
     idle: Duration,
     tap: impl FnMut(&[u8]) + Send,
 ) -> io::Result<RelayEnd>
@@ -156,7 +157,6 @@ where
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::sync::Arc;
     use tokio::io::duplex;
 
     #[tokio::test]
@@ -164,7 +164,7 @@ pub(crate) mod tests {
         let stats = Arc::new(L4Stats::default());
         let (mut client, client_side) = duplex(1024);
         let (node_side, mut node) = duplex(1024);
-        let meter = SessionMeter::new(&stats);
+        let meter = SessionMeter::new(stats.clone());
         let mut seen = Vec::new();
         let relay = relay(
             client_side,
@@ -196,10 +196,10 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn idle_tunnel_times_out() {
-        let stats = L4Stats::default();
+        let stats = Arc::new(L4Stats::default());
         let (_client, client_side) = duplex(64);
         let (node_side, _node) = duplex(64);
-        let meter = SessionMeter::new(&stats);
+        let meter = SessionMeter::new(stats.clone());
         let started = Instant::now();
         let end = relay(
             client_side,
@@ -216,8 +216,8 @@ pub(crate) mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn traffic_pushes_the_idle_deadline() {
-        let stats = L4Stats::default();
-        let meter = SessionMeter::new(&stats);
+        let stats = Arc::new(L4Stats::default());
+        let meter = SessionMeter::new(stats.clone());
         let started = Instant::now();
         let idle = meter.idle(Duration::from_secs(10));
         let traffic = async {

@@ -173,7 +173,7 @@ impl TcpProxy {
                 return;
             }
         };
-        let meter = SessionMeter::new(&self.stats);
+        let meter = SessionMeter::new(self.stats.clone());
         if !prelude.is_empty() {
             if let Err(e) = node.write_all(&prelude).await {
                 tracing::warn!(listener = %s.name, %peer, node = lease.node().id(), error = %e, "write to node failed");

@@ -1,0 +1,138 @@
+//! RTMP and RTMPS ingest through amslb's L4 listeners with real parts: ffmpeg
+//! publishes, nginx-rtmp nodes record, ffprobe checks what arrived.
+
+mod l4_parts;
+
+use l4_parts::*;
+use std::time::{Duration, Instant};
+
+/// 3 s at 25 fps.
+const FRAMES: u64 = 75;
+
+fn assert_recorded(node: &RtmpNode, stream: &str) {
+    let (codec, w, h, frames) = probe(&node.recording(stream));
+    assert_eq!((codec.as_str(), w, h), ("h264", 320, 240), "{}", node.log());
+    assert_eq!(frames, FRAMES, "every frame published must arrive");
+}
+
+async fn publish_and_wait(url: String, secs: u32, format: &'static str) {
+    let (ok, err) =
+        blocking(move || wait_child(publish(&url, secs, format), Duration::from_secs(30))).await;
+    assert!(ok, "ffmpeg publish failed: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_publish_through_tcp_listener_arrives_intact() {
+    let node = RtmpNode::start();
+    let lb = Amslb::start(&config("", "tcp", &[("o1", node.addr.ip(), 1935)])).await;
+    let (proxy, addr) = &lb.tcp[0];
+    publish_and_wait(format!("rtmp://{addr}/live/s1"), 3, "flv").await;
+    assert_recorded(&node, "s1");
+    let s = proxy.stats().snapshot();
+    assert_eq!(s.connections, 1);
+    assert!(s.bytes_in > 50_000, "{s:?}");
+    assert!(
+        s.bytes_out > 3073,
+        "node's handshake and replies came back: {s:?}"
+    );
+    // The session ends with the publisher: nothing left open.
+    let start = Instant::now();
+    while proxy.stats().snapshot().active != 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "session still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_inspecting_listener_learns_the_publish_and_relays_intact() {
+    let node = RtmpNode::start();
+    let lb = Amslb::start(&config(
+        "rtmp_inspect = true",
+        "tcp",
+        &[("o1", node.addr.ip(), 1935)],
+    ))
+    .await;
+    let (proxy, addr) = &lb.tcp[0];
+    publish_and_wait(format!("rtmp://{addr}/live/s2"), 3, "flv").await;
+    assert_recorded(&node, "s2");
+    let s = proxy.stats().snapshot();
+    assert_eq!((s.rtmp_publishes, s.rejected), (1, 0), "{s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmps_publish_is_terminated_and_relayed_plain() {
+    let node = RtmpNode::start();
+    let dir = TempDir::new("rtmps-cert");
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    let extra = format!(
+        "cert = \"{}\"\nkey = \"{}\"\nrtmp_inspect = true",
+        cert.display(),
+        key.display()
+    );
+    let lb = Amslb::start(&config(&extra, "tls", &[("o1", node.addr.ip(), 1935)])).await;
+    let (proxy, addr) = &lb.tcp[0];
+    // ffmpeg does not verify the certificate by default, so a self-signed one works.
+    publish_and_wait(format!("rtmps://{addr}/live/s3"), 3, "flv").await;
+    assert_recorded(&node, "s3");
+    assert_eq!(proxy.stats().snapshot().rtmp_publishes, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_node_closes_the_publisher_promptly_and_next_publish_lands_on_a_live_node() {
+    let mut a = RtmpNode::start();
+    let mut b = RtmpNode::start();
+    let lb = Amslb::start(&config(
+        "",
+        "tcp",
+        &[("a", a.addr.ip(), 1935), ("b", b.addr.ip(), 1935)],
+    ))
+    .await;
+    let addr = lb.tcp[0].1;
+    let long = publish(&format!("rtmp://{addr}/live/long"), 60, "flv");
+    // Wait until the publish is recording on one of the nodes.
+    let start = Instant::now();
+    let victim_is_a = loop {
+        let size = |n: &RtmpNode| {
+            std::fs::metadata(n.recording("long"))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        };
+        if size(&a) > 10_000 {
+            break true;
+        }
+        if size(&b) > 10_000 {
+            break false;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "publish never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (victim, survivor) = if victim_is_a {
+        (&mut a, &b)
+    } else {
+        (&mut b, &a)
+    };
+    victim.kill();
+    let killed = Instant::now();
+    let (ok, _) = blocking(move || wait_child(long, Duration::from_secs(10))).await;
+    let closed_after = killed.elapsed();
+    assert!(!ok, "publisher must see the failure");
+    assert!(
+        closed_after < Duration::from_secs(5),
+        "publisher hung for {closed_after:?}"
+    );
+    // The dead node is still listed (no health check here): the connect to it
+    // fails and the retry lands on the survivor, whichever the round-robin picks.
+    for stream in ["after1", "after2"] {
+        publish_and_wait(format!("rtmp://{addr}/live/{stream}"), 3, "flv").await;
+        assert_recorded(survivor, stream);
+    }
+}
