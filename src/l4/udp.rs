@@ -20,6 +20,12 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+/// Longest a datagram may wait for a node socket to accept it. A fresh
+/// socket is not known writable until the reactor has polled it once, and a
+/// full send buffer must not stall every client of the listener for long: past
+/// this the datagram is dropped (UDP may drop; SRT retransmits).
+const SEND_WAIT: Duration = Duration::from_millis(10);
+
 /// Largest datagram relayed (the UDP maximum); SRT uses about 1500 bytes.
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -110,13 +116,10 @@ impl UdpProxy {
                     None => continue,
                 },
             };
-            // Never wait on one node's full buffer: that would stall every
-            // client of the listener. UDP may drop; SRT retransmits.
-            match session.to_node.try_send(&buf[..n]) {
+            match send_bounded(&session.to_node, &buf[..n]).await {
                 Ok(sent) => session.meter.add_in(sent),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => {
-                    tracing::debug!(listener = %self.settings.name, %peer, error = %e, "send to node failed")
+                    tracing::debug!(listener = %self.settings.name, %peer, error = %e, "datagram to node dropped")
                 }
             }
         }
@@ -215,5 +218,17 @@ impl UdpProxy {
             listener = %self.settings.name, %peer, node = session.lease.node().id(),
             bytes_in, bytes_out, secs = session.meter.age().as_secs_f64(), why, "udp session ended"
         );
+    }
+}
+
+/// Sends one datagram, waiting at most [`SEND_WAIT`] for the socket.
+async fn send_bounded(socket: &UdpSocket, data: &[u8]) -> io::Result<usize> {
+    match socket.try_send(data) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            tokio::time::timeout(SEND_WAIT, socket.send(data))
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::WouldBlock.into()))
+        }
+        done => done,
     }
 }

@@ -288,7 +288,13 @@ pub fn probe(file: &Path) -> (String, u32, u32, u64) {
         .arg(file)
         .output()
         .expect("run ffprobe");
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // MPEG-TS prints the stream once per program and once alone: take the first.
+    let text = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     let f: Vec<&str> = text.split(',').collect();
     assert_eq!(
         f.len(),
