@@ -3,7 +3,8 @@
 use crate::cluster::{Cluster, static_source};
 use crate::config::{Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
-use crate::listener::{bind_tcp, tune_stream};
+use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
+use crate::listener::{bind_tcp, bind_udp, tune_stream};
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
 use std::net::SocketAddr;
@@ -26,6 +27,14 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A `tls` listener's certificate or key could not be loaded.
+    #[error("listener {listener:?}: {source}")]
+    Tls {
+        /// Listener name.
+        listener: String,
+        /// What was wrong with the files (boxed: it is large and rare).
+        source: Box<TlsLoadError>,
+    },
 }
 
 /// A bound socket waiting for its accept loop.
@@ -33,6 +42,15 @@ pub enum StartError {
 struct BoundListener {
     name: Arc<str>,
     socket: TcpListener,
+    /// The relay of a `tcp`/`tls` listener (RTMP, RTMPS).
+    l4: Option<Arc<TcpProxy>>,
+}
+
+/// A bound UDP socket of a `udp` listener (SRT) and its session relay.
+#[derive(Debug)]
+struct BoundUdp {
+    socket: tokio::net::UdpSocket,
+    proxy: Arc<UdpProxy>,
 }
 
 /// A balancer whose sockets are bound, ready to run.
@@ -40,6 +58,7 @@ struct BoundListener {
 pub struct Server {
     runtime: Arc<Runtime>,
     bound: Vec<BoundListener>,
+    udp: Vec<BoundUdp>,
 }
 
 impl Server {
@@ -50,24 +69,47 @@ impl Server {
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
         let mut bound = Vec::new();
+        let mut udp = Vec::new();
         for listener in &config.listeners {
             let name: Arc<str> = listener.name.as_str().into();
+            let bind_error = |addr, source| StartError::Bind {
+                listener: listener.name.clone(),
+                addr,
+                source,
+            };
+            if listener.protocol == Protocol::Udp {
+                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
+                for &addr in &listener.bind {
+                    let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
+                    let proxy = proxy.clone();
+                    udp.push(BoundUdp { socket, proxy });
+                }
+                continue;
+            }
+            let l4 = match listener.protocol {
+                Protocol::Tcp | Protocol::Tls => Some(Arc::new(
+                    TcpProxy::new(&config, listener, cluster.clone()).map_err(|source| {
+                        StartError::Tls {
+                            listener: listener.name.clone(),
+                            source: Box::new(source),
+                        }
+                    })?,
+                )),
+                _ => None,
+            };
             for &addr in &listener.bind {
-                let socket =
-                    bind_tcp(addr, listener.backlog).map_err(|source| StartError::Bind {
-                        listener: listener.name.clone(),
-                        addr,
-                        source,
-                    })?;
+                let socket = bind_tcp(addr, listener.backlog).map_err(|e| bind_error(addr, e))?;
                 bound.push(BoundListener {
                     name: name.clone(),
                     socket,
+                    l4: l4.clone(),
                 });
             }
         }
         Ok(Self {
             runtime: Runtime::new(config, cluster),
             bound,
+            udp,
         })
     }
 
@@ -81,7 +123,29 @@ impl Server {
         self.bound
             .iter()
             .filter_map(|b| Some((b.name.to_string(), b.socket.local_addr().ok()?)))
+            .chain(
+                self.udp.iter().filter_map(|u| {
+                    Some((u.proxy.name().to_string(), u.socket.local_addr().ok()?))
+                }),
+            )
             .collect()
+    }
+
+    /// Counters of every L4 listener (`tcp`, `tls`, `udp`) by listener name,
+    /// for the metrics exporter.
+    pub fn l4_stats(&self) -> Vec<(String, Arc<L4Stats>)> {
+        let tcp = self
+            .bound
+            .iter()
+            .filter_map(|b| Some((b.name.to_string(), b.l4.as_ref()?.stats().clone())));
+        let udp = self
+            .udp
+            .iter()
+            .map(|u| (u.proxy.name().to_string(), u.proxy.stats().clone()));
+        let mut all: Vec<_> = tcp.chain(udp).collect();
+        // A listener with several binds shares one set of counters.
+        all.dedup_by(|a, b| a.0 == b.0);
+        all
     }
 
     /// Serves until `stop` resolves, then shuts down gracefully: stop accepting,
@@ -94,6 +158,13 @@ impl Server {
                 info!(listener = %bound.name, %addr, "listening");
             }
             tokio::spawn(accept_loop(runtime.clone(), bound));
+        }
+        for bound in self.udp {
+            if let Ok(addr) = bound.socket.local_addr() {
+                info!(listener = %bound.proxy.name(), %addr, "listening (udp)");
+            }
+            let socket = Arc::new(bound.socket);
+            tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;
@@ -139,9 +210,10 @@ async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
         };
         let runtime2 = runtime.clone();
         let name = bound.name.clone();
+        let l4 = bound.l4.clone();
         runtime.tasks.spawn(async move {
             let _permit = permit;
-            handle_stream(runtime2, name, stream, peer).await;
+            handle_stream(runtime2, name, l4, stream, peer).await;
         });
     }
 }
@@ -162,6 +234,7 @@ async fn connection_slot(runtime: &Runtime) -> Option<OwnedSemaphorePermit> {
 async fn handle_stream(
     runtime: Arc<Runtime>,
     listener: Arc<str>,
+    l4: Option<Arc<TcpProxy>>,
     mut stream: TcpStream,
     peer: SocketAddr,
 ) {
@@ -191,7 +264,15 @@ async fn handle_stream(
     }
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
-        // Refused by Config::validate until their listeners exist.
-        Protocol::Https | Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
+        Protocol::Tcp | Protocol::Tls => {
+            if let Some(l4) = l4 {
+                // Relays survive the shutdown grace period (a publisher keeps
+                // streaming while in-flight work drains), then are cut.
+                l4.handle(stream, client.addr, runtime.hard_stop.cancelled())
+                    .await;
+            }
+        }
+        // HTTPS is served by the TLS work; UDP listeners accept no streams (`BoundUdp`).
+        Protocol::Https | Protocol::Udp => {}
     }
 }

@@ -3,11 +3,14 @@
 //! inspection on, reach a node.
 
 mod l4_parts;
+#[allow(unused_imports)] // the shared harness re-exports more than these tests use
+mod support;
 
 use l4_parts::*;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
+use support::unique_loopback as loopback;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -64,8 +67,8 @@ fn c0_c1() -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_bytes_are_relayed_and_the_node_closes_them() {
     let node = RtmpNode::start();
-    let lb = Amslb::start(&config("", "tcp", &[("o1", node.addr.ip(), 1935)])).await;
-    let addr = lb.tcp[0].1;
+    let lb = Lb::start(&config("", "tcp", &[("o1", node.addr.ip(), 1935)])).await;
+    let addr = lb.addr;
     for seed in 1..=5u64 {
         let mut c = TcpStream::connect(addr).await.unwrap();
         let _ = c.write_all(&noise(5000, seed)).await;
@@ -80,14 +83,14 @@ async fn random_bytes_are_relayed_and_the_node_closes_them() {
         .unwrap()
         .unwrap();
     assert_eq!(reply[0], 3, "S0 from nginx-rtmp");
-    assert_eq!(lb.tcp[0].0.stats().snapshot().connections, 6);
+    assert_eq!(lb.stats().connections, 6);
 }
 
 #[tokio::test]
 async fn inspecting_listener_closes_random_bytes_without_reaching_a_node() {
     let (ip, port, accepted) = counting_node().await;
-    let lb = Amslb::start(&config("rtmp_inspect = true", "tcp", &[("o1", ip, port)])).await;
-    let (proxy, addr) = &lb.tcp[0];
+    let lb = Lb::start(&config("rtmp_inspect = true", "tcp", &[("o1", ip, port)])).await;
+    let addr = lb.addr;
     for seed in 1..=20u64 {
         let mut data = noise(3000, seed);
         if data[0] == 3 {
@@ -99,14 +102,14 @@ async fn inspecting_listener_closes_random_bytes_without_reaching_a_node() {
         assert_eq!(got, 0, "nothing may come back");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
-    assert_eq!(proxy.stats().snapshot().rejected, 20);
+    assert_eq!(lb.stats().rejected, 20);
 }
 
 #[tokio::test]
 async fn truncated_handshake_is_closed_cleanly() {
     let (ip, port, accepted) = counting_node().await;
-    let lb = Amslb::start(&config("rtmp_inspect = true", "tcp", &[("o1", ip, port)])).await;
-    let (proxy, addr) = &lb.tcp[0];
+    let lb = Lb::start(&config("rtmp_inspect = true", "tcp", &[("o1", ip, port)])).await;
+    let addr = lb.addr;
     for cut in [1usize, 100, 1536] {
         let mut c = TcpStream::connect(addr).await.unwrap();
         c.write_all(&c0_c1()[..cut]).await.unwrap();
@@ -114,20 +117,20 @@ async fn truncated_handshake_is_closed_cleanly() {
         until_closed(&mut c, Duration::from_secs(3)).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
-    let s = proxy.stats().snapshot();
+    let s = lb.stats();
     assert_eq!((s.rejected, s.active), (3, 0), "{s:?}");
 }
 
 #[tokio::test]
 async fn silent_client_is_closed_after_the_handshake_timeout() {
     let (ip, port, accepted) = counting_node().await;
-    let lb = Amslb::start(&config(
+    let lb = Lb::start(&config(
         "rtmp_inspect = true\nhandshake_timeout = \"400ms\"",
         "tcp",
         &[("o1", ip, port)],
     ))
     .await;
-    let mut c = TcpStream::connect(lb.tcp[0].1).await.unwrap();
+    let mut c = TcpStream::connect(lb.addr).await.unwrap();
     let (_, after) = until_closed(&mut c, Duration::from_secs(3)).await;
     assert!(
         after >= Duration::from_millis(350),
@@ -145,9 +148,9 @@ async fn no_live_node_closes_the_client_and_counts_it() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let lb = Amslb::start(&config("", "tcp", &[("dead", gone.ip(), gone.port())])).await;
-    let (proxy, addr) = &lb.tcp[0];
+    let lb = Lb::start(&config("", "tcp", &[("dead", gone.ip(), gone.port())])).await;
+    let addr = lb.addr;
     let mut c = TcpStream::connect(addr).await.unwrap();
     until_closed(&mut c, Duration::from_secs(5)).await;
-    assert_eq!(proxy.stats().snapshot().no_node, 1);
+    assert_eq!(lb.stats().no_node, 1);
 }

@@ -2,6 +2,8 @@
 //! publishes, nginx-rtmp nodes record, ffprobe checks what arrived.
 
 mod l4_parts;
+#[allow(unused_imports)] // the shared harness re-exports more than these tests use
+mod support;
 
 use l4_parts::*;
 use std::time::{Duration, Instant};
@@ -21,15 +23,43 @@ async fn publish_and_wait(url: String, secs: u32, format: &'static str) {
     assert!(ok, "ffmpeg publish failed: {err}");
 }
 
+/// The real binary, configured as the example (plus the node), carries
+/// an ffmpeg publish to nginx-rtmp frame for frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtmp_publish_through_tcp_listener_arrives_intact() {
+async fn rtmp_publish_through_the_amslb_binary_arrives_intact() {
     let node = RtmpNode::start();
-    let lb = Amslb::start(&config("", "tcp", &[("o1", node.addr.ip(), 1935)])).await;
-    let (proxy, addr) = &lb.tcp[0];
-    publish_and_wait(format!("rtmp://{addr}/live/s1"), 3, "flv").await;
+    let listen = support::listener_addr(1935);
+    let text = config_on(listen, "", "tcp", &[("o1", node.addr.ip(), 1935)]);
+    let amslb = support::Amslb::start(&text, &[listen]);
+    publish_and_wait(format!("rtmp://{listen}/live/s1"), 3, "flv").await;
     assert_recorded(&node, "s1");
-    let s = proxy.stats().snapshot();
-    assert_eq!(s.connections, 1);
+    // The session's end is logged with what it moved.
+    let start = Instant::now();
+    while !amslb.log().contains("session ended") {
+        assert!(start.elapsed() < Duration::from_secs(5), "{}", amslb.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(amslb.log().contains("\"o1\""), "{}", amslb.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_inspecting_listener_learns_the_publish_and_relays_intact() {
+    let node = RtmpNode::start();
+    let lb = Lb::start(&config(
+        "rtmp_inspect = true",
+        "tcp",
+        &[("o1", node.addr.ip(), 1935)],
+    ))
+    .await;
+    let addr = lb.addr;
+    publish_and_wait(format!("rtmp://{addr}/live/s2"), 3, "flv").await;
+    assert_recorded(&node, "s2");
+    let s = lb.stats();
+    assert_eq!(
+        (s.connections, s.rtmp_publishes, s.rejected),
+        (1, 1, 0),
+        "{s:?}"
+    );
     assert!(s.bytes_in > 50_000, "{s:?}");
     assert!(
         s.bytes_out > 3073,
@@ -37,7 +67,7 @@ async fn rtmp_publish_through_tcp_listener_arrives_intact() {
     );
     // The session ends with the publisher: nothing left open.
     let start = Instant::now();
-    while proxy.stats().snapshot().active != 0 {
+    while lb.stats().active != 0 {
         assert!(
             start.elapsed() < Duration::from_secs(5),
             "session still open"
@@ -47,27 +77,11 @@ async fn rtmp_publish_through_tcp_listener_arrives_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtmp_inspecting_listener_learns_the_publish_and_relays_intact() {
-    let node = RtmpNode::start();
-    let lb = Amslb::start(&config(
-        "rtmp_inspect = true",
-        "tcp",
-        &[("o1", node.addr.ip(), 1935)],
-    ))
-    .await;
-    let (proxy, addr) = &lb.tcp[0];
-    publish_and_wait(format!("rtmp://{addr}/live/s2"), 3, "flv").await;
-    assert_recorded(&node, "s2");
-    let s = proxy.stats().snapshot();
-    assert_eq!((s.rtmp_publishes, s.rejected), (1, 0), "{s:?}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmps_publish_is_terminated_and_relayed_plain() {
     let node = RtmpNode::start();
-    let dir = TempDir::new("rtmps-cert");
+    let dir = tempfile::tempdir().unwrap();
     let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
-    let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
     std::fs::write(&cert, generated.cert.pem()).unwrap();
     std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
     let extra = format!(
@@ -75,25 +89,25 @@ async fn rtmps_publish_is_terminated_and_relayed_plain() {
         cert.display(),
         key.display()
     );
-    let lb = Amslb::start(&config(&extra, "tls", &[("o1", node.addr.ip(), 1935)])).await;
-    let (proxy, addr) = &lb.tcp[0];
+    let lb = Lb::start(&config(&extra, "tls", &[("o1", node.addr.ip(), 1935)])).await;
+    let addr = lb.addr;
     // ffmpeg does not verify the certificate by default, so a self-signed one works.
     publish_and_wait(format!("rtmps://{addr}/live/s3"), 3, "flv").await;
     assert_recorded(&node, "s3");
-    assert_eq!(proxy.stats().snapshot().rtmp_publishes, 1);
+    assert_eq!(lb.stats().rtmp_publishes, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_closes_the_publisher_promptly_and_next_publish_lands_on_a_live_node() {
     let mut a = RtmpNode::start();
     let mut b = RtmpNode::start();
-    let lb = Amslb::start(&config(
+    let lb = Lb::start(&config(
         "",
         "tcp",
         &[("a", a.addr.ip(), 1935), ("b", b.addr.ip(), 1935)],
     ))
     .await;
-    let addr = lb.tcp[0].1;
+    let addr = lb.addr;
     let long = publish(&format!("rtmp://{addr}/live/long"), 60, "flv");
     // Wait until the publish is recording on one of the nodes.
     let start = Instant::now();

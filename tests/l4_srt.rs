@@ -4,11 +4,14 @@
 //! garbage datagrams.
 
 mod l4_parts;
+#[allow(unused_imports)] // the shared harness re-exports more than these tests use
+mod support;
 
 use l4_parts::*;
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::unique_loopback as loopback;
 use tokio::net::UdpSocket;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,9 +27,9 @@ async fn srt_publish_through_udp_listener_arrives_intact() {
             .any(|l| l.trim() == "srt"),
         "this ffmpeg has no SRT support: install Debian's ffmpeg (built with libsrt)"
     );
-    let dir = TempDir::new("srt-node");
+    let dir = tempfile::tempdir().unwrap();
     let node_ip = loopback();
-    let out = dir.0.join("in.ts");
+    let out = dir.path().join("in.ts");
     // The node: ffmpeg as an SRT listener, saving what it receives.
     let node = Command::new("ffmpeg")
         .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
@@ -40,13 +43,13 @@ async fn srt_publish_through_udp_listener_arrives_intact() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lb = Amslb::start(&config(
+    let lb = Lb::start(&config(
         "session_idle = \"5s\"",
         "udp",
         &[("o1", node_ip, 4200)],
     ))
     .await;
-    let (proxy, addr) = lb.udp[0].clone();
+    let addr = lb.addr;
     // Give the listener a moment to bind before the caller's first packet.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let url = format!("srt://{addr}?mode=caller&latency=50000&streamid=live/s1");
@@ -61,7 +64,7 @@ async fn srt_publish_through_udp_listener_arrives_intact() {
     // them even when the caller connects to it directly (measured without
     // amslb), so one missing frame is the tools', not the relay's.
     assert!(frames >= 74, "only {frames} of 75 frames arrived");
-    let s = proxy.stats().snapshot();
+    let s = lb.stats();
     assert_eq!(s.connections, 1, "one client address, one session: {s:?}");
     assert!(s.bytes_in > 50_000 && s.bytes_out > 0, "{s:?}");
 }
@@ -103,13 +106,13 @@ fn node_of(reply: &[u8]) -> String {
 async fn udp_sessions_stick_expire_are_capped_and_survive_garbage() {
     let a = echo_node("a").await;
     let b = echo_node("b").await;
-    let lb = Amslb::start(&config(
+    let lb = Lb::start(&config(
         "max_sessions = 2\nsession_idle = \"1s\"",
         "udp",
         &[("a", a.ip(), a.port()), ("b", b.ip(), b.port())],
     ))
     .await;
-    let (proxy, addr) = lb.udp[0].clone();
+    let addr = lb.addr;
     let c1 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let c2 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let c3 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -134,12 +137,12 @@ async fn udp_sessions_stick_expire_are_capped_and_survive_garbage() {
     assert_ne!(other, home);
     // A third is over the cap: dropped, counted, no crash.
     assert_eq!(ask(&c3, addr, b"y").await, None);
-    assert_eq!(proxy.session_count(), 2);
-    assert_eq!(proxy.stats().snapshot().rejected, 1);
+    assert_eq!(lb.stats().active, 2);
+    assert_eq!(lb.stats().rejected, 1);
 
     // After the idle time every session is gone and the third client gets in.
     let start = Instant::now();
-    while proxy.session_count() != 0 {
+    while lb.stats().active != 0 {
         assert!(
             start.elapsed() < Duration::from_secs(3),
             "sessions did not expire"
@@ -150,6 +153,6 @@ async fn udp_sessions_stick_expire_are_capped_and_survive_garbage() {
         ask(&c3, addr, b"z").await.is_some(),
         "a new session opens after expiry"
     );
-    let s = proxy.stats().snapshot();
+    let s = lb.stats();
     assert_eq!((s.connections, s.active), (3, 1), "{s:?}");
 }

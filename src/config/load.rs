@@ -175,7 +175,7 @@ impl Config {
                     ),
                 );
             }
-            if listener.protocol != Protocol::Http {
+            if listener.protocol == Protocol::Https {
                 return fail(
                     format!("listener[{i}].protocol"),
                     format!(

@@ -7,7 +7,8 @@
 //! `splice` out of it only when it holds data. An `EAGAIN` is therefore always
 //! about the socket, which is what tokio's readiness tracking expects.
 
-use super::relay::{RelayEnd, SessionMeter};
+use super::meter::SessionMeter;
+use crate::tunnel::TunnelEnd;
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use std::io;
 use std::net::Shutdown;
@@ -53,19 +54,25 @@ impl SplicePipes {
         })
     }
 
-    /// Relays between `client` and `node` like [`super::relay::relay`], with splice.
+    /// Relays between `client` and `node` like [`crate::tunnel::relay`] (half-close
+    /// passed on, idle timeout, `stop`), with splice; byte counts go to `meter`.
     pub async fn relay(
         &self,
         client: &TcpStream,
         node: &TcpStream,
         meter: &SessionMeter,
         idle: Duration,
-    ) -> io::Result<RelayEnd> {
+        stop: impl std::future::Future<Output = ()>,
+    ) -> TunnelEnd {
         let up = pump(client, node, &self.up, |n| meter.add_in(n));
         let down = pump(node, client, &self.down, |n| meter.add_out(n));
         tokio::select! {
-            done = async { tokio::try_join!(up, down) } => done.map(|_| RelayEnd::Closed),
-            () = meter.idle(idle) => Ok(RelayEnd::IdleTimeout),
+            done = async { tokio::try_join!(up, down) } => match done {
+                Ok(_) => TunnelEnd::Closed,
+                Err(_) => TunnelEnd::Error,
+            },
+            () = meter.idle(idle) => TunnelEnd::Idle,
+            () = stop => TunnelEnd::Shutdown,
         }
     }
 }
@@ -123,7 +130,13 @@ mod tests {
         let meter = SessionMeter::new(Default::default());
         let pipes = SplicePipes::new().unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        let relay = pipes.relay(&client_side, &node_side, &meter, Duration::from_secs(10));
+        let relay = pipes.relay(
+            &client_side,
+            &node_side,
+            &meter,
+            Duration::from_secs(10),
+            std::future::pending(),
+        );
         let peers = async {
             let (mut cr, mut cw) = client.split();
             let (mut nr, mut nw) = node.split();
@@ -148,7 +161,7 @@ mod tests {
             assert_eq!(back, b"bye");
         };
         let (end, ()) = tokio::join!(relay, peers);
-        assert_eq!(end.unwrap(), RelayEnd::Closed);
+        assert_eq!(end, TunnelEnd::Closed);
         assert_eq!(meter.totals(), (3_000_000, 3));
     }
 }

@@ -1,26 +1,22 @@
 //! `tcp` and `tls` listeners: accept a client, optionally terminate TLS and
 //! inspect the RTMP start, connect a node of the listener's group, relay.
 
-use super::relay::{SessionMeter, relay};
+use super::meter::{Metered, SessionMeter};
 use super::rtmp::{self, Inspector};
 use super::stats::L4Stats;
 use super::tls::{TlsLoadError, server_config};
 use super::upstream::{self, ConnectPolicy, GroupRoute};
 use crate::cluster::{Cluster, Node};
 use crate::config::{Config, ListenerConfig, Protocol};
+use crate::tunnel::{self, TunnelEnd};
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
-
-/// Pause after a failed `accept` (e.g. out of file descriptors) so the loop
-/// does not spin while the condition lasts.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Settings of one TCP-like listener, resolved from the config at start.
 #[derive(Debug, Clone)]
@@ -100,39 +96,18 @@ impl TcpProxy {
         &self.stats
     }
 
-    /// Accepts connections until `shutdown` is cancelled; open sessions end
-    /// when it is cancelled too.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener, shutdown: CancellationToken) {
-        loop {
-            let accepted = tokio::select! {
-                () = shutdown.cancelled() => return,
-                accepted = listener.accept() => accepted,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let this = self.clone();
-                    let shutdown = shutdown.clone();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            () = shutdown.cancelled() => {}
-                            () = this.handle(stream, peer) => {}
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(listener = %self.settings.name, error = %e, "accept failed");
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
-                }
-            }
-        }
-    }
-
-    /// One client session from accept to close. Every early exit closes the
-    /// client by dropping it; nothing here can panic on client input.
-    async fn handle(&self, stream: TcpStream, peer: SocketAddr) {
+    /// One client session from accept to close; `peer` is the client's
+    /// address (from the PROXY header when there is one). An open relay ends
+    /// when `stop` resolves. Every early exit closes the client by dropping it;
+    /// nothing here can panic on client input.
+    pub async fn handle(
+        &self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        stop: impl std::future::Future<Output = ()>,
+    ) {
         let s = &self.settings;
         let _active = self.stats.open();
-        let _ = stream.set_nodelay(true);
         let mut client = match &self.tls {
             None => Client::Plain(stream),
             Some(tls) => {
@@ -182,7 +157,7 @@ impl TcpProxy {
             meter.add_in(prelude.len());
         }
         let stats = &self.stats;
-        let mut tap = |data: &[u8]| {
+        let tap = |data: &[u8]| {
             if let Some(inspector) = inspector.as_mut() {
                 inspector.feed(data);
                 for event in inspector.take_events() {
@@ -197,22 +172,18 @@ impl TcpProxy {
             #[cfg(target_os = "linux")]
             Client::Plain(c) if s.splice && !s.rtmp_inspect => {
                 match super::splice::SplicePipes::new() {
-                    Ok(pipes) => pipes.relay(&c, &node, &meter, s.idle).await,
+                    Ok(pipes) => pipes.relay(&c, &node, &meter, s.idle, stop).await,
                     // Out of descriptors for pipes: the copy path still works.
-                    Err(_) => relay(c, node, &meter, s.idle, &mut tap).await,
+                    Err(_) => buffered(c, node, &meter, s.idle, stop, tap).await,
                 }
             }
-            Client::Plain(c) => relay(c, node, &meter, s.idle, &mut tap).await,
-            Client::Tls(c) => relay(c, node, &meter, s.idle, &mut tap).await,
+            Client::Plain(c) => buffered(c, node, &meter, s.idle, stop, tap).await,
+            Client::Tls(c) => buffered(*c, node, &meter, s.idle, stop, tap).await,
         };
         let (bytes_in, bytes_out) = meter.totals();
-        let end = match &end {
-            Ok(end) => end.as_str().to_string(),
-            Err(e) => format!("error: {e}"),
-        };
         tracing::info!(
             listener = %s.name, %peer, node = lease.node().id(), bytes_in, bytes_out,
-            secs = meter.age().as_secs_f64(), %end, "session ended"
+            secs = meter.age().as_secs_f64(), end = ?end, "session ended"
         );
     }
 
@@ -238,4 +209,21 @@ async fn read_c0_c1<S: AsyncRead + Unpin>(
             .map(|()| head)
             .map_err(|e| e.to_string()),
     }
+}
+
+/// The portable relay: the shared tunnel with the client side metered.
+async fn buffered<C>(
+    client: C,
+    node: TcpStream,
+    meter: &SessionMeter,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+    tap: impl FnMut(&[u8]) + Unpin,
+) -> TunnelEnd
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tunnel::relay(Metered::new(client, meter, tap), node, idle, stop)
+        .await
+        .end
 }

@@ -7,7 +7,7 @@
 //! (new, or expired) opens one, unless `max_sessions` are open: then it is
 //! dropped, which bounds sockets and memory under a spoofed-source flood.
 
-use super::relay::SessionMeter;
+use super::meter::SessionMeter;
 use super::stats::{ActiveGuard, L4Stats};
 use super::upstream::GroupRoute;
 use crate::cluster::{Cluster, NodeLease};
@@ -76,6 +76,11 @@ impl UdpProxy {
             stats: Arc::new(L4Stats::default()),
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The listener's name.
+    pub fn name(&self) -> &str {
+        &self.settings.name
     }
 
     /// The listener's counters.

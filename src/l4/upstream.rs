@@ -107,8 +107,9 @@ pub async fn connect(
         tried.push(node);
         match tokio::time::timeout(policy.timeout, TcpStream::connect(addr)).await {
             Ok(Ok(stream)) => {
-                // Small RTMP control messages must not wait for Nagle.
-                let _ = stream.set_nodelay(true);
+                // No Nagle delay for RTMP control messages; keepalive notices a
+                // node that vanished without a FIN.
+                crate::listener::tune_stream(&stream);
                 return Ok((stream, lease));
             }
             Ok(Err(e)) => {

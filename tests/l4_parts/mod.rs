@@ -3,18 +3,17 @@
 //! in-process on OS-chosen loopback ports.
 #![allow(dead_code)] // each test file uses a different subset
 
-use amslb::cluster::{Cluster, static_source};
-use amslb::config::{Config, parse_str};
-use amslb::l4::tcp::TcpProxy;
-use amslb::l4::udp::UdpProxy;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use crate::support::unique_loopback;
+use amslb::config::parse_str;
+use amslb::l4::{L4Stats, L4StatsSnapshot};
+use amslb::server::Server;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use tokio::net::{TcpListener, UdpSocket};
-use tokio_util::sync::CancellationToken;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
 
 /// Fails the test with install advice when a program is missing.
 pub fn require(program: &str, package: &str) {
@@ -26,43 +25,6 @@ pub fn require(program: &str, package: &str) {
         .map(|s| s.success())
         .unwrap_or(false);
     assert!(found, "{program} is missing: apt-get install {package}");
-}
-
-/// A fresh loopback address 127.a.b.c, unique per call in this process and
-/// spread by process id so parallel test binaries do not meet.
-pub fn loopback() -> IpAddr {
-    static NEXT: AtomicU32 = AtomicU32::new(1);
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    let pid = std::process::id();
-    IpAddr::V4(Ipv4Addr::new(
-        127,
-        40 + (pid % 200) as u8,
-        (pid / 200 % 250) as u8 + 1,
-        n as u8 + 1,
-    ))
-}
-
-/// A temporary directory removed on drop.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(tag: &str) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "amslb-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// An nginx-rtmp node on `addr:1935` that records every published stream to
@@ -83,9 +45,9 @@ impl RtmpNode {
             Path::new(RTMP_MODULE).exists(),
             "{RTMP_MODULE} is missing: apt-get install libnginx-mod-rtmp"
         );
-        let addr = SocketAddr::new(loopback(), 1935);
-        let dir = TempDir::new("rtmp-node");
-        let rec = dir.0.join("rec");
+        let addr = SocketAddr::new(unique_loopback(), 1935);
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("rec");
         std::fs::create_dir_all(&rec).unwrap();
         // nginx workers may drop to an unprivileged user: let it write recordings.
         let _ = Command::new("chmod").arg("0777").arg(&rec).status();
@@ -97,18 +59,18 @@ impl RtmpNode {
              events {{ worker_connections 128; }}\n\
              rtmp {{ server {{ listen {addr}; chunk_size 4096;\n\
                application live {{ live on; record all; record_path {rec}; record_unique off; }} }} }}\n",
-            dir = dir.0.display(),
+            dir = dir.path().display(),
             rec = rec.display(),
         );
-        let conf_path = dir.0.join("nginx.conf");
+        let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
         let child = Command::new("nginx")
             .arg("-c")
             .arg(&conf_path)
             .arg("-p")
-            .arg(&dir.0)
+            .arg(dir.path())
             .arg("-e")
-            .arg(dir.0.join("error.log"))
+            .arg(dir.path().join("error.log"))
             .arg("-g")
             .arg("daemon off;")
             .stdout(Stdio::null())
@@ -126,12 +88,12 @@ impl RtmpNode {
 
     /// The node's error log, for assertion messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.0.join("error.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 
     /// Where a stream published on app `live` is recorded.
     pub fn recording(&self, stream: &str) -> PathBuf {
-        self.dir.0.join("rec").join(format!("{stream}.flv"))
+        self.dir.path().join("rec").join(format!("{stream}.flv"))
     }
 
     /// Kills the node abruptly (SIGKILL), as a crash would.
@@ -162,62 +124,70 @@ pub fn wait_tcp(addr: SocketAddr, limit: Duration, log: impl Fn() -> String) {
     }
 }
 
-/// amslb's L4 listeners of one config, running in this process.
-pub struct Amslb {
-    pub cluster: Arc<Cluster>,
-    pub tcp: Vec<(Arc<TcpProxy>, SocketAddr)>,
-    pub udp: Vec<(Arc<UdpProxy>, SocketAddr)>,
-    shutdown: CancellationToken,
+/// amslb (the library's [`Server`], as the binary runs it) in this process, so
+/// tests can read the L4 counters.
+pub struct Lb {
+    /// Bound address of the first listener.
+    pub addr: SocketAddr,
+    stats: Arc<L4Stats>,
+    stop: Option<oneshot::Sender<()>>,
 }
 
-impl Amslb {
-    /// Starts every tcp/tls/udp listener of `config_text`, each bound to port 0
-    /// of its first bind address.
+impl Lb {
+    /// Starts a server for `config_text` (its one listener binds 127.0.0.1:0).
     pub async fn start(config_text: &str) -> Self {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let config: Config = parse_str(config_text, Path::new("test.toml"))
+        let config = parse_str(config_text, Path::new("test.toml"))
             .unwrap_or_else(|e| panic!("config: {e}"))
             .config;
-        let cluster = Arc::new(Cluster::new());
-        cluster.update(static_source::specs(&config.cluster));
-        let shutdown = CancellationToken::new();
-        let (mut tcp, mut udp) = (Vec::new(), Vec::new());
-        for listener in &config.listeners {
-            let bind = SocketAddr::new(listener.bind[0].ip(), 0);
-            if listener.protocol == amslb::config::Protocol::Udp {
-                let socket = UdpSocket::bind(bind).await.unwrap();
-                let addr = socket.local_addr().unwrap();
-                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
-                tokio::spawn(proxy.clone().serve(Arc::new(socket), shutdown.clone()));
-                udp.push((proxy, addr));
-            } else {
-                let socket = TcpListener::bind(bind).await.unwrap();
-                let addr = socket.local_addr().unwrap();
-                let proxy = Arc::new(TcpProxy::new(&config, listener, cluster.clone()).unwrap());
-                tokio::spawn(proxy.clone().serve(socket, shutdown.clone()));
-                tcp.push((proxy, addr));
-            }
-        }
+        let server = Server::bind(config).unwrap();
+        let addr = server.local_addrs()[0].1;
+        let stats = server.l4_stats()[0].1.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
         Self {
-            cluster,
-            tcp,
-            udp,
-            shutdown,
+            addr,
+            stats,
+            stop: Some(tx),
         }
+    }
+
+    /// The listener's counters now.
+    pub fn stats(&self) -> L4StatsSnapshot {
+        self.stats.snapshot()
     }
 }
 
-impl Drop for Amslb {
+impl Drop for Lb {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 }
 
 /// Config text for a listener of `protocol` in front of `nodes` (id, address, port).
 pub fn config(listener_extra: &str, protocol: &str, nodes: &[(&str, IpAddr, u16)]) -> String {
+    config_on(
+        "127.0.0.1:0".parse().unwrap(),
+        listener_extra,
+        protocol,
+        nodes,
+    )
+}
+
+/// [`config`] with the listener bound to `bind`.
+pub fn config_on(
+    bind: SocketAddr,
+    listener_extra: &str,
+    protocol: &str,
+    nodes: &[(&str, IpAddr, u16)],
+) -> String {
     let mut text = format!(
-        "[global]\nretries = 2\n\n[timeouts]\nconnect = \"1s\"\ntunnel = \"30s\"\n\n\
-         [[listener]]\nname = \"l4\"\nbind = [\"127.0.0.1:1\"]\nprotocol = \"{protocol}\"\n{listener_extra}\n\n\
+        "[global]\nretries = 2\nshutdown_grace = \"1s\"\n\n[timeouts]\nconnect = \"1s\"\ntunnel = \"30s\"\n\n\
+         [[listener]]\nname = \"l4\"\nbind = [\"{bind}\"]\nprotocol = \"{protocol}\"\n{listener_extra}\n\n\
          [[group]]\nname = \"origin\"\nbalance = \"round-robin\"\n\n[cluster]\nsource = \"static\"\n"
     );
     for (id, addr, port) in nodes {
