@@ -19,9 +19,10 @@
 //!   them. Nothing here panics on any input (see the fuzz-style tests).
 
 pub mod amf0;
+pub mod chunk;
 
 use amf0::Value;
-use std::collections::HashMap;
+use chunk::{ChunkReader, TYPE_AMF0_COMMAND, TYPE_AMF3_COMMAND, TYPE_SET_CHUNK_SIZE};
 use std::fmt;
 
 /// Length of C0 + C1, read before a node is chosen so a silent or non-RTMP
@@ -32,18 +33,10 @@ const HANDSHAKE_LEN: usize = 1 + 1536 + 1536;
 /// Chunk-stream bytes inspected at most after the handshake. `connect` to
 /// `publish` takes a few hundred bytes from real encoders.
 pub const INSPECT_CAP: usize = 64 * 1024;
-/// Largest command message buffered; bigger ones are skipped.
+/// Largest command message read; a bigger one ends inspection.
 const MAX_COMMAND: usize = 16 * 1024;
-/// Most chunk streams tracked; real clients use a handful.
-const MAX_CHUNK_STREAMS: usize = 64;
-/// RTMP's initial chunk size.
-const DEFAULT_CHUNK_SIZE: usize = 128;
-/// Largest chunk size the protocol allows.
-const MAX_CHUNK_SIZE: usize = 0x00ff_ffff;
-
-const TYPE_SET_CHUNK_SIZE: u8 = 1;
-const TYPE_AMF3_COMMAND: u8 = 17;
-const TYPE_AMF0_COMMAND: u8 = 20;
+/// The message types the inspector reads.
+const COMMANDS: &[u8] = &[TYPE_AMF0_COMMAND, TYPE_AMF3_COMMAND];
 
 /// Why a client's first byte shows it is not plain RTMP.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,18 +105,6 @@ pub enum Stop {
     Malformed(&'static str),
 }
 
-/// Header state of one chunk stream, as RTMP's header compression needs it.
-#[derive(Debug, Default)]
-struct ChunkStream {
-    len: usize,
-    type_id: u8,
-    extended: bool,
-    /// Bytes of the current message received so far (0: between messages).
-    received: usize,
-    /// The message's bytes, kept only for messages the inspector reads.
-    body: Vec<u8>,
-}
-
 /// Incremental, bounded reader of a client's RTMP start.
 #[derive(Debug)]
 pub struct Inspector {
@@ -131,8 +112,7 @@ pub struct Inspector {
     seen: usize,
     /// Chunk-stream bytes not parsed yet (an incomplete chunk).
     pending: Vec<u8>,
-    chunk_size: usize,
-    streams: HashMap<u32, ChunkStream>,
+    reader: ChunkReader,
     app: String,
     events: Vec<Event>,
     stop: Option<Stop>,
@@ -145,8 +125,7 @@ impl Inspector {
         Self {
             seen: 0,
             pending: Vec::new(),
-            chunk_size: DEFAULT_CHUNK_SIZE,
-            streams: HashMap::new(),
+            reader: ChunkReader::new(Some(COMMANDS), MAX_COMMAND),
             app: String::new(),
             events: Vec::new(),
             stop: None,
@@ -194,8 +173,18 @@ impl Inspector {
         pending.extend_from_slice(&data[..take]);
         let mut pos = 0;
         while self.stop.is_none() {
-            match self.chunk(&pending[pos..]) {
-                Ok(Some(used)) => pos += used,
+            match self.reader.chunk(&pending[pos..]) {
+                Ok(Some((used, message))) => {
+                    pos += used;
+                    match message {
+                        Some(m) if m.type_id == TYPE_AMF0_COMMAND => self.command(&m.body),
+                        // AMF3 commands start with a format byte, then AMF0.
+                        Some(m) if m.type_id == TYPE_AMF3_COMMAND => {
+                            self.command(m.body.get(1..).unwrap_or_default())
+                        }
+                        _ => {}
+                    }
+                }
                 Ok(None) => break,
                 Err(reason) => self.stop = Some(Stop::Malformed(reason)),
             }
@@ -206,96 +195,10 @@ impl Inspector {
             self.stop = Some(Stop::CapReached);
         }
         if self.stop.is_some() {
+            // Done: free the buffers, the inspector is now a no-op.
             self.pending = Vec::new();
-            self.streams = HashMap::new();
+            self.reader = ChunkReader::new(Some(COMMANDS), 0);
         }
-    }
-
-    /// Parses one chunk at the start of `buf`: `Ok(Some(len))` when complete,
-    /// `Ok(None)` when more bytes are needed.
-    fn chunk(&mut self, buf: &[u8]) -> Result<Option<usize>, &'static str> {
-        let Some(&b0) = buf.first() else {
-            return Ok(None);
-        };
-        let fmt = b0 >> 6;
-        let (csid, mut at) = match b0 & 0x3f {
-            0 => match buf.get(1) {
-                Some(&b) => (64 + u32::from(b), 2),
-                None => return Ok(None),
-            },
-            1 => match (buf.get(1), buf.get(2)) {
-                (Some(&lo), Some(&hi)) => (64 + u32::from(lo) + 256 * u32::from(hi), 3),
-                _ => return Ok(None),
-            },
-            id => (u32::from(id), 1),
-        };
-        let header_len = [11, 7, 3, 0][usize::from(fmt)];
-        let Some(header) = buf.get(at..at + header_len) else {
-            return Ok(None);
-        };
-        at += header_len;
-        if !self.streams.contains_key(&csid) && self.streams.len() >= MAX_CHUNK_STREAMS {
-            return Err("too many chunk streams");
-        }
-        let known = self.streams.contains_key(&csid);
-        let stream = self.streams.entry(csid).or_default();
-        if fmt != 0 && !known {
-            return Err("compressed header on a new chunk stream");
-        }
-        if fmt != 3 && stream.received != 0 {
-            return Err("new header inside a message");
-        }
-        if fmt < 3 {
-            stream.extended = be24(&header[0..3]) == 0x00ff_ffff;
-        }
-        if fmt < 2 {
-            stream.len = be24(&header[3..6]);
-            stream.type_id = header[6];
-        }
-        if stream.extended {
-            if buf.len() < at + 4 {
-                return Ok(None);
-            }
-            at += 4;
-        }
-        let part = (stream.len - stream.received).min(self.chunk_size);
-        let Some(payload) = buf.get(at..at + part) else {
-            return Ok(None);
-        };
-        let wanted = matches!(
-            stream.type_id,
-            TYPE_SET_CHUNK_SIZE | TYPE_AMF0_COMMAND | TYPE_AMF3_COMMAND
-        ) && stream.len <= MAX_COMMAND;
-        if wanted {
-            stream.body.extend_from_slice(payload);
-        }
-        stream.received += part;
-        if stream.received == stream.len {
-            stream.received = 0;
-            let body = std::mem::take(&mut stream.body);
-            let type_id = stream.type_id;
-            if wanted {
-                self.message(type_id, &body)?;
-            }
-        }
-        Ok(Some(at + part))
-    }
-
-    /// Acts on one complete message the inspector reads.
-    fn message(&mut self, type_id: u8, body: &[u8]) -> Result<(), &'static str> {
-        match type_id {
-            TYPE_SET_CHUNK_SIZE => {
-                let raw = body.get(..4).ok_or("short set-chunk-size")?;
-                let size = u32::from_be_bytes([raw[0], raw[1], raw[2], raw[3]]) & 0x7fff_ffff;
-                if size == 0 {
-                    return Err("chunk size 0");
-                }
-                self.chunk_size = (size as usize).min(MAX_CHUNK_SIZE);
-            }
-            TYPE_AMF3_COMMAND => self.command(body.get(1..).unwrap_or_default()),
-            _ => self.command(body),
-        }
-        Ok(())
     }
 
     fn command(&mut self, body: &[u8]) {
@@ -329,10 +232,6 @@ impl Inspector {
             _ => {}
         }
     }
-}
-
-fn be24(b: &[u8]) -> usize {
-    (usize::from(b[0]) << 16) | (usize::from(b[1]) << 8) | usize::from(b[2])
 }
 
 fn without_query(s: &str) -> String {
