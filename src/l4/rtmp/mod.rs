@@ -22,7 +22,7 @@ pub mod amf0;
 pub mod chunk;
 
 use amf0::Value;
-use chunk::{ChunkReader, TYPE_AMF0_COMMAND, TYPE_AMF3_COMMAND, TYPE_SET_CHUNK_SIZE};
+use chunk::{ChunkReader, TYPE_AMF0_COMMAND, TYPE_AMF3_COMMAND};
 use std::fmt;
 
 /// Length of C0 + C1, read before a node is chosen so a silent or non-RTMP
@@ -241,22 +241,20 @@ fn without_query(s: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::amf0::encode;
+    use super::chunk::TYPE_SET_CHUNK_SIZE;
     use super::*;
 
-    /// Splits a message into chunks the way encoders send it: a type-0 header,
-    /// then type-3 continuation chunks.
+    /// A message as encoders send it: a full header, then continuation chunks.
     pub fn chunks(csid: u8, type_id: u8, body: &[u8], chunk_size: usize) -> Vec<u8> {
-        let mut out = vec![csid & 0x3f, 0, 0, 0];
-        let len = body.len() as u32;
-        out.extend_from_slice(&len.to_be_bytes()[1..]);
-        out.push(type_id);
-        out.extend_from_slice(&[0, 0, 0, 0]);
-        for (i, part) in body.chunks(chunk_size).enumerate() {
-            if i > 0 {
-                out.push(0xc0 | (csid & 0x3f));
-            }
-            out.extend_from_slice(part);
-        }
+        let mut out = Vec::new();
+        let message = chunk::Message {
+            csid: u32::from(csid),
+            timestamp: 0,
+            type_id,
+            msid: 0,
+            body: body.to_vec(),
+        };
+        chunk::write(&mut out, &message, chunk_size);
         out
     }
 
