@@ -150,3 +150,50 @@ async fn killed_node_closes_the_publisher_promptly_and_next_publish_lands_on_a_l
         assert_recorded(survivor, stream);
     }
 }
+
+/// Stream-key affinity: amslb answers `connect` itself, learns the key, and
+/// sends a key to the same node every time while that node lives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_affinity_keeps_a_stream_key_on_its_node_until_the_node_dies() {
+    let mut a = RtmpNode::start();
+    let mut b = RtmpNode::start();
+    let lb = Lb::start(&config(
+        "rtmp_affinity = true",
+        "tcp",
+        &[("a", a.addr.ip(), 1935), ("b", b.addr.ip(), 1935)],
+    ))
+    .await;
+    let addr = lb.addr;
+    let has = |n: &RtmpNode, key: &str| n.recording(key).exists();
+    // A full publish arrives intact through the locally answered handshake
+    // and connect, and the node's own answers re-framed for the client.
+    publish_and_wait(format!("rtmp://{addr}/live/k1"), 3, "flv").await;
+    assert!(has(&a, "k1") != has(&b, "k1"), "exactly one node got k1");
+    let home_is_a = has(&a, "k1");
+    assert_recorded(if home_is_a { &a } else { &b }, "k1");
+    assert_eq!(lb.stats().rtmp_publishes, 1);
+    // Keys spread over both nodes, each publish landing where its key hashes.
+    let keys = ["k2", "k3", "k4", "k5", "k6", "k7"];
+    let publishers: Vec<_> = keys
+        .iter()
+        .map(|k| publish(&format!("rtmp://{addr}/live/{k}"), 1, "flv"))
+        .collect();
+    for p in publishers {
+        let (ok, err) = blocking(move || wait_child(p, Duration::from_secs(30))).await;
+        assert!(ok, "{err}");
+    }
+    let on_a = keys.iter().filter(|k| has(&a, k)).count();
+    let on_b = keys.iter().filter(|k| has(&b, k)).count();
+    assert_eq!(on_a + on_b, keys.len(), "each key on exactly one node");
+    assert!(on_a > 0 && on_b > 0, "keys spread: a {on_a}, b {on_b}");
+    // The same key again: the same node, and not the other.
+    let (home, away) = if home_is_a { (&a, &b) } else { (&b, &a) };
+    std::fs::remove_file(home.recording("k1")).unwrap();
+    publish_and_wait(format!("rtmp://{addr}/live/k1"), 1, "flv").await;
+    assert!(has(home, "k1") && !has(away, "k1"), "k1 went back to its node");
+    // Its node dies: the key moves to the survivor.
+    if home_is_a { a.kill() } else { b.kill() }
+    let survivor = if home_is_a { &b } else { &a };
+    publish_and_wait(format!("rtmp://{addr}/live/k1"), 1, "flv").await;
+    assert!(has(survivor, "k1"), "k1 moved to the live node");
+}

@@ -19,6 +19,10 @@ pub struct L4Options {
     /// Read the RTMP handshake and commands passing through to learn app and
     /// stream key (logs, counters); see `crate::l4::rtmp`.
     pub rtmp_inspect: bool,
+    /// Choose the node by RTMP stream key (same key → same node while it is
+    /// usable): amslb answers the handshake and `connect` itself to learn the
+    /// key first; see `crate::l4::rtmp::front`. Implies `rtmp_inspect`.
+    pub rtmp_affinity: bool,
     /// How long an inspected RTMP client may take to send its handshake (C0+C1)
     /// before it is closed without reaching a node.
     #[serde(with = "super::duration")]
@@ -39,6 +43,7 @@ impl Default for L4Options {
             cert: None,
             key: None,
             rtmp_inspect: false,
+            rtmp_affinity: false,
             handshake_timeout: Duration::from_secs(10),
             splice: true,
             max_sessions: 10_000,
@@ -73,9 +78,13 @@ pub fn validate(config: &Config) -> Result<(), (String, String)> {
             ));
         }
         let tcp_like = matches!(listener.protocol, Protocol::Tcp | Protocol::Tls);
-        if l4.rtmp_inspect && !tcp_like {
+        if (l4.rtmp_inspect || l4.rtmp_affinity) && !tcp_like {
             return Err((
-                key("rtmp_inspect"),
+                key(if l4.rtmp_inspect {
+                    "rtmp_inspect"
+                } else {
+                    "rtmp_affinity"
+                }),
                 "only applies to protocol = \"tcp\" or \"tls\" listeners".into(),
             ));
         }
@@ -139,6 +148,7 @@ protocol = "tls"
 cert = "/etc/amslb/rtmps.pem"
 key = "/etc/amslb/rtmps.key"
 rtmp_inspect = true
+rtmp_affinity = true
 handshake_timeout = "3s"
 
 [[listener]]
@@ -151,7 +161,7 @@ session_idle = "20s"
         );
         let c = parse_str(&text, Path::new("lb.toml")).unwrap().config;
         assert_eq!(c.listeners[1].protocol, Protocol::Tls);
-        assert!(c.listeners[1].l4.rtmp_inspect);
+        assert!(c.listeners[1].l4.rtmp_inspect && c.listeners[1].l4.rtmp_affinity);
         assert_eq!(c.listeners[1].l4.handshake_timeout.as_secs(), 3);
         assert_eq!(c.listeners[2].l4.max_sessions, 500);
         assert_eq!(c.listeners[2].l4.session_idle.as_secs(), 20);

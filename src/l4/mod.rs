@@ -6,6 +6,7 @@
 //! [`L4Stats`]. The optional RTMP inspector reads, without changing them, the
 //! first bytes a client sends to learn app and stream key.
 
+pub mod affinity;
 pub mod meter;
 pub mod rtmp;
 #[cfg(target_os = "linux")]

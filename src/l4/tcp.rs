@@ -2,7 +2,8 @@
 //! inspect the RTMP start, connect a node of the listener's group, relay.
 
 use super::meter::{Metered, SessionMeter};
-use super::rtmp::{self, Inspector};
+use super::rtmp::filter::{Filtered, NodeFilter};
+use super::rtmp::{self, Inspector, front, handshake};
 use super::stats::L4Stats;
 use super::tls::{TlsLoadError, server_config};
 use super::upstream::{self, ConnectPolicy, GroupRoute};
@@ -13,10 +14,11 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tokio_util::either::Either;
 
 /// Settings of one TCP-like listener, resolved from the config at start.
 #[derive(Debug, Clone)]
@@ -35,6 +37,8 @@ pub struct TcpSettings {
     pub splice: bool,
     /// Inspect the RTMP start (handshake check, app and stream key).
     pub rtmp_inspect: bool,
+    /// Choose the node by stream key (answering `connect` here).
+    pub rtmp_affinity: bool,
 }
 
 impl TcpSettings {
@@ -52,6 +56,7 @@ impl TcpSettings {
             handshake_timeout: listener.l4.handshake_timeout,
             splice: listener.l4.splice,
             rtmp_inspect: listener.l4.rtmp_inspect,
+            rtmp_affinity: listener.l4.rtmp_affinity,
         }
     }
 }
@@ -66,9 +71,16 @@ pub struct TcpProxy {
 }
 
 /// A client connection, before or after TLS.
-enum Client {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+type ClientStream = Either<TcpStream, Box<TlsStream<TcpStream>>>;
+
+/// What the RTMP-aware start of a session produced.
+struct Start {
+    /// Client bytes already read, to send to the node first.
+    prelude: Vec<u8>,
+    /// The inspector, when the listener inspects.
+    inspector: Option<Inspector>,
+    /// The client's opening, when amslb answered `connect` itself.
+    opening: Option<front::Opening>,
 }
 
 impl TcpProxy {
@@ -109,38 +121,26 @@ impl TcpProxy {
         let s = &self.settings;
         let _active = self.stats.open();
         let mut client = match &self.tls {
-            None => Client::Plain(stream),
+            None => Either::Left(stream),
             Some(tls) => {
-                match tokio::time::timeout(
-                    s.handshake_timeout,
-                    TlsAcceptor::from(tls.clone()).accept(stream),
-                )
-                .await
-                {
-                    Ok(Ok(tls)) => Client::Tls(Box::new(tls)),
+                let accept = TlsAcceptor::from(tls.clone()).accept(stream);
+                match tokio::time::timeout(s.handshake_timeout, accept).await {
+                    Ok(Ok(tls)) => Either::Right(Box::new(tls)),
                     Ok(Err(e)) => return self.reject(peer, &format!("TLS handshake: {e}")),
                     Err(_) => return self.reject(peer, "TLS handshake timed out"),
                 }
             }
         };
-        let mut inspector = None;
-        let mut prelude = Vec::new();
-        if s.rtmp_inspect {
-            let head = match &mut client {
-                Client::Plain(c) => read_c0_c1(c, s.handshake_timeout).await,
-                Client::Tls(c) => read_c0_c1(c, s.handshake_timeout).await,
-            };
-            match head {
-                Ok(head) => {
-                    let mut found = Inspector::new(rtmp::INSPECT_CAP);
-                    found.feed(&head);
-                    prelude = head;
-                    inspector = Some(found);
-                }
-                Err(reason) => return self.reject(peer, &reason),
-            }
-        }
-        let (mut node, lease) = match upstream::connect(&self.cluster, &s.route, s.connect).await {
+        let start = match self.rtmp_start(&mut client).await {
+            Ok(start) => start,
+            Err(reason) => return self.reject(peer, &reason),
+        };
+        let key = start.opening.as_ref().and_then(|o| {
+            let stream = o.stream.as_ref()?;
+            Some(format!("{}/{stream}", o.app))
+        });
+        let connected = upstream::connect(&self.cluster, &s.route, s.connect, key.as_deref()).await;
+        let (mut node, lease) = match connected {
             Ok(found) => found,
             Err(e) => {
                 self.stats.count_no_node();
@@ -148,43 +148,99 @@ impl TcpProxy {
                 return;
             }
         };
-        let meter = SessionMeter::new(self.stats.clone());
-        if !prelude.is_empty() {
-            if let Err(e) = node.write_all(&prelude).await {
-                tracing::warn!(listener = %s.name, %peer, node = lease.node().id(), error = %e, "write to node failed");
+        let node_id = lease.node().id();
+        if start.opening.is_some() {
+            let shake = tokio::time::timeout(s.connect.timeout, handshake::with_node(&mut node));
+            if let Err(e) = shake
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+            {
+                tracing::warn!(listener = %s.name, %peer, node = node_id, error = %e, "RTMP handshake with node failed");
                 return;
             }
-            meter.add_in(prelude.len());
+            tracing::info!(listener = %s.name, %peer, node = node_id, key = key.as_deref().unwrap_or("-"), "rtmp node chosen by stream key");
         }
+        let meter = SessionMeter::new(self.stats.clone());
+        if !start.prelude.is_empty() {
+            if let Err(e) = node.write_all(&start.prelude).await {
+                tracing::warn!(listener = %s.name, %peer, node = node_id, error = %e, "write to node failed");
+                return;
+            }
+            meter.add_in(start.prelude.len());
+        }
+        let mut inspector = start.inspector;
         let stats = &self.stats;
-        let tap = |data: &[u8]| {
+        let mut tap = |data: &[u8]| {
             if let Some(inspector) = inspector.as_mut() {
                 inspector.feed(data);
                 for event in inspector.take_events() {
                     if matches!(event, rtmp::Event::Publish { .. }) {
                         stats.count_publish();
                     }
-                    tracing::info!(listener = %s.name, %peer, node = lease.node().id(), "rtmp {event}");
+                    tracing::info!(listener = %s.name, %peer, node = node_id, "rtmp {event}");
                 }
             }
         };
-        let end = match client {
+        // Events found in the replayed bytes.
+        tap(&[]);
+        let end = match (client, start.opening) {
+            (client, Some(opening)) => {
+                let node = Filtered::new(node, NodeFilter::new(opening.connect_txn));
+                buffered(client, node, &meter, s.idle, stop, tap).await
+            }
             #[cfg(target_os = "linux")]
-            Client::Plain(c) if s.splice && !s.rtmp_inspect => {
+            (Either::Left(c), None) if s.splice && inspector_off(s) => {
                 match super::splice::SplicePipes::new() {
                     Ok(pipes) => pipes.relay(&c, &node, &meter, s.idle, stop).await,
                     // Out of descriptors for pipes: the copy path still works.
                     Err(_) => buffered(c, node, &meter, s.idle, stop, tap).await,
                 }
             }
-            Client::Plain(c) => buffered(c, node, &meter, s.idle, stop, tap).await,
-            Client::Tls(c) => buffered(*c, node, &meter, s.idle, stop, tap).await,
+            (client, None) => buffered(client, node, &meter, s.idle, stop, tap).await,
         };
         let (bytes_in, bytes_out) = meter.totals();
         tracing::info!(
-            listener = %s.name, %peer, node = lease.node().id(), bytes_in, bytes_out,
+            listener = %s.name, %peer, node = node_id, bytes_in, bytes_out,
             secs = meter.age().as_secs_f64(), end = ?end, "session ended"
         );
+    }
+
+    /// The RTMP-aware start of a session, per the listener's settings: nothing
+    /// (plain passthrough), C0+C1 checked and inspected, or handshake and
+    /// `connect` answered here to learn the stream key. Bounded by the
+    /// handshake timeout; `Err` is the reason to close the client.
+    async fn rtmp_start(&self, client: &mut ClientStream) -> Result<Start, String> {
+        let s = &self.settings;
+        let mut start = Start {
+            prelude: Vec::new(),
+            inspector: None,
+            opening: None,
+        };
+        if !s.rtmp_inspect && !s.rtmp_affinity {
+            return Ok(start);
+        }
+        let work = async {
+            let head = read_c0_c1(client).await?;
+            if !s.rtmp_affinity {
+                let mut inspector = Inspector::new(rtmp::INSPECT_CAP);
+                inspector.feed(&head);
+                start.prelude = head;
+                start.inspector = Some(inspector);
+                return Ok(start);
+            }
+            let opening = front::open(client, &head, rtmp::INSPECT_CAP)
+                .await
+                .map_err(|e| format!("RTMP opening: {e}"))?;
+            let mut inspector = Inspector::after_handshake(rtmp::INSPECT_CAP);
+            inspector.feed(&opening.replay);
+            start.prelude = opening.replay.clone();
+            start.inspector = Some(inspector);
+            start.opening = Some(opening);
+            Ok(start)
+        };
+        tokio::time::timeout(s.handshake_timeout, work)
+            .await
+            .unwrap_or_else(|_| Err("RTMP handshake timed out".into()))
     }
 
     fn reject(&self, peer: SocketAddr, reason: &str) {
@@ -193,35 +249,39 @@ impl TcpProxy {
     }
 }
 
-/// Reads an RTMP client's C0+C1 within `limit` and checks C0.
-async fn read_c0_c1<S: AsyncRead + Unpin>(
-    client: &mut S,
-    limit: Duration,
-) -> Result<Vec<u8>, String> {
+/// Reads an RTMP client's C0+C1 and checks C0.
+async fn read_c0_c1<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, String> {
     let mut head = vec![0u8; rtmp::C0_C1_LEN];
-    match tokio::time::timeout(limit, client.read_exact(&mut head)).await {
-        Err(_) => Err("RTMP handshake timed out".into()),
-        Ok(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+    match client.read_exact(&mut head).await {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
             Err("RTMP handshake truncated".into())
         }
-        Ok(Err(e)) => Err(format!("RTMP handshake: {e}")),
-        Ok(Ok(_)) => rtmp::check_c0(head[0])
+        Err(e) => Err(format!("RTMP handshake: {e}")),
+        Ok(_) => rtmp::check_c0(head[0])
             .map(|()| head)
             .map_err(|e| e.to_string()),
     }
 }
 
+/// Whether the client's bytes go to the node untouched and unread, which is
+/// what splice needs.
+#[cfg(target_os = "linux")]
+fn inspector_off(s: &TcpSettings) -> bool {
+    !s.rtmp_inspect && !s.rtmp_affinity
+}
+
 /// The portable relay: the shared tunnel with the client side metered.
-async fn buffered<C>(
+async fn buffered<C, N>(
     client: C,
-    node: TcpStream,
+    node: N,
     meter: &SessionMeter,
     idle: Duration,
     stop: impl std::future::Future<Output = ()>,
     tap: impl FnMut(&[u8]) + Unpin,
 ) -> TunnelEnd
 where
-    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin,
+    N: AsyncRead + AsyncWrite + Unpin,
 {
     tunnel::relay(Metered::new(client, meter, tap), node, idle, stop)
         .await

@@ -144,7 +144,7 @@ impl UdpProxy {
             return None;
         }
         let snapshot = self.cluster.snapshot();
-        let Some(node) = s.route.pick(&snapshot, &[]) else {
+        let Some(node) = s.route.pick(&snapshot, &[], None) else {
             self.stats.count_no_node();
             tracing::warn!(listener = %s.name, %peer, "no usable node for udp session");
             return None;

@@ -2,6 +2,7 @@
 //! backup group) with the group's balancing, connect with the connect timeout,
 //! and on failure try another node, all before any byte is relayed.
 
+use super::affinity;
 use crate::balance;
 use crate::cluster::{Cluster, Membership, Node, NodeLease};
 use crate::config::{BalanceMode, Config};
@@ -39,12 +40,19 @@ impl GroupRoute {
         }
     }
 
-    /// Picks a usable node not in `tried`, from the group or else its backup.
-    pub fn pick(&self, snapshot: &Membership, tried: &[Arc<Node>]) -> Option<Arc<Node>> {
+    /// Picks a usable node not in `tried`, from the group or else its backup:
+    /// by `key` affinity when there is a key, else with the group's balancing.
+    pub fn pick(
+        &self,
+        snapshot: &Membership,
+        tried: &[Arc<Node>],
+        key: Option<&str>,
+    ) -> Option<Arc<Node>> {
         let from = |name: &str, mode| {
-            snapshot
-                .group(name)
-                .and_then(|members| balance::pick(mode, members, tried))
+            snapshot.group(name).and_then(|members| match key {
+                Some(key) => affinity::pick(members, key, tried),
+                None => balance::pick(mode, members, tried),
+            })
         };
         from(&self.group, self.balance).or_else(|| {
             self.backup
@@ -86,19 +94,20 @@ pub struct ConnectPolicy {
     pub retries: u32,
 }
 
-/// Connects to a node chosen by `route` from the current membership, retrying
-/// on other nodes. The returned lease counts the session on the node (least-conn)
-/// until dropped.
+/// Connects to a node chosen by `route` from the current membership (by
+/// `key` affinity when given), retrying on other nodes. The returned lease
+/// counts the session on the node (least-conn) until dropped.
 pub async fn connect(
     cluster: &Cluster,
     route: &GroupRoute,
     policy: ConnectPolicy,
+    key: Option<&str>,
 ) -> Result<(TcpStream, NodeLease), UpstreamError> {
     let snapshot = cluster.snapshot();
     let mut tried: Vec<Arc<Node>> = Vec::new();
     let mut last: Option<(SocketAddr, io::Error)> = None;
     for _ in 0..=policy.retries {
-        let Some(node) = route.pick(&snapshot, &tried) else {
+        let Some(node) = route.pick(&snapshot, &tried, key) else {
             break;
         };
         let addr = (policy.addr_of)(&node);
@@ -184,7 +193,9 @@ mod tests {
             spec("b-live", "origin", live.local_addr().unwrap().port()),
         ]);
         for _ in 0..4 {
-            let (_s, lease) = connect(&cluster, &route(false), policy(1)).await.unwrap();
+            let (_s, lease) = connect(&cluster, &route(false), policy(1), None)
+                .await
+                .unwrap();
             assert_eq!(lease.node().id(), "b-live");
             assert_eq!(lease.node().active_sessions(), 1);
         }
@@ -201,7 +212,7 @@ mod tests {
                 .map(|(i, p)| spec(&format!("n{i}"), "origin", *p))
                 .collect(),
         );
-        let err = connect(&cluster, &route(false), policy(1))
+        let err = connect(&cluster, &route(false), policy(1), None)
             .await
             .unwrap_err();
         match err {
@@ -219,9 +230,11 @@ mod tests {
         let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cluster = Cluster::new();
         cluster.update(vec![spec("s1", "spare", live.local_addr().unwrap().port())]);
-        let (_s, lease) = connect(&cluster, &route(true), policy(0)).await.unwrap();
+        let (_s, lease) = connect(&cluster, &route(true), policy(0), None)
+            .await
+            .unwrap();
         assert_eq!(lease.node().id(), "s1");
-        let err = connect(&cluster, &route(false), policy(0))
+        let err = connect(&cluster, &route(false), policy(0), None)
             .await
             .unwrap_err();
         assert!(matches!(err, UpstreamError::NoNode { .. }), "{err}");

@@ -152,31 +152,59 @@ fn decode(data: &mut &[u8], depth: usize) -> Result<Value, AmfError> {
     })
 }
 
-/// Encoders used by tests to build command messages the way encoders send them.
-#[cfg(test)]
-pub(crate) mod encode {
-    /// AMF0 string.
-    pub fn string(out: &mut Vec<u8>, s: &str) {
-        out.push(0x02);
-        out.extend_from_slice(&(s.len() as u16).to_be_bytes());
-        out.extend_from_slice(s.as_bytes());
-    }
-
-    /// AMF0 number.
-    pub fn number(out: &mut Vec<u8>, n: f64) {
-        out.push(0x00);
-        out.extend_from_slice(&n.to_be_bytes());
-    }
-
-    /// AMF0 object of string properties.
-    pub fn object(out: &mut Vec<u8>, pairs: &[(&str, &str)]) {
-        out.push(0x03);
-        for (k, v) in pairs {
-            out.extend_from_slice(&(k.len() as u16).to_be_bytes());
-            out.extend_from_slice(k.as_bytes());
-            string(out, v);
+/// Appends the AMF0 encoding of `value` (strings over 64 KiB as long strings).
+pub fn encode(out: &mut Vec<u8>, value: &Value) {
+    match value {
+        Value::Number(n) => {
+            out.push(0x00);
+            out.extend_from_slice(&n.to_be_bytes());
         }
-        out.extend_from_slice(&[0, 0, 0x09]);
+        Value::Bool(b) => out.extend_from_slice(&[0x01, u8::from(*b)]),
+        Value::String(s) => match u16::try_from(s.len()) {
+            Ok(len) => {
+                out.push(0x02);
+                out.extend_from_slice(&len.to_be_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+            Err(_) => {
+                out.push(0x0c);
+                out.extend_from_slice(&(s.len() as u32).to_be_bytes());
+                out.extend_from_slice(s.as_bytes());
+            }
+        },
+        Value::Object(pairs) => {
+            out.push(0x03);
+            for (key, v) in pairs {
+                // Keys longer than 64 KiB do not occur in RTMP commands; cut them.
+                let key = &key.as_bytes()[..key.len().min(usize::from(u16::MAX))];
+                out.extend_from_slice(&(key.len() as u16).to_be_bytes());
+                out.extend_from_slice(key);
+                encode(out, v);
+            }
+            out.extend_from_slice(&[0, 0, 0x09]);
+        }
+        Value::Array(items) => {
+            out.push(0x0a);
+            out.extend_from_slice(&(items.len() as u32).to_be_bytes());
+            items.iter().for_each(|v| encode(out, v));
+        }
+        Value::Null => out.push(0x05),
+    }
+}
+
+/// Builders for tests, in the shape encoders send commands.
+#[cfg(test)]
+pub(crate) mod test_values {
+    use super::Value;
+
+    /// A string value.
+    pub fn s(text: &str) -> Value {
+        Value::String(text.into())
+    }
+
+    /// An object of string properties.
+    pub fn object(pairs: &[(&str, &str)]) -> Value {
+        Value::Object(pairs.iter().map(|(k, v)| (k.to_string(), s(v))).collect())
     }
 }
 
@@ -187,10 +215,15 @@ mod tests {
     #[test]
     fn decodes_a_connect_command() {
         let mut m = Vec::new();
-        encode::string(&mut m, "connect");
-        encode::number(&mut m, 1.0);
-        encode::object(&mut m, &[("app", "live"), ("tcUrl", "rtmp://h/live")]);
+        let sent = [
+            test_values::s("connect"),
+            Value::Number(1.0),
+            test_values::object(&[("app", "live"), ("tcUrl", "rtmp://h/live")]),
+            Value::Array(vec![Value::Bool(true), Value::Null]),
+        ];
+        sent.iter().for_each(|v| encode(&mut m, v));
         let (values, err) = decode_all(&m);
+        assert_eq!(values, sent);
         assert_eq!(err, None);
         assert_eq!(values[0].as_str(), Some("connect"));
         assert_eq!(values[1], Value::Number(1.0));
@@ -200,7 +233,7 @@ mod tests {
     #[test]
     fn truncation_and_depth_are_errors() {
         let mut m = Vec::new();
-        encode::string(&mut m, "publish");
+        encode(&mut m, &test_values::s("publish"));
         let (values, err) = decode_all(&m[..m.len() - 2]);
         assert!(values.is_empty());
         assert_eq!(err, Some(AmfError::Truncated));

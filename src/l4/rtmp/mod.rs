@@ -20,6 +20,9 @@
 
 pub mod amf0;
 pub mod chunk;
+pub mod filter;
+pub mod front;
+pub mod handshake;
 
 use amf0::Value;
 use chunk::{ChunkReader, TYPE_AMF0_COMMAND, TYPE_AMF3_COMMAND};
@@ -133,6 +136,15 @@ impl Inspector {
         }
     }
 
+    /// An inspector for a session whose handshake amslb answered itself: the
+    /// bytes it is fed start with the chunk stream.
+    pub fn after_handshake(cap: usize) -> Self {
+        Self {
+            seen: HANDSHAKE_LEN,
+            ..Self::new(cap)
+        }
+    }
+
     /// Why inspection stopped, or `None` while it goes on.
     pub fn stopped(&self) -> Option<Stop> {
         self.stop
@@ -240,7 +252,7 @@ fn without_query(s: &str) -> String {
 
 #[cfg(test)]
 pub(crate) mod tests {
-    use super::amf0::encode;
+    use super::amf0::{Value as V, encode, test_values};
     use super::chunk::TYPE_SET_CHUNK_SIZE;
     use super::*;
 
@@ -265,14 +277,11 @@ pub(crate) mod tests {
         arg: Option<&str>,
     ) -> Vec<u8> {
         let mut m = Vec::new();
-        encode::string(&mut m, name);
-        encode::number(&mut m, txn);
-        match object {
-            Some(pairs) => encode::object(&mut m, pairs),
-            None => m.push(0x05),
-        }
+        encode(&mut m, &test_values::s(name));
+        encode(&mut m, &V::Number(txn));
+        encode(&mut m, &object.map_or(V::Null, test_values::object));
         if let Some(a) = arg {
-            encode::string(&mut m, a);
+            encode(&mut m, &test_values::s(a));
         }
         m
     }
@@ -312,7 +321,7 @@ pub(crate) mod tests {
             4096,
         ));
         let mut publish = command("publish", 5.0, None, Some("s1?token=secret"));
-        encode::string(&mut publish, "live");
+        encode(&mut publish, &test_values::s("live"));
         out.extend(chunks(8, TYPE_AMF0_COMMAND, &publish, 4096));
         // Media follows; the inspector must not care.
         out.extend(chunks(4, 9, &[0x17; 3000], 4096));
