@@ -100,6 +100,15 @@ fn cpu_secs(pid: u32) -> f64 {
     total as f64 / 100.0 // USER_HZ is 100 on Linux
 }
 
+/// Starts a proxy process with its output discarded.
+fn spawn_quiet(command: &mut Command) -> Child {
+    command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 fn start_amslb(dir: &Path, backend: SocketAddr) -> Vec<Proxy> {
     let (splice_port, copy_port) = (free_port(), free_port());
     let config = format!(
@@ -128,14 +137,12 @@ rtmp_port = {}
     );
     let path = dir.join("amslb.toml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_amslb"))
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_quiet(
+        Command::new(env!("CARGO_BIN_EXE_amslb"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "warn"),
+    );
     let pid = child.id();
     let splice: SocketAddr = ([127, 0, 0, 1], splice_port).into();
     let copy: SocketAddr = ([127, 0, 0, 1], copy_port).into();
@@ -167,14 +174,7 @@ fn start_haproxy(dir: &Path, backend: SocketAddr) -> Proxy {
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_quiet(Command::new("haproxy").arg("-db").arg("-f").arg(&path));
     let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr);
     Proxy {
@@ -200,19 +200,17 @@ fn start_nginx(dir: &Path, backend: SocketAddr) -> Proxy {
     );
     let path = dir.join("nginx.conf");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new("nginx")
-        .arg("-c")
-        .arg(&path)
-        .arg("-p")
-        .arg(dir)
-        .arg("-e")
-        .arg(dir.join("nginx.err"))
-        .arg("-g")
-        .arg("daemon off;")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let child = spawn_quiet(
+        Command::new("nginx")
+            .arg("-c")
+            .arg(&path)
+            .arg("-p")
+            .arg(dir)
+            .arg("-e")
+            .arg(dir.join("nginx.err"))
+            .arg("-g")
+            .arg("daemon off;"),
+    );
     let addr = ([127, 0, 0, 1], port).into();
     wait_listening(addr);
     Proxy {

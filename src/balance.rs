@@ -38,13 +38,14 @@ pub fn pick(mode: BalanceMode, members: &GroupMembers, tried: &[Arc<Node>]) -> O
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cluster::NodeSpec;
     use std::collections::HashMap;
     use std::net::IpAddr;
 
-    fn members(n: u8) -> GroupMembers {
+    /// A group of `n` up nodes, for balancing tests.
+    pub(crate) fn members(n: u8) -> GroupMembers {
         GroupMembers {
             nodes: (1..=n)
                 .map(|i| {

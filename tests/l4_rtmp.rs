@@ -190,9 +190,16 @@ async fn rtmp_affinity_keeps_a_stream_key_on_its_node_until_the_node_dies() {
     let (home, away) = if home_is_a { (&a, &b) } else { (&b, &a) };
     std::fs::remove_file(home.recording("k1")).unwrap();
     publish_and_wait(format!("rtmp://{addr}/live/k1"), 1, "flv").await;
-    assert!(has(home, "k1") && !has(away, "k1"), "k1 went back to its node");
+    assert!(
+        has(home, "k1") && !has(away, "k1"),
+        "k1 went back to its node"
+    );
     // Its node dies: the key moves to the survivor.
-    if home_is_a { a.kill() } else { b.kill() }
+    if home_is_a {
+        a.kill()
+    } else {
+        b.kill()
+    }
     let survivor = if home_is_a { &b } else { &a };
     publish_and_wait(format!("rtmp://{addr}/live/k1"), 1, "flv").await;
     assert!(has(survivor, "k1"), "k1 moved to the live node");

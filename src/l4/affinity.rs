@@ -36,28 +36,8 @@ fn weight(node: &str, key: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeSpec;
+    use crate::balance::tests::members;
     use std::collections::HashMap;
-    use std::net::IpAddr;
-
-    fn members(n: u8) -> GroupMembers {
-        GroupMembers {
-            nodes: (1..=n)
-                .map(|i| {
-                    Arc::new(Node::new(NodeSpec {
-                        id: format!("origin-{i}"),
-                        group: "origin".into(),
-                        addr: IpAddr::from([127, 0, 1, i]),
-                        http_port: 5080,
-                        rtmp_port: 1935,
-                        srt_port: 4200,
-                        drain: false,
-                    }))
-                })
-                .collect(),
-            cursor: Default::default(),
-        }
-    }
 
     #[test]
     fn same_key_same_node_and_keys_spread() {

@@ -185,7 +185,9 @@ impl TcpProxy {
         tap(&[]);
         let end = match (client, start.opening) {
             (client, Some(opening)) => {
-                let node = Filtered::new(node, NodeFilter::new(opening.connect_txn));
+                let (from_node, to_node) = node.into_split();
+                let from_node = Filtered::new(from_node, NodeFilter::new(opening.connect_txn));
+                let node = tokio::io::join(from_node, to_node);
                 buffered(client, node, &meter, s.idle, stop, tap).await
             }
             #[cfg(target_os = "linux")]

@@ -1,22 +1,26 @@
-//! Passive RTMP inspection: reads the bytes a client sends to its node, without
-//! changing or delaying them, to learn the app (`connect`) and the stream name
-//! (`publish`/`play`) for logs and counters.
+//! RTMP awareness for the `tcp`/`tls` listeners, in two strengths:
 //!
-//! Design and limits:
-//! - amslb does not terminate RTMP. The handshake (C0/C1/C2, S0/S1/S2) passes
-//!   through untouched; the inspector only checks C0 (version 3, plain RTMP)
-//!   and skips the 3073 handshake bytes, then parses the client's chunk stream
-//!   (chunk headers, chunk-size changes, AMF0/AMF3 command messages).
-//! - The stream key travels in `releaseStream`/`FCPublish`/`publish`, which a
-//!   client sends only after the *server* answered `connect`. So the key is
-//!   known only once a node was chosen and is serving the session; choosing
-//!   the node by stream key would require answering `connect` here and
-//!   rewriting the node's replies (chunk-stream state, acknowledgements), i.e.
-//!   terminating RTMP, which this design avoids on purpose.
-//! - Inspection stops at the first `publish` or `play`, at [`INSPECT_CAP`]
-//!   bytes after the handshake, or at the first malformed chunk; after that the
-//!   inspector costs nothing and the bytes still flow to the node, which judges
-//!   them. Nothing here panics on any input (see the fuzz-style tests).
+//! - **Inspection** ([`Inspector`], `rtmp_inspect`): reads the bytes a client
+//!   sends to its node, without changing or delaying them, to learn the app
+//!   (`connect`) and the stream name (`publish`/`play`) for logs and counters.
+//!   The handshake passes through untouched; only C0 is checked (version 3,
+//!   plain RTMP) and C0+C1 must arrive before a node is contacted, so a silent
+//!   or non-RTMP client never reaches one. Inspection stops at the first
+//!   `publish`/`play`, at [`INSPECT_CAP`] bytes after the handshake, or at the
+//!   first malformed chunk; the bytes still flow and the node judges them.
+//! - **Affinity** ([`front`], [`filter`], `rtmp_affinity`): the stream key
+//!   travels in `releaseStream`/`FCPublish`/`publish`, which a client sends
+//!   only after the *server* answered `connect`. To choose the node by key,
+//!   amslb answers the handshake and `connect` itself, reads the key, then
+//!   shakes hands with the chosen node ([`handshake`]), replays the client's
+//!   bytes, and drops the node's second `connect` answer while re-framing the
+//!   node's messages so the client's chunk-stream state stays consistent.
+//!   Limits: clients must name the key before awaiting `createStream`'s
+//!   answer (ffmpeg, OBS/librtmp and Wirecast do; others get plain
+//!   balancing); RTMPE and digest-only handshakes are not supported.
+//!
+//! Nothing here panics on any input (see the fuzz-style tests); every buffer
+//! is bounded.
 
 pub mod amf0;
 pub mod chunk;
