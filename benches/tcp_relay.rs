@@ -4,7 +4,8 @@
 //! the ratios to HAProxy.
 //!
 //! Run: `cargo bench --bench tcp_relay` (needs haproxy, nginx and
-//! libnginx-mod-stream). Bounded: `SECS` seconds per case, a few cases.
+//! libnginx-mod-stream). Bounded: `ROUNDS` × `SECS` seconds per case, eight
+//! cases (about a minute).
 //!
 //! What it measures: clients write 256 KiB buffers as fast as they can for
 //! `SECS`, then half-close; the sink counts bytes until every stream's EOF.
@@ -20,8 +21,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Seconds of load per case.
-const SECS: u64 = 3;
+/// Seconds of load per case and round.
+const SECS: u64 = 2;
+/// Rounds; the proxies take turns in each, and the median round is reported,
+/// because the machine is shared and its load changes while the bench runs.
+const ROUNDS: usize = 3;
 /// Parallel client connections per case.
 const CONNS: &[usize] = &[1, 8];
 const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
@@ -277,6 +281,12 @@ async fn run_case(proxy: &Proxy, conns: usize, received: &AtomicU64) -> (f64, f6
     (bytes * 8.0 / elapsed / 1e9, cpu / (bytes / 1e9))
 }
 
+fn median(values: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = values.collect();
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
 fn main() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -286,16 +296,30 @@ fn main() {
         let mut proxies = start_amslb(&dir, backend);
         proxies.push(start_haproxy(&dir, backend));
         proxies.push(start_nginx(&dir, backend));
-        println!("TCP relay, client→node, {SECS} s per case, loopback, one machine");
+        println!(
+            "TCP relay, client→node, median of {ROUNDS} rounds of {SECS} s, loopback, one machine"
+        );
         println!(
             "{:<14} {:>5} {:>9} {:>13} {:>13} {:>13}",
             "proxy", "conns", "Gbit/s", "CPU s/GB", "vs haproxy", "CPU vs hap."
         );
         for &conns in CONNS {
-            let mut results = Vec::new();
-            for p in &proxies {
-                results.push((p.name, run_case(p, conns, &received).await));
+            let mut rounds: Vec<Vec<(f64, f64)>> = vec![Vec::new(); proxies.len()];
+            for _ in 0..ROUNDS {
+                for (i, p) in proxies.iter().enumerate() {
+                    rounds[i].push(run_case(p, conns, &received).await);
+                }
             }
+            let results: Vec<(&str, (f64, f64))> = proxies
+                .iter()
+                .zip(rounds)
+                .map(|(p, r)| {
+                    (
+                        p.name,
+                        (median(r.iter().map(|x| x.0)), median(r.iter().map(|x| x.1))),
+                    )
+                })
+                .collect();
             let hap = results
                 .iter()
                 .find(|r| r.0 == "haproxy")

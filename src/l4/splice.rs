@@ -86,7 +86,7 @@ async fn pump(
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
         from.readable().await?;
-        let filled = match from.try_io(Interest::READABLE, || {
+        let mut filled = match from.try_io(Interest::READABLE, || {
             Ok(splice(from, None, &pipe.write, None, pipe.size, flags)?)
         }) {
             Ok(0) => return socket2::SockRef::from(to).shutdown(Shutdown::Write),
@@ -94,6 +94,18 @@ async fn pump(
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         };
+        // Top the pipe up while the socket has more, so each write moves a
+        // larger batch. Called directly, not through `try_io`: an EAGAIN here
+        // may mean the pipe ran out of slots rather than the socket out of
+        // data, so it must not clear the socket's readiness; the next
+        // `try_io` above finds out which.
+        while filled < pipe.size {
+            match splice(from, None, &pipe.write, None, pipe.size - filled, flags) {
+                Ok(n) if n > 0 => filled += n,
+                // EOF (0) is seen again, and acted on, by the next read above.
+                _ => break,
+            }
+        }
         let mut left = filled;
         while left > 0 {
             to.writable().await?;
