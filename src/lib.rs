@@ -8,6 +8,7 @@
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;
@@ -15,6 +16,8 @@ pub mod proxy_protocol;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod sticky;
+pub mod streaming;
 pub mod tunnel;
 
 use config::Config;

@@ -2,6 +2,8 @@
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
+use crate::health::Health;
+use crate::sticky::Sticky;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -26,6 +28,10 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Cookie and WHIP/WHEP affinity (`[sticky]`).
+    pub sticky: Sticky,
+    /// Node health checks (`[health]`); the proxy reports passive failures here.
+    pub health: Arc<Health>,
 }
 
 impl Runtime {
@@ -33,6 +39,8 @@ impl Runtime {
     pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Arc::new(Self {
+            sticky: Sticky::from_config(&config),
+            health: Health::new(&config),
             config: ArcSwap::from_pointee(config),
             cluster,
             shutdown: CancellationToken::new(),

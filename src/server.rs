@@ -153,6 +153,9 @@ impl Server {
     /// whatever is still open (tunnels).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
+        runtime
+            .health
+            .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
         for bound in self.bound {
             if let Ok(addr) = bound.socket.local_addr() {
                 info!(listener = %bound.name, %addr, "listening");

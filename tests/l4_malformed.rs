@@ -3,7 +3,6 @@
 //! inspection on, reach a node.
 
 mod l4_parts;
-#[allow(unused_imports)] // the shared harness re-exports more than these tests use
 mod support;
 
 use l4_parts::*;

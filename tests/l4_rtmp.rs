@@ -2,7 +2,6 @@
 //! publishes, nginx-rtmp nodes record, ffprobe checks what arrived.
 
 mod l4_parts;
-#[allow(unused_imports)] // the shared harness re-exports more than these tests use
 mod support;
 
 use l4_parts::*;

@@ -4,7 +4,6 @@
 //! garbage datagrams.
 
 mod l4_parts;
-#[allow(unused_imports)] // the shared harness re-exports more than these tests use
 mod support;
 
 use l4_parts::*;

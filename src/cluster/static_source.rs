@@ -15,7 +15,8 @@ pub fn specs(cluster: &ClusterConfig) -> Vec<NodeSpec> {
             http_port: n.http_port.unwrap_or(cluster.http_port),
             rtmp_port: n.rtmp_port.unwrap_or(cluster.rtmp_port),
             srt_port: n.srt_port.unwrap_or(cluster.srt_port),
-            drain: false,
+            drain: n.drain,
+            region: n.region.clone(),
         })
         .collect()
 }

@@ -228,6 +228,12 @@ impl Config {
             }
             *per_group.entry(node.group.as_str()).or_default() += 1;
         }
+        super::sticky::validate(
+            &self.sticky,
+            (self.cluster.nodes.iter().enumerate())
+                .filter_map(|(i, n)| Some((i, n.cookie.as_deref()?))),
+        )?;
+        warnings.extend(super::health::validate(&self.health)?);
         for group in &self.groups {
             if !per_group.contains_key(group.name.as_str()) {
                 warnings.push(format!(
@@ -236,6 +242,7 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(super::streaming::validate(self)?);
         Ok(warnings)
     }
 }

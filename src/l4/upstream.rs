@@ -159,6 +159,7 @@ mod tests {
             rtmp_port: port,
             srt_port: 4200,
             drain: false,
+            region: None,
         }
     }
 
