@@ -68,6 +68,8 @@ impl Server {
     pub fn bind(config: Config) -> Result<Self, StartError> {
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
+        let runtime = Runtime::new(config, cluster.clone());
+        let config = runtime.config();
         let mut bound = Vec::new();
         let mut udp = Vec::new();
         for listener in &config.listeners {
@@ -88,12 +90,11 @@ impl Server {
             }
             let l4 = match listener.protocol {
                 Protocol::Tcp | Protocol::Tls => Some(Arc::new(
-                    TcpProxy::new(&config, listener, cluster.clone()).map_err(|source| {
-                        StartError::Tls {
+                    TcpProxy::new(&config, listener, cluster.clone(), runtime.health.clone())
+                        .map_err(|source| StartError::Tls {
                             listener: listener.name.clone(),
                             source: Box::new(source),
-                        }
-                    })?,
+                        })?,
                 )),
                 _ => None,
             };
@@ -107,7 +108,7 @@ impl Server {
             }
         }
         Ok(Self {
-            runtime: Runtime::new(config, cluster),
+            runtime,
             bound,
             udp,
         })

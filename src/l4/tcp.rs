@@ -9,6 +9,7 @@ use super::tls::{TlsLoadError, server_config};
 use super::upstream::{self, ConnectPolicy, GroupRoute};
 use crate::cluster::{Cluster, Node};
 use crate::config::{Config, ListenerConfig, Protocol};
+use crate::health::Health;
 use crate::tunnel::{self, TunnelEnd};
 use std::io;
 use std::net::SocketAddr;
@@ -67,6 +68,8 @@ pub struct TcpProxy {
     settings: TcpSettings,
     tls: Option<Arc<rustls::ServerConfig>>,
     cluster: Arc<Cluster>,
+    /// Where failed node connects are reported (passive health checks).
+    health: Arc<Health>,
     stats: Arc<L4Stats>,
 }
 
@@ -90,6 +93,7 @@ impl TcpProxy {
         config: &Config,
         listener: &ListenerConfig,
         cluster: Arc<Cluster>,
+        health: Arc<Health>,
     ) -> Result<Self, TlsLoadError> {
         let tls = match (&listener.protocol, &listener.l4.cert, &listener.l4.key) {
             (Protocol::Tls, Some(cert), Some(key)) => Some(server_config(cert, key)?),
@@ -99,6 +103,7 @@ impl TcpProxy {
             settings: TcpSettings::new(config, listener),
             tls,
             cluster,
+            health,
             stats: Arc::new(L4Stats::default()),
         })
     }
@@ -139,7 +144,14 @@ impl TcpProxy {
             let stream = o.stream.as_ref()?;
             Some(format!("{}/{stream}", o.app))
         });
-        let connected = upstream::connect(&self.cluster, &s.route, s.connect, key.as_deref()).await;
+        let connected = upstream::connect(
+            &self.cluster,
+            &s.route,
+            s.connect,
+            key.as_deref(),
+            Some(&self.health),
+        )
+        .await;
         let (mut node, lease) = match connected {
             Ok(found) => found,
             Err(e) => {

@@ -6,6 +6,7 @@ use super::affinity;
 use crate::balance;
 use crate::cluster::{Cluster, Membership, Node, NodeLease};
 use crate::config::{BalanceMode, Config};
+use crate::health::Health;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -95,13 +96,15 @@ pub struct ConnectPolicy {
 }
 
 /// Connects to a node chosen by `route` from the current membership (by
-/// `key` affinity when given), retrying on other nodes. The returned lease
-/// counts the session on the node (least-conn) until dropped.
+/// `key` affinity when given), retrying on other nodes; failures are reported
+/// to `health` as passive checks. The returned lease counts the session on
+/// the node (least-conn) until dropped.
 pub async fn connect(
     cluster: &Cluster,
     route: &GroupRoute,
     policy: ConnectPolicy,
     key: Option<&str>,
+    health: Option<&Health>,
 ) -> Result<(TcpStream, NodeLease), UpstreamError> {
     let snapshot = cluster.snapshot();
     let mut tried: Vec<Arc<Node>> = Vec::new();
@@ -121,13 +124,13 @@ pub async fn connect(
                 crate::listener::tune_stream(&stream);
                 return Ok((stream, lease));
             }
-            Ok(Err(e)) => {
-                tracing::warn!(node = lease.node().id(), %addr, error = %e, "connect to node failed");
-                last = Some((addr, e));
-            }
-            Err(_) => {
-                tracing::warn!(node = lease.node().id(), %addr, "connect to node timed out");
-                last = Some((addr, io::ErrorKind::TimedOut.into()));
+            Ok(Err(e)) => last = Some((addr, e)),
+            Err(_) => last = Some((addr, io::ErrorKind::TimedOut.into())),
+        }
+        if let Some((_, e)) = &last {
+            tracing::warn!(node = lease.node().id(), %addr, error = %e, "connect to node failed");
+            if let Some(health) = health {
+                health.report_failure(lease.node(), &format!("connect failed: {e}"));
             }
         }
     }
@@ -194,7 +197,7 @@ mod tests {
             spec("b-live", "origin", live.local_addr().unwrap().port()),
         ]);
         for _ in 0..4 {
-            let (_s, lease) = connect(&cluster, &route(false), policy(1), None)
+            let (_s, lease) = connect(&cluster, &route(false), policy(1), None, None)
                 .await
                 .unwrap();
             assert_eq!(lease.node().id(), "b-live");
@@ -213,7 +216,7 @@ mod tests {
                 .map(|(i, p)| spec(&format!("n{i}"), "origin", *p))
                 .collect(),
         );
-        let err = connect(&cluster, &route(false), policy(1), None)
+        let err = connect(&cluster, &route(false), policy(1), None, None)
             .await
             .unwrap_err();
         match err {
@@ -231,13 +234,36 @@ mod tests {
         let live = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let cluster = Cluster::new();
         cluster.update(vec![spec("s1", "spare", live.local_addr().unwrap().port())]);
-        let (_s, lease) = connect(&cluster, &route(true), policy(0), None)
+        let (_s, lease) = connect(&cluster, &route(true), policy(0), None, None)
             .await
             .unwrap();
         assert_eq!(lease.node().id(), "s1");
-        let err = connect(&cluster, &route(false), policy(0), None)
+        let err = connect(&cluster, &route(false), policy(0), None, None)
             .await
             .unwrap_err();
         assert!(matches!(err, UpstreamError::NoNode { .. }), "{err}");
+    }
+
+    #[tokio::test]
+    async fn failed_connects_are_reported_to_passive_health() {
+        let text = "[health]\npassive_failures = 2\n[[group]]\nname = \"origin\"\n[cluster]\n";
+        let config = crate::config::parse_str(text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .config;
+        let health = Health::new(&config);
+        let cluster = Cluster::new();
+        cluster.update(vec![spec("dead", "origin", dead_port().await)]);
+        for _ in 0..2 {
+            let _ = connect(&cluster, &route(false), policy(0), None, Some(&health)).await;
+        }
+        assert!(!cluster.snapshot().node("dead").unwrap().is_healthy());
+        assert!(
+            health
+                .history("dead")
+                .iter()
+                .any(|c| c.outcome.to_string().contains("connect failed")),
+            "{:?}",
+            health.history("dead")
+        );
     }
 }

@@ -168,7 +168,9 @@ impl Drop for Lb {
     }
 }
 
-/// Config text for a listener of `protocol` in front of `nodes` (id, address, port).
+/// Config text for a listener of `protocol` in front of `nodes` (id, address,
+/// port). Active health checks are off: their probes would count as node
+/// connections, and the tests show what the relay itself does.
 pub fn config(listener_extra: &str, protocol: &str, nodes: &[(&str, IpAddr, u16)]) -> String {
     config_on(
         "127.0.0.1:0".parse().unwrap(),
@@ -187,6 +189,7 @@ pub fn config_on(
 ) -> String {
     let mut text = format!(
         "[global]\nretries = 2\nshutdown_grace = \"1s\"\n\n[timeouts]\nconnect = \"1s\"\ntunnel = \"30s\"\n\n\
+         [health]\nenabled = false\n\n\
          [[listener]]\nname = \"l4\"\nbind = [\"{bind}\"]\nprotocol = \"{protocol}\"\n{listener_extra}\n\n\
          [[group]]\nname = \"origin\"\nbalance = \"round-robin\"\n\n[cluster]\nsource = \"static\"\n"
     );
