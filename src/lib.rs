@@ -18,6 +18,7 @@ pub mod runtime;
 pub mod server;
 pub mod sticky;
 pub mod streaming;
+pub mod tls;
 pub mod tunnel;
 
 use config::Config;

@@ -28,6 +28,8 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Certificates and ACME, when some listener terminates TLS.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
     /// Cookie and WHIP/WHEP affinity (`[sticky]`).
     pub sticky: Sticky,
     /// Node health checks (`[health]`); the proxy reports passive failures here.
@@ -36,7 +38,11 @@ pub struct Runtime {
 
 impl Runtime {
     /// Builds the shared state for `config`.
-    pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        cluster: Arc<Cluster>,
+        tls: Option<Arc<crate::tls::TlsState>>,
+    ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Arc::new(Self {
             sticky: Sticky::from_config(&config),
@@ -47,6 +53,7 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
+            tls,
         })
     }
 

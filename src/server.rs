@@ -7,6 +7,7 @@ use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
 use crate::listener::{bind_tcp, bind_udp, tune_stream};
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
+use crate::tls::server_config::tcp_server_config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,9 +28,12 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A `tls` listener's certificate or key could not be loaded.
+    /// A certificate file in `[tls] certs_dir` is unusable (the error names it).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::CertError),
+    /// A `tls` listener's own `cert`/`key` could not be loaded.
     #[error("listener {listener:?}: {source}")]
-    Tls {
+    ListenerCert {
         /// Listener name.
         listener: String,
         /// What was wrong with the files (boxed: it is large and rare).
@@ -66,10 +70,21 @@ impl Server {
     /// sockets are bound before any traffic is accepted, so a port conflict
     /// stops start-up instead of leaving a half-started balancer.
     pub fn bind(config: Config) -> Result<Self, StartError> {
+        let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
-        let runtime = Runtime::new(config, cluster.clone());
+        let runtime = Runtime::new(config, cluster.clone(), tls);
         let config = runtime.config();
+        // RTMPS listeners without their own cert/key share the [tls] store.
+        let shared_tls = match &runtime.tls {
+            Some(state) => Some(tcp_server_config(state.certs.clone()).map_err(|e| {
+                crate::tls::certs::CertError::new(
+                    state.certs.dir(),
+                    format!("TLS setup failed: {e}"),
+                )
+            })?),
+            None => None,
+        };
         let mut bound = Vec::new();
         let mut udp = Vec::new();
         for listener in &config.listeners {
@@ -90,11 +105,17 @@ impl Server {
             }
             let l4 = match listener.protocol {
                 Protocol::Tcp | Protocol::Tls => Some(Arc::new(
-                    TcpProxy::new(&config, listener, cluster.clone(), runtime.health.clone())
-                        .map_err(|source| StartError::Tls {
-                            listener: listener.name.clone(),
-                            source: Box::new(source),
-                        })?,
+                    TcpProxy::new(
+                        &config,
+                        listener,
+                        cluster.clone(),
+                        runtime.health.clone(),
+                        shared_tls.clone(),
+                    )
+                    .map_err(|source| StartError::ListenerCert {
+                        listener: listener.name.clone(),
+                        source: Box::new(source),
+                    })?,
                 )),
                 _ => None,
             };
@@ -169,6 +190,9 @@ impl Server {
             }
             let socket = Arc::new(bound.socket);
             tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
+        }
+        if let Some(tls) = &runtime.tls {
+            tls.spawn_tasks(runtime.shutdown.clone());
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;
@@ -276,7 +300,13 @@ async fn handle_stream(
                     .await;
             }
         }
-        // HTTPS is served by the TLS work; UDP listeners accept no streams (`BoundUdp`).
-        Protocol::Https | Protocol::Udp => {}
+        Protocol::Https => {
+            if let Some(tls) = runtime.tls.clone() {
+                crate::tls::https::serve_connection(runtime.clone(), tls, listener, stream, client)
+                    .await;
+            }
+        }
+        // UDP listeners accept no streams; see `BoundUdp`.
+        Protocol::Udp => {}
     }
 }

@@ -96,6 +96,29 @@ async fn rtmps_publish_is_terminated_and_relayed_plain() {
     assert_eq!(lb.stats().rtmp_publishes, 1);
 }
 
+/// An RTMPS listener without its own cert/key serves the `[tls]` store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmps_listener_can_use_the_shared_certificate_store() {
+    let node = RtmpNode::start();
+    let dir = tempfile::tempdir().unwrap();
+    let generated = rcgen::generate_simple_self_signed(vec!["live.test".into()]).unwrap();
+    // A combined PEM (chain, then key), as HAProxy keeps them.
+    let combined = format!(
+        "{}{}",
+        generated.cert.pem(),
+        generated.signing_key.serialize_pem()
+    );
+    std::fs::write(dir.path().join("live.pem"), combined).unwrap();
+    let text = format!(
+        "{}\n[tls]\ncerts_dir = \"{}\"\n",
+        config("", "tls", &[("o1", node.addr.ip(), 1935)]),
+        dir.path().display()
+    );
+    let lb = Lb::start(&text).await;
+    publish_and_wait(format!("rtmps://{}/live/s4", lb.addr), 3, "flv").await;
+    assert_recorded(&node, "s4");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_node_closes_the_publisher_promptly_and_next_publish_lands_on_a_live_node() {
     let mut a = RtmpNode::start();

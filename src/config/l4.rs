@@ -57,18 +57,20 @@ pub fn default_srt_port() -> u16 {
     4200
 }
 
-/// Checks the L4 keys of every listener: TLS listeners need a certificate and
-/// key, the other kinds must not carry keys they would ignore. Returns the key
+/// Checks the L4 keys of every listener: a TLS listener has both `cert` and
+/// `key` or neither, the other kinds must not carry keys they would ignore. Returns the key
 /// and reason of the first problem, like [`Config::validate`].
 pub fn validate(config: &Config) -> Result<(), (String, String)> {
     for (i, listener) in config.listeners.iter().enumerate() {
         let l4 = &listener.l4;
         let key = |name: &str| format!("listener[{i}].{name}");
         let is_tls = listener.protocol == Protocol::Tls;
-        if is_tls && (l4.cert.is_none() || l4.key.is_none()) {
+        // A tls listener takes both (its own certificate) or neither (the
+        // [tls] store); other kinds take none.
+        if is_tls && l4.cert.is_some() != l4.key.is_some() {
             return Err((
                 key(if l4.cert.is_none() { "cert" } else { "key" }),
-                "a tls listener needs both `cert` and `key` (PEM file paths)".into(),
+                "set both `cert` and `key` (PEM files), or neither to use [tls] certs_dir".into(),
             ));
         }
         if !is_tls && (l4.cert.is_some() || l4.key.is_some()) {

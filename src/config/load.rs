@@ -175,15 +175,6 @@ impl Config {
                     ),
                 );
             }
-            if listener.protocol == Protocol::Https {
-                return fail(
-                    format!("listener[{i}].protocol"),
-                    format!(
-                        "{:?} listeners are not supported by this build yet",
-                        listener.protocol
-                    ),
-                );
-            }
             if listener.redirect_https && listener.protocol != Protocol::Http {
                 return fail(
                     format!("listener[{i}].redirect_https"),
@@ -201,6 +192,7 @@ impl Config {
             }
         }
         super::l4::validate(self)?;
+        self.tls.validate(&self.listeners)?;
         if self.listeners.is_empty() {
             warnings.push("no [[listener]] defined: amslb will accept no traffic".into());
         }
@@ -396,6 +388,26 @@ group = "edge"
         let text = CORE_EXAMPLE.replace("\"127.0.0.1:18081\"", "\"[::1]:18081\"");
         let loaded = parse(&text).unwrap();
         assert!(loaded.config.listeners[1].bind[0].is_ipv6());
+    }
+
+    /// Issue 8's example on top of the core one, which must be accepted as written.
+    #[test]
+    fn accepts_the_tls_example() {
+        let listener = r#"
+[[listener]]
+name = "https"
+bind = ["127.0.0.1:18743"]
+protocol = "https"
+default_group = "origin"
+"#;
+        let text = format!(
+            "{CORE_EXAMPLE}{listener}{}",
+            crate::config::tls::tests::ISSUE_EXAMPLE
+        );
+        let loaded = parse(&text).expect("issue 8 example must parse");
+        assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
+        let acme = loaded.config.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.domains, ["live.amslb.test"]);
     }
 
     #[test]

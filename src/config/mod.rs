@@ -12,6 +12,7 @@ pub mod l4;
 mod load;
 pub mod sticky;
 pub mod streaming;
+pub mod tls;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
 
@@ -37,6 +38,9 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where cluster membership comes from.
     pub cluster: ClusterConfig,
+    /// Certificates for `https` and `tls` listeners, and ACME.
+    #[serde(default)]
+    pub tls: tls::TlsConfig,
     /// Cookie affinity.
     #[serde(default)]
     pub sticky: sticky::StickyConfig,

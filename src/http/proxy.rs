@@ -94,7 +94,10 @@ async fn proxy(
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
-    if listener.redirect_https {
+    if let Some(answer) = crate::tls::http01::answer(&ctx.runtime, request.uri().path()) {
+        return Ok(answer);
+    }
+    if listener.redirect_https && !crate::tls::is_http01_path(request.uri().path()) {
         let host = host.ok_or((StatusCode::BAD_REQUEST, "missing Host header".to_string()))?;
         let host = host.split(':').next().unwrap_or(&host);
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());

@@ -87,16 +87,20 @@ struct Start {
 }
 
 impl TcpProxy {
-    /// Builds the proxy of `listener`; a `tls` listener loads its certificate
-    /// here, so a bad one stops start-up instead of failing every client.
+    /// Builds the proxy of `listener`. A `tls` listener with its own
+    /// `cert`/`key` loads them here, so a bad file stops start-up instead of
+    /// failing every client; one without serves `shared_tls` (the `[tls]`
+    /// certificate store, by SNI).
     pub fn new(
         config: &Config,
         listener: &ListenerConfig,
         cluster: Arc<Cluster>,
         health: Arc<Health>,
+        shared_tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Result<Self, TlsLoadError> {
         let tls = match (&listener.protocol, &listener.l4.cert, &listener.l4.key) {
             (Protocol::Tls, Some(cert), Some(key)) => Some(server_config(cert, key)?),
+            (Protocol::Tls, _, _) => Some(shared_tls.ok_or(TlsLoadError::NoCertificate)?),
             _ => None,
         };
         Ok(Self {

@@ -1,6 +1,6 @@
-//! The certificate of a `tls` (RTMPS) listener: one static PEM cert/key pair
-//! read at start. Kept small on purpose: the general certificate store (SNI,
-//! ACME, reload) replaces this loader.
+//! A `tls` (RTMPS) listener's own certificate: one static PEM cert/key pair
+//! named in the listener and read at start. Listeners without one use the
+//! `[tls]` certificate store (SNI, ACME, reload) in `crate::tls`.
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -26,6 +26,9 @@ pub enum TlsLoadError {
         /// What went wrong.
         reason: String,
     },
+    /// The listener has no `cert`/`key` and no `[tls]` store was loaded.
+    #[error("no certificate: set `cert` and `key` on the listener, or use [tls] certs_dir")]
+    NoCertificate,
     /// rustls refused the pair (key does not match, unsupported algorithm).
     #[error("certificate {cert} with key {key}: {source}")]
     Pair {
