@@ -3,9 +3,11 @@
 use crate::cluster::{Cluster, mongodb, static_source};
 use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
-use crate::listener::{bind_tcp, tune_stream};
+use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
+use crate::listener::{bind_tcp, bind_udp, tune_stream};
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
+use crate::tls::server_config::tcp_server_config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +31,14 @@ pub enum StartError {
     /// A certificate file in `[tls] certs_dir` is unusable (the error names it).
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::CertError),
+    /// A `tls` listener's own `cert`/`key` could not be loaded.
+    #[error("listener {listener:?}: {source}")]
+    ListenerCert {
+        /// Listener name.
+        listener: String,
+        /// What was wrong with the files (boxed: it is large and rare).
+        source: Box<TlsLoadError>,
+    },
 }
 
 /// A bound socket waiting for its accept loop.
@@ -36,6 +46,15 @@ pub enum StartError {
 struct BoundListener {
     name: Arc<str>,
     socket: TcpListener,
+    /// The relay of a `tcp`/`tls` listener (RTMP, RTMPS).
+    l4: Option<Arc<TcpProxy>>,
+}
+
+/// A bound UDP socket of a `udp` listener (SRT) and its session relay.
+#[derive(Debug)]
+struct BoundUdp {
+    socket: tokio::net::UdpSocket,
+    proxy: Arc<UdpProxy>,
 }
 
 /// A balancer whose sockets are bound, ready to run.
@@ -43,6 +62,7 @@ struct BoundListener {
 pub struct Server {
     runtime: Arc<Runtime>,
     bound: Vec<BoundListener>,
+    udp: Vec<BoundUdp>,
 }
 
 impl Server {
@@ -53,25 +73,65 @@ impl Server {
         let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
+        let runtime = Runtime::new(config, cluster.clone(), tls);
+        let config = runtime.config();
+        // RTMPS listeners without their own cert/key share the [tls] store.
+        let shared_tls = match &runtime.tls {
+            Some(state) => Some(tcp_server_config(state.certs.clone()).map_err(|e| {
+                crate::tls::certs::CertError::new(
+                    state.certs.dir(),
+                    format!("TLS setup failed: {e}"),
+                )
+            })?),
+            None => None,
+        };
         let mut bound = Vec::new();
+        let mut udp = Vec::new();
         for listener in &config.listeners {
             let name: Arc<str> = listener.name.as_str().into();
-            for &addr in &listener.bind {
-                let socket =
-                    bind_tcp(addr, listener.backlog).map_err(|source| StartError::Bind {
+            let bind_error = |addr, source| StartError::Bind {
+                listener: listener.name.clone(),
+                addr,
+                source,
+            };
+            if listener.protocol == Protocol::Udp {
+                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
+                for &addr in &listener.bind {
+                    let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
+                    let proxy = proxy.clone();
+                    udp.push(BoundUdp { socket, proxy });
+                }
+                continue;
+            }
+            let l4 = match listener.protocol {
+                Protocol::Tcp | Protocol::Tls => Some(Arc::new(
+                    TcpProxy::new(
+                        &config,
+                        listener,
+                        cluster.clone(),
+                        runtime.health.clone(),
+                        shared_tls.clone(),
+                    )
+                    .map_err(|source| StartError::ListenerCert {
                         listener: listener.name.clone(),
-                        addr,
-                        source,
-                    })?;
+                        source: Box::new(source),
+                    })?,
+                )),
+                _ => None,
+            };
+            for &addr in &listener.bind {
+                let socket = bind_tcp(addr, listener.backlog).map_err(|e| bind_error(addr, e))?;
                 bound.push(BoundListener {
                     name: name.clone(),
                     socket,
+                    l4: l4.clone(),
                 });
             }
         }
         Ok(Self {
-            runtime: Runtime::new(config, cluster, tls),
+            runtime,
             bound,
+            udp,
         })
     }
 
@@ -85,7 +145,29 @@ impl Server {
         self.bound
             .iter()
             .filter_map(|b| Some((b.name.to_string(), b.socket.local_addr().ok()?)))
+            .chain(
+                self.udp.iter().filter_map(|u| {
+                    Some((u.proxy.name().to_string(), u.socket.local_addr().ok()?))
+                }),
+            )
             .collect()
+    }
+
+    /// Counters of every L4 listener (`tcp`, `tls`, `udp`) by listener name,
+    /// for the metrics exporter.
+    pub fn l4_stats(&self) -> Vec<(String, Arc<L4Stats>)> {
+        let tcp = self
+            .bound
+            .iter()
+            .filter_map(|b| Some((b.name.to_string(), b.l4.as_ref()?.stats().clone())));
+        let udp = self
+            .udp
+            .iter()
+            .map(|u| (u.proxy.name().to_string(), u.proxy.stats().clone()));
+        let mut all: Vec<_> = tcp.chain(udp).collect();
+        // A listener with several binds shares one set of counters.
+        all.dedup_by(|a, b| a.0 == b.0);
+        all
     }
 
     /// Serves until `stop` resolves, then shuts down gracefully: stop accepting,
@@ -102,6 +184,13 @@ impl Server {
                 info!(listener = %bound.name, %addr, "listening");
             }
             tokio::spawn(accept_loop(runtime.clone(), bound));
+        }
+        for bound in self.udp {
+            if let Ok(addr) = bound.socket.local_addr() {
+                info!(listener = %bound.proxy.name(), %addr, "listening (udp)");
+            }
+            let socket = Arc::new(bound.socket);
+            tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
         }
         if let Some(tls) = &runtime.tls {
             tls.spawn_tasks(runtime.shutdown.clone());
@@ -169,9 +258,10 @@ async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
         };
         let runtime2 = runtime.clone();
         let name = bound.name.clone();
+        let l4 = bound.l4.clone();
         runtime.tasks.spawn(async move {
             let _permit = permit;
-            handle_stream(runtime2, name, stream, peer).await;
+            handle_stream(runtime2, name, l4, stream, peer).await;
         });
     }
 }
@@ -192,6 +282,7 @@ async fn connection_slot(runtime: &Runtime) -> Option<OwnedSemaphorePermit> {
 async fn handle_stream(
     runtime: Arc<Runtime>,
     listener: Arc<str>,
+    l4: Option<Arc<TcpProxy>>,
     mut stream: TcpStream,
     peer: SocketAddr,
 ) {
@@ -221,13 +312,21 @@ async fn handle_stream(
     }
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        Protocol::Tcp | Protocol::Tls => {
+            if let Some(l4) = l4 {
+                // Relays survive the shutdown grace period (a publisher keeps
+                // streaming while in-flight work drains), then are cut.
+                l4.handle(stream, client.addr, runtime.hard_stop.cancelled())
+                    .await;
+            }
+        }
         Protocol::Https => {
             if let Some(tls) = runtime.tls.clone() {
                 crate::tls::https::serve_connection(runtime.clone(), tls, listener, stream, client)
                     .await;
             }
         }
-        // Refused by Config::validate until their listeners exist.
-        Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
+        // UDP listeners accept no streams; see `BoundUdp`.
+        Protocol::Udp => {}
     }
 }
