@@ -37,7 +37,7 @@ pub fn nginx_preamble(name: &str, workers: usize) -> String {
         ""
     };
     format!(
-        "{user}worker_processes {workers};\nworker_rlimit_nofile 200000;\n\
+        "{user}worker_processes {workers};\n\
          pid {name}.pid;\nerror_log {name}-error.log warn;\n"
     )
 }
@@ -109,9 +109,51 @@ pub fn start_http_nodes(nginx: &Path, dir: &Path, nodes: &[IpAddr]) -> Result<Da
     Ok(daemon)
 }
 
-/// WebSocket echo nodes on `nodes` (port 5080); every connection ends when the
-/// returned handle is aborted (the accept task owns them in a `JoinSet`).
-pub async fn start_ws_nodes(nodes: &[IpAddr]) -> std::io::Result<Vec<JoinHandle<()>>> {
+/// Environment variable that turns the bench binary into the WebSocket node
+/// process: a comma-separated list of node addresses.
+pub const WS_NODES_ENV: &str = "AMSLB_BENCH_WS_NODES";
+
+/// Starts WebSocket echo nodes on `nodes` (port 5080) in a child process (this
+/// binary again, see [`ws_node_main`]): the node side of every tunnel then
+/// counts against the child's file descriptor limit, not the bench's.
+pub fn spawn_ws_nodes(dir: &Path, nodes: &[IpAddr]) -> Result<Daemon, StartError> {
+    let exe = std::env::current_exe().map_err(|e| StartError::Failed(e.to_string()))?;
+    let list: Vec<String> = nodes.iter().map(|ip| ip.to_string()).collect();
+    let mut daemon = Daemon::spawn(
+        "websocket nodes",
+        Command::new(exe).env(WS_NODES_ENV, list.join(",")),
+        &dir.join("ws-nodes.log"),
+    )?;
+    let addrs: Vec<SocketAddr> = nodes
+        .iter()
+        .map(|ip| SocketAddr::new(*ip, NODE_PORT))
+        .collect();
+    daemon.wait_listening(&addrs)?;
+    Ok(daemon)
+}
+
+/// Body of the WebSocket node process: serves until killed.
+pub fn ws_node_main(list: &str) -> Result<(), String> {
+    let nodes: Vec<IpAddr> = list
+        .split(',')
+        .map(|ip| ip.parse().map_err(|e| format!("{ip}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let tasks = start_ws_nodes(&nodes).await.map_err(|e| e.to_string())?;
+        for task in tasks {
+            task.await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    })
+}
+
+/// WebSocket echo nodes on `nodes` (port 5080), one accept task per address
+/// owning its connections in a `JoinSet`.
+async fn start_ws_nodes(nodes: &[IpAddr]) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut tasks = Vec::new();
     for ip in nodes {
         let listener = TcpListener::bind(SocketAddr::new(*ip, NODE_PORT)).await?;

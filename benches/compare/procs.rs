@@ -118,6 +118,7 @@ impl Drop for Daemon {
         let _ = Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
+            .stderr(Stdio::null())
             .status();
         let deadline = Instant::now() + Duration::from_secs(3);
         while Instant::now() < deadline {
@@ -201,10 +202,11 @@ pub fn output(cmd: &mut Command) -> Result<String, String> {
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
+        let said = [out.stderr, out.stdout].concat();
         Err(format!(
             "{}: {}",
             out.status,
-            tail(&String::from_utf8_lossy(&out.stderr), 3)
+            tail(&String::from_utf8_lossy(&said), 3)
         ))
     }
 }

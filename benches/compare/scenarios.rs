@@ -1,7 +1,7 @@
 //! The scenarios of issue 10, each run against the backend directly (where that
 //! means something) and through every balancer in turn, one balancer at a time.
 
-use crate::backend::{LARGE_PATH, NODE_HEADER, SMALL_PATH, XFF_HEADER, start_ws_nodes};
+use crate::backend::{LARGE_PATH, NODE_HEADER, SMALL_PATH, XFF_HEADER, spawn_ws_nodes};
 use crate::load::{Wrk, WrkResult, check_echo, http_get, open_tunnels};
 use crate::net::{Addrs, NODE_PORT};
 use crate::peers::{Front, Kind, Peer, Spec, TlsFiles};
@@ -19,6 +19,11 @@ const SMALL_CONNS: usize = 64;
 const LARGE_CONNS: usize = 4;
 /// Warm-up before a measured run (pools filled, caches hot).
 const WARMUP: Duration = Duration::from_secs(1);
+/// Connection cap of every balancer outside scenario 4: far above what the
+/// load needs, small enough for HAProxy's file descriptor check.
+const MAX_CONN: usize = 4_096;
+/// Connections allowed beyond the tunnels in scenario 4 (checks, stray clients).
+const TUNNEL_HEADROOM: usize = 50;
 /// WebSocket handshakes in flight at once while opening tunnels.
 const TUNNEL_PARALLEL: usize = 128;
 /// How many tunnels are checked for an echo (all of them would take long).
@@ -49,8 +54,6 @@ pub struct Bench {
     pub ws_nodes: Vec<IpAddr>,
     /// Threads/workers each balancer is given.
     pub threads: usize,
-    /// Connection cap given to each balancer.
-    pub max_conn: usize,
     /// Idle tunnels opened in scenario 4.
     pub tunnels: usize,
     /// Length of each measured wrk run.
@@ -148,7 +151,7 @@ impl Bench {
 
     /// 4: memory per idle WebSocket tunnel.
     fn idle_tunnels(&mut self) {
-        let nodes = match self.rt.block_on(start_ws_nodes(&self.ws_nodes)) {
+        let nodes = match spawn_ws_nodes(&self.dir, &self.ws_nodes) {
             Ok(nodes) => nodes,
             Err(e) => {
                 self.report
@@ -173,9 +176,7 @@ impl Bench {
                 Ok(vec![per_tunnel, after as f64 / 1024.0, open_rate])
             })
         });
-        for node in nodes {
-            node.abort();
-        }
+        drop(nodes);
         self.add(
             4,
             results,
@@ -286,7 +287,11 @@ impl Bench {
                 listen,
                 nodes,
                 dir: &dir,
-                max_conn: self.max_conn,
+                max_conn: if scenario == 4 {
+                    self.tunnels + TUNNEL_HEADROOM
+                } else {
+                    MAX_CONN
+                },
                 threads: self.threads,
             };
             let result = fs::create_dir_all(&dir)
