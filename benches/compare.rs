@@ -6,7 +6,8 @@
 //! balancer in turn, configured equivalently, measured with `wrk` and a
 //! WebSocket client. Prints a Markdown table and writes it to
 //! `benches/results/latest.md`. Loopback only; bounded to a few minutes.
-//! `BENCH_SECS` overrides the length of each measured run (default 5).
+//! `BENCH_SECS` overrides the length of each measured run (default 5);
+//! `AMSLB_BIN` runs another amslb binary than the one built with the bench.
 
 #[path = "compare/backend.rs"]
 mod backend;
@@ -30,7 +31,7 @@ use procs::{find_program, output};
 use report::Report;
 use scenarios::{Bench, ScratchDir};
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, exit};
 use std::time::{Duration, Instant};
 
@@ -79,7 +80,7 @@ fn main() {
         dir: dir.to_path_buf(),
         ws_nodes: vec![addrs.host(3), addrs.host(4)],
         addrs,
-        peers: Peer::find_all(Path::new(env!("CARGO_BIN_EXE_amslb"))),
+        peers: Peer::find_all(&amslb_binary()),
         wrk,
         http_nodes,
         threads,
@@ -118,6 +119,12 @@ fn main() {
     }
 }
 
+/// The amslb built with this bench, or `AMSLB_BIN` (to compare another build).
+fn amslb_binary() -> PathBuf {
+    std::env::var_os("AMSLB_BIN")
+        .map_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_amslb")), PathBuf::from)
+}
+
 /// Raises the open-file limit (soft and hard, when allowed) and returns the soft limit.
 fn raise_nofile() -> u64 {
     use rlimit::Resource;
@@ -131,6 +138,12 @@ fn raise_nofile() -> u64 {
 /// Date, machine, program versions and run settings.
 fn header(bench: &Bench, wanted: &[u8], elapsed: Duration) -> String {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"])).unwrap_or_default();
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load = load
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
     let cpu = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
@@ -154,7 +167,9 @@ fn header(bench: &Bench, wanted: &[u8], elapsed: Duration) -> String {
          - date: {date}\n- machine: {cpus} × {cpu}, nproc {cpus}, Linux {kernel}\n\
          - versions: {haproxy}; {nginx}; {wrk}; amslb {commit}\n\
          - run: scenarios {scenarios}, {secs} s per measured wrk run (+1 s warm-up), \
-         loopback only, everything on the same {cpus} cores; whole run {total:.0} s\n",
+         loopback only, everything on the same {cpus} cores; whole run {total:.0} s\n\
+         - load average at the end: {load} (other work on the machine skews absolute figures; \
+         ratios from one run hold better)\n",
         cpus = bench.threads,
         kernel = kernel.trim(),
         date = date.trim(),
