@@ -8,12 +8,16 @@
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod proxy_protocol;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod sticky;
+pub mod streaming;
+pub mod tls;
 pub mod tunnel;
 
 use config::Config;

@@ -2,6 +2,8 @@
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
+use crate::health::Health;
+use crate::sticky::Sticky;
 use arc_swap::ArcSwap;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -26,19 +28,32 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Certificates and ACME, when some listener terminates TLS.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// Cookie and WHIP/WHEP affinity (`[sticky]`).
+    pub sticky: Sticky,
+    /// Node health checks (`[health]`); the proxy reports passive failures here.
+    pub health: Arc<Health>,
 }
 
 impl Runtime {
     /// Builds the shared state for `config`.
-    pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        cluster: Arc<Cluster>,
+        tls: Option<Arc<crate::tls::TlsState>>,
+    ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         Arc::new(Self {
+            sticky: Sticky::from_config(&config),
+            health: Health::new(&config),
             config: ArcSwap::from_pointee(config),
             cluster,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
+            tls,
         })
     }
 

@@ -26,6 +26,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A certificate file in `[tls] certs_dir` is unusable (the error names it).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::CertError),
 }
 
 /// A bound socket waiting for its accept loop.
@@ -47,6 +50,7 @@ impl Server {
     /// sockets are bound before any traffic is accepted, so a port conflict
     /// stops start-up instead of leaving a half-started balancer.
     pub fn bind(config: Config) -> Result<Self, StartError> {
+        let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
         let mut bound = Vec::new();
@@ -66,7 +70,7 @@ impl Server {
             }
         }
         Ok(Self {
-            runtime: Runtime::new(config, cluster),
+            runtime: Runtime::new(config, cluster, tls),
             bound,
         })
     }
@@ -89,11 +93,17 @@ impl Server {
     /// whatever is still open (tunnels).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
+        runtime
+            .health
+            .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
         for bound in self.bound {
             if let Ok(addr) = bound.socket.local_addr() {
                 info!(listener = %bound.name, %addr, "listening");
             }
             tokio::spawn(accept_loop(runtime.clone(), bound));
+        }
+        if let Some(tls) = &runtime.tls {
+            tls.spawn_tasks(runtime.shutdown.clone());
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;
@@ -191,7 +201,13 @@ async fn handle_stream(
     }
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        Protocol::Https => {
+            if let Some(tls) = runtime.tls.clone() {
+                crate::tls::https::serve_connection(runtime.clone(), tls, listener, stream, client)
+                    .await;
+            }
+        }
         // Refused by Config::validate until their listeners exist.
-        Protocol::Https | Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
+        Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
     }
 }

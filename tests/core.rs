@@ -143,7 +143,9 @@ async fn routing_table_rows_land_on_the_right_group() {
             .body(Empty::new())
             .unwrap();
         let r = send(listener, request).await;
-        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        // The simulated node answers a WHIP/WHEP POST like AMS: 201 Created.
+        let expected = if method == "POST" { 201 } else { 200 };
+        assert_eq!(r.status, expected, "{path}: {}", r.text());
         let node = r.node();
         let landed = if is_edge(&node) { "edge" } else { "origin" };
         assert_eq!(

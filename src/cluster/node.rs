@@ -5,7 +5,7 @@
 use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 /// What a membership source says about a node: enough to build or match a [`Node`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct NodeSpec {
     pub rtmp_port: u16,
     /// Operator asked for no new sessions on this node.
     pub drain: bool,
+    /// Region the node is in, if the source knows it.
+    pub region: Option<String>,
 }
 
 /// A node with its live state. Shared (`Arc`) between membership snapshots, so
@@ -35,9 +37,15 @@ pub struct Node {
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
     draining: AtomicBool,
+    /// Share of new sessions offered, in thousandths: below [`FULL_WEIGHT`]
+    /// while the node slow-starts after coming back (see `health`).
+    weight: AtomicU32,
     /// Idle keep-alive HTTP connections to the node.
     pool: Arc<Pool>,
 }
+
+/// Weight of a node that takes its full share of new sessions.
+pub const FULL_WEIGHT: u32 = 1000;
 
 impl Node {
     /// Creates a node in the up state.
@@ -48,6 +56,7 @@ impl Node {
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
+            weight: AtomicU32::new(FULL_WEIGHT),
             pool: Arc::default(),
         }
     }
@@ -70,6 +79,11 @@ impl Node {
     /// Group name.
     pub fn group(&self) -> &str {
         &self.spec.group
+    }
+
+    /// Region, if known.
+    pub fn region(&self) -> Option<&str> {
+        self.spec.region.as_deref()
     }
 
     /// Address of the node's HTTP server.
@@ -105,6 +119,17 @@ impl Node {
     /// Starts or stops draining; returns the previous state.
     pub fn set_draining(&self, draining: bool) -> bool {
         self.draining.swap(draining, Ordering::Relaxed)
+    }
+
+    /// Share of new sessions offered, 0..=[`FULL_WEIGHT`].
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the share of new sessions (clamped to [`FULL_WEIGHT`]).
+    pub fn set_weight(&self, weight: u32) {
+        self.weight
+            .store(weight.min(FULL_WEIGHT), Ordering::Relaxed);
     }
 
     /// Sessions open on the node through this balancer.
@@ -148,6 +173,7 @@ mod tests {
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
+            region: None,
         }
     }
 

@@ -175,7 +175,7 @@ impl Config {
                     ),
                 );
             }
-            if listener.protocol != Protocol::Http {
+            if !matches!(listener.protocol, Protocol::Http | Protocol::Https) {
                 return fail(
                     format!("listener[{i}].protocol"),
                     format!(
@@ -200,6 +200,7 @@ impl Config {
                 binds.push(((*addr, udp), key));
             }
         }
+        self.tls.validate(&self.listeners)?;
         if self.listeners.is_empty() {
             warnings.push("no [[listener]] defined: amslb will accept no traffic".into());
         }
@@ -227,6 +228,12 @@ impl Config {
             }
             *per_group.entry(node.group.as_str()).or_default() += 1;
         }
+        super::sticky::validate(
+            &self.sticky,
+            (self.cluster.nodes.iter().enumerate())
+                .filter_map(|(i, n)| Some((i, n.cookie.as_deref()?))),
+        )?;
+        warnings.extend(super::health::validate(&self.health)?);
         for group in &self.groups {
             if !per_group.contains_key(group.name.as_str()) {
                 warnings.push(format!(
@@ -235,6 +242,7 @@ impl Config {
                 ));
             }
         }
+        warnings.extend(super::streaming::validate(self)?);
         Ok(warnings)
     }
 }
@@ -388,6 +396,26 @@ group = "edge"
         let text = CORE_EXAMPLE.replace("\"127.0.0.1:18081\"", "\"[::1]:18081\"");
         let loaded = parse(&text).unwrap();
         assert!(loaded.config.listeners[1].bind[0].is_ipv6());
+    }
+
+    /// Issue 8's example on top of the core one, which must be accepted as written.
+    #[test]
+    fn accepts_the_tls_example() {
+        let listener = r#"
+[[listener]]
+name = "https"
+bind = ["127.0.0.1:18743"]
+protocol = "https"
+default_group = "origin"
+"#;
+        let text = format!(
+            "{CORE_EXAMPLE}{listener}{}",
+            crate::config::tls::tests::ISSUE_EXAMPLE
+        );
+        let loaded = parse(&text).expect("issue 8 example must parse");
+        assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
+        let acme = loaded.config.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.domains, ["live.amslb.test"]);
     }
 
     #[test]

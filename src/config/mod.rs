@@ -7,7 +7,11 @@
 //! `amslb check` and a reload run.
 
 pub mod duration;
+pub mod health;
 mod load;
+pub mod sticky;
+pub mod streaming;
+pub mod tls;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
 
@@ -33,6 +37,15 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where cluster membership comes from.
     pub cluster: ClusterConfig,
+    /// Certificates for `https` and `tls` listeners, and ACME.
+    #[serde(default)]
+    pub tls: tls::TlsConfig,
+    /// Cookie affinity.
+    #[serde(default)]
+    pub sticky: sticky::StickyConfig,
+    /// Node health checks.
+    #[serde(default)]
+    pub health: health::HealthConfig,
 }
 
 /// `[global]`: process-wide settings.
@@ -52,6 +65,12 @@ pub struct Global {
     pub retries: u32,
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
     pub max_header_bytes: usize,
+    /// This instance's home region: new sessions prefer nodes of this region.
+    pub region: Option<String>,
+    /// Regions to fall back to, nearest first, when the home region has no usable node.
+    pub region_preference: Vec<String>,
+    /// Request header through which a CDN or GeoDNS names the client's region.
+    pub region_header: Option<String>,
 }
 
 impl Default for Global {
@@ -62,6 +81,9 @@ impl Default for Global {
             shutdown_grace: Duration::from_secs(30),
             retries: 3,
             max_header_bytes: 16 * 1024,
+            region: None,
+            region_preference: Vec::new(),
+            region_header: None,
         }
     }
 }
@@ -140,6 +162,17 @@ pub struct ListenerConfig {
     /// Add a `Via` header naming this balancer.
     #[serde(default)]
     pub via: bool,
+    /// Route `/{app}/websocket` by the first signalling command (publish → origin,
+    /// play → edge) instead of by `?target=`.
+    #[serde(default)]
+    pub sniff_websocket: bool,
+    /// How long a sniffed WebSocket may take to send its deciding command
+    /// before it goes to the default group.
+    #[serde(default = "streaming::default_sniff_timeout", with = "duration")]
+    pub sniff_timeout: Duration,
+    /// Serve `GET /amslb/v1/assign` (which node would take this stream).
+    #[serde(default)]
+    pub assign_api: bool,
 }
 
 fn default_group_name() -> String {
@@ -159,6 +192,9 @@ pub enum BalanceMode {
     RoundRobin,
     /// The node with the fewest open sessions from this balancer.
     LeastConn,
+    /// Consistent hashing with bounded loads on the stream (`app/stream`), so a
+    /// stream's viewers share few nodes; requests without a stream use least-conn.
+    StreamHash,
 }
 
 /// `[[group]]`: a named set of nodes (AMS origin or edge group).
@@ -173,6 +209,10 @@ pub struct GroupConfig {
     /// Group to use when this one has no usable node.
     #[serde(default)]
     pub backup: Option<String>,
+    /// Stream-hash load bound: no node takes a new keyed session above this
+    /// factor times the group's mean load (Mirrokni et al.'s `c`).
+    #[serde(default = "streaming::default_load_factor")]
+    pub load_factor: f64,
 }
 
 /// Where the node list comes from.
@@ -226,6 +266,16 @@ pub struct NodeConfig {
     /// Overrides `[cluster] rtmp_port` for this node.
     #[serde(default)]
     pub rtmp_port: Option<u16>,
+    /// Region the node is in (see `[global] region`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// This node's value in the sticky cookie (HAProxy `server ... cookie ams1`);
+    /// derived from the id when unset.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Start the node draining: no new sessions, existing ones continue.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 impl Config {

@@ -3,11 +3,13 @@
 use super::body::{ResponseBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
-use crate::balance;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
-use crate::route::{self, Route, Target};
+use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
+use crate::sticky::Affinity;
+use crate::streaming::select::{self, Wanted};
+use crate::streaming::{assign, sniff};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
@@ -29,7 +31,7 @@ pub struct ConnContext {
 
 /// Why a request could not be forwarded; each maps to one status code.
 #[derive(Debug, thiserror::Error)]
-enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("no usable node in group {0:?}{backup}", backup = .1.as_ref().map(|b| format!(" or its backup {b:?}")).unwrap_or_default())]
     NoUsableNode(String, Option<String>),
     #[error("no node answered: {0}")]
@@ -63,8 +65,9 @@ pub async fn handle(
             "listener is gone",
         ));
     };
+    // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    let uri = request.uri().clone();
     let response = proxy(&ctx, &view, request)
         .await
         .unwrap_or_else(|(status, reason)| {
@@ -72,7 +75,7 @@ pub async fn handle(
                 listener = %ctx.listener,
                 client = %ctx.client.addr,
                 %method,
-                path,
+                path = uri.path(),
                 status = status.as_u16(),
                 reason,
                 "request failed"
@@ -85,13 +88,16 @@ pub async fn handle(
 type Refusal = (StatusCode, String);
 
 async fn proxy(
-    ctx: &ConnContext,
+    ctx: &Arc<ConnContext>,
     view: &ListenerView,
     mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
-    if listener.redirect_https {
+    if let Some(answer) = crate::tls::http01::answer(&ctx.runtime, request.uri().path()) {
+        return Ok(answer);
+    }
+    if listener.redirect_https && !crate::tls::is_http01_path(request.uri().path()) {
         let host = host.ok_or((StatusCode::BAD_REQUEST, "missing Host header".to_string()))?;
         let host = host.split(':').next().unwrap_or(&host);
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -99,14 +105,46 @@ async fn proxy(
     }
 
     let route = route::classify(request.uri().path(), request.uri().query());
-    let group = group_for(&view.config, listener, &route);
+    if listener.assign_api && request.uri().path() == assign::PATH {
+        let snapshot = ctx.runtime.cluster.snapshot();
+        let (method, query) = (request.method(), request.uri().query());
+        let headers = request.headers();
+        return Ok(assign::answer(
+            &snapshot,
+            &view.config,
+            listener,
+            method,
+            query,
+            headers,
+        ));
+    }
+    if sniff::applies(listener, &route, request.headers()) {
+        prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
+        return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
+    }
+    let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
+    let snapshot = ctx.runtime.cluster.snapshot();
+    let affinity = sticky_affinity(
+        ctx,
+        &view.config,
+        &snapshot,
+        &wanted.group,
+        &route,
+        &mut request,
+    );
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = forward(ctx, &view.config, group, request)
+    let (mut response, lease) = forward(ctx, &view.config, &snapshot, &wanted, &affinity, request)
         .await
         .map_err(|e| (e.status(), e.to_string()))?;
+    ctx.runtime.sticky.on_response(
+        &affinity,
+        lease.node(),
+        response.headers_mut(),
+        ctx.client.tls,
+    );
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
@@ -119,6 +157,36 @@ async fn proxy(
         body,
         lease: Some(lease),
     }))
+}
+
+/// Reads (and strips from the request) the client's tie to a node of `group`
+/// (or of its backup, while the backup is what serves the group): sticky
+/// cookie, or the WHIP/WHEP tag in the URL.
+pub(crate) fn sticky_affinity(
+    ctx: &ConnContext,
+    config: &Config,
+    snapshot: &Membership,
+    group: &str,
+    route: &Route,
+    request: &mut Request<Incoming>,
+) -> Affinity {
+    let mut nodes: Vec<Arc<Node>> = snapshot
+        .group(group)
+        .map(|members| members.nodes.clone())
+        .unwrap_or_default();
+    if !nodes.iter().any(|n| n.is_usable())
+        && let Some(backup) = config.group(group).and_then(|g| g.backup.as_deref())
+        && let Some(members) = snapshot.group(backup)
+    {
+        nodes.extend(members.nodes.iter().cloned());
+    }
+    let mut uri = std::mem::take(request.uri_mut());
+    let affinity =
+        ctx.runtime
+            .sticky
+            .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
+    *request.uri_mut() = uri;
+    affinity
 }
 
 fn request_host(request: &Request<Incoming>) -> Option<String> {
@@ -141,20 +209,6 @@ fn is_upgrade(request: &Request<Incoming>) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
-}
-
-/// The group the router's verdict names. `origin` and `edge` are the group
-/// names the router targets; a config without such a group sends that traffic
-/// to the listener's default group instead, so a single-group setup still works.
-fn group_for<'a>(config: &'a Config, listener: &'a ListenerConfig, route: &Route) -> &'a str {
-    let wanted = match route.target {
-        Target::Origin => "origin",
-        Target::Edge => "edge",
-        Target::ListenerDefault => return &listener.default_group,
-    };
-    config
-        .group(wanted)
-        .map_or(&listener.default_group, |g| &g.name)
 }
 
 fn prepare_upstream_request(
@@ -192,19 +246,30 @@ fn prepare_upstream_request(
 /// Picks a node and sends the request, retrying other nodes (of the group,
 /// then of its backup group) when connecting fails. Retries happen only
 /// before any byte of the request left, so no request is ever sent twice.
-async fn forward(
+///
+/// The client's sticky node, when it has a healthy one, is tried first
+/// (draining or not); every failure is reported to the health checker.
+pub(crate) async fn forward(
     ctx: &ConnContext,
     config: &Config,
-    group: &str,
+    snapshot: &Membership,
+    wanted: &Wanted,
+    affinity: &Affinity,
     mut request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
-    let snapshot = ctx.runtime.cluster.snapshot();
+    let health = &ctx.runtime.health;
+    let group = wanted.group.as_str();
     let backup = config.group(group).and_then(|g| g.backup.clone());
     let mut tried: Vec<Arc<Node>> = Vec::new();
     let mut attempts_left = config.global.retries + 1;
     let mut last_error = None;
     loop {
-        let Some(node) = pick(config, &snapshot, group, backup.as_deref(), &tried) else {
+        let sticky = affinity
+            .node
+            .clone()
+            .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, n)));
+        let is_sticky = sticky.is_some();
+        let Some(node) = sticky.or_else(|| select::pick(config, snapshot, wanted, &tried)) else {
             return Err(match last_error {
                 Some(e) => ProxyError::AllNodesFailed(e),
                 None => ProxyError::NoUsableNode(group.to_string(), backup),
@@ -215,6 +280,10 @@ async fn forward(
             Ok(sender) => sender,
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                health.report_failure(&node, &format!("connect failed: {e}"));
+                if is_sticky {
+                    ctx.runtime.sticky.count_redispatch();
+                }
                 tried.push(node);
                 attempts_left -= 1;
                 if attempts_left == 0 {
@@ -226,8 +295,12 @@ async fn forward(
         };
         let server_timeout = config.timeouts.server;
         match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
-            Err(_) => return Err(ProxyError::Timeout(node.id().to_string(), server_timeout)),
+            Err(_) => {
+                health.report_failure(&node, "no response head in time");
+                return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
+            }
             Ok(Ok(response)) => {
+                health.report_status(&node, response.status().as_u16());
                 node.pool().give_back_when_idle(sender);
                 return Ok((response, lease));
             }
@@ -242,6 +315,7 @@ async fn forward(
                     request = unsent;
                 }
                 None => {
+                    health.report_failure(&node, "connection lost before the answer");
                     return Err(ProxyError::Upstream(
                         node.id().to_string(),
                         failed.into_error(),
@@ -250,23 +324,6 @@ async fn forward(
             },
         }
     }
-}
-
-fn pick(
-    config: &Config,
-    snapshot: &Membership,
-    group: &str,
-    backup: Option<&str>,
-    tried: &[Arc<Node>],
-) -> Option<Arc<Node>> {
-    [Some(group), backup]
-        .into_iter()
-        .flatten()
-        .find_map(|name| {
-            let members = snapshot.group(name)?;
-            let mode = config.group(name).map(|g| g.balance).unwrap_or_default();
-            balance::pick(mode, members, tried)
-        })
 }
 
 async fn checkout(node: &Node, connect_timeout: Duration) -> Result<Sender, ConnectError> {
