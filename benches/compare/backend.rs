@@ -10,6 +10,7 @@ use std::fs;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -21,6 +22,10 @@ pub const SMALL_BODY: &str = "amslb bench: a small fixed response body\n";
 pub const LARGE_PATH: &str = "/100m";
 /// Size of the large response.
 pub const LARGE_BYTES: u64 = 100 * 1024 * 1024;
+/// AMS's liveness path, probed by amslb's (and HAProxy's) health checks.
+pub const LIVENESS_PATH: &str = "/rest/v2/liveness";
+/// What AMS answers there.
+const LIVENESS_BODY: &str = r#"{"status":"ok"}"#;
 /// Response header naming the node address that answered.
 pub const NODE_HEADER: &str = "x-node";
 /// Response header echoing the X-Forwarded-For the node received.
@@ -92,6 +97,7 @@ pub fn start_http_nodes(nginx: &Path, dir: &Path, nodes: &[IpAddr]) -> Result<Da
          add_header {NODE_HEADER} $server_addr always;\n\
          add_header {XFF_HEADER} $http_x_forwarded_for always;\n\
          location = {SMALL_PATH} {{ return 200 \"{body}\"; }}\n\
+         location = {LIVENESS_PATH} {{ default_type application/json; return 200 '{LIVENESS_BODY}'; }}\n\
          location = {LARGE_PATH} {{ }}\n}}\n}}\n",
         preamble = nginx_preamble("backend", 1),
         common = nginx_http_common("backend"),
@@ -175,8 +181,21 @@ async fn start_ws_nodes(nodes: &[IpAddr]) -> std::io::Result<Vec<JoinHandle<()>>
     Ok(tasks)
 }
 
-/// Accepts the upgrade, then echoes data messages until the peer closes.
-async fn echo(stream: tokio::net::TcpStream) {
+/// Answers a health probe like AMS, or accepts the upgrade and echoes data
+/// messages until the peer closes.
+async fn echo(mut stream: tokio::net::TcpStream) {
+    let probe = format!("GET {LIVENESS_PATH} ");
+    let mut head = vec![0u8; probe.len()];
+    if matches!(stream.peek(&mut head).await, Ok(n) if n == head.len() && head == probe.as_bytes())
+    {
+        let answer = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{LIVENESS_BODY}",
+            LIVENESS_BODY.len()
+        );
+        let _ = stream.write_all(answer.as_bytes()).await;
+        return;
+    }
     let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
         return;
     };

@@ -2,7 +2,7 @@
 //! round-robin over the same nodes, X-Forwarded-For added, keep-alive to the
 //! nodes, the same number of threads, the same connection cap.
 
-use crate::backend::{nginx_http_common, nginx_preamble, start_nginx};
+use crate::backend::{LIVENESS_PATH, nginx_http_common, nginx_preamble, start_nginx};
 use crate::net::NODE_PORT;
 use crate::procs::{Daemon, StartError, find_program, output};
 use std::fmt::Write as _;
@@ -194,16 +194,21 @@ fn haproxy_config(spec: &Spec) -> String {
     };
     let mut servers = String::new();
     for (i, ip) in spec.nodes.iter().enumerate() {
-        let _ = writeln!(servers, "    server n{i} {ip}:{NODE_PORT}");
+        let _ = writeln!(
+            servers,
+            "    server n{i} {ip}:{NODE_PORT} check inter 2s fall 3 rise 2"
+        );
     }
     // Keep-alive to the servers and connection reuse are HAProxy 2.6's defaults
     // (`option http-keep-alive`, `http-reuse safe`); no `log` line: no logging.
+    // Health probes as amslb's defaults: GET /rest/v2/liveness every 2 s, fall 3, rise 2.
     format!(
         "global\n    nbthread {threads}\n    maxconn {max}\n\n\
          defaults\n    mode {mode}\n    timeout connect 5s\n    timeout client 30s\n\
          \x20   timeout server 30s\n    timeout tunnel 2h\n{options}\n\
          frontend fe\n    bind {listen}{bind_extra}\n    default_backend nodes\n\n\
-         backend nodes\n    balance roundrobin\n{servers}",
+         backend nodes\n    balance roundrobin\n\
+         \x20   option httpchk GET {LIVENESS_PATH}\n{servers}",
         threads = spec.threads,
         max = spec.max_conn,
         listen = spec.listen,
@@ -292,7 +297,8 @@ fn amslb_config(spec: &Spec) -> String {
             "\n[[cluster.node]]\nid = \"n{i}\"\naddress = \"{ip}\"\ngroup = \"origin\"\n"
         );
     }
-    // X-Forwarded-For and the per-node keep-alive pool are always on in amslb.
+    // X-Forwarded-For and the per-node keep-alive pool are always on in amslb;
+    // health probes are on by default (the nodes answer /rest/v2/liveness).
     // rtmp_port = the nodes' HTTP port: the TCP relay scenario relays HTTP.
     format!(
         "[global]\nmax_connections = {max}\n\n\

@@ -190,10 +190,30 @@ fn parent_of(pid: u32) -> Option<u32> {
     after_comm.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The last `n` non-empty lines of `text`, joined with " | ".
+/// The last `n` non-empty lines of `text`, joined with " | ", without
+/// terminal colour codes (amslb's log colours its levels).
 pub fn tail(text: &str, n: usize) -> String {
     let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    lines[lines.len().saturating_sub(n)..].join(" | ")
+    strip_colours(&lines[lines.len().saturating_sub(n)..].join(" | "))
+}
+
+/// Removes ANSI escape sequences (`ESC [ ... letter`).
+fn strip_colours(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip up to and including the sequence's final letter.
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Runs a program to completion and returns its stdout, or why it failed.
