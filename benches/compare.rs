@@ -4,8 +4,8 @@
 //!
 //! One neutral backend (nginx on two loopback node addresses), then each
 //! balancer in turn, configured equivalently, measured with `wrk` and a
-//! WebSocket client. Prints a Markdown table and writes it to
-//! `benches/results/latest.md`. Loopback only; bounded to a few minutes.
+//! WebSocket client. Prints a Markdown table and, for a full run, writes it
+//! to `benches/results/latest.md`. Loopback only; bounded to a few minutes.
 //! `BENCH_SECS` overrides the length of each measured run (default 5);
 //! `AMSLB_BIN` runs another amslb binary than the one built with the bench.
 
@@ -110,10 +110,14 @@ fn main() {
         threads_note(&bench)
     );
     println!("\n{text}");
+    if !wanted.is_empty() {
+        println!("(a partial run: benches/results/latest.md keeps the last full run)");
+        return;
+    }
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/results/latest.md");
-    match fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))
-        .and_then(|_| fs::write(&out, &text))
-    {
+    let written = fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))
+        .and_then(|_| fs::write(&out, &text));
+    match written {
         Ok(()) => println!("written to {}", out.display()),
         Err(e) => eprintln!("cannot write {}: {e}", out.display()),
     }

@@ -106,7 +106,11 @@ pub fn start_http_nodes(nginx: &Path, dir: &Path, nodes: &[IpAddr]) -> Result<Da
     );
     let path = dir.join("backend.conf");
     fs::write(&path, conf).map_err(|e| StartError::Failed(e.to_string()))?;
-    let mut daemon = start_nginx("backend", nginx, dir, &path)?;
+    serving(start_nginx("backend", nginx, dir, &path)?, nodes)
+}
+
+/// `daemon` once it listens on every node address (port 5080).
+fn serving(mut daemon: Daemon, nodes: &[IpAddr]) -> Result<Daemon, StartError> {
     let addrs: Vec<SocketAddr> = nodes
         .iter()
         .map(|ip| SocketAddr::new(*ip, NODE_PORT))
@@ -125,17 +129,12 @@ pub const WS_NODES_ENV: &str = "AMSLB_BENCH_WS_NODES";
 pub fn spawn_ws_nodes(dir: &Path, nodes: &[IpAddr]) -> Result<Daemon, StartError> {
     let exe = std::env::current_exe().map_err(|e| StartError::Failed(e.to_string()))?;
     let list: Vec<String> = nodes.iter().map(|ip| ip.to_string()).collect();
-    let mut daemon = Daemon::spawn(
+    let daemon = Daemon::spawn(
         "websocket nodes",
         Command::new(exe).env(WS_NODES_ENV, list.join(",")),
         &dir.join("ws-nodes.log"),
     )?;
-    let addrs: Vec<SocketAddr> = nodes
-        .iter()
-        .map(|ip| SocketAddr::new(*ip, NODE_PORT))
-        .collect();
-    daemon.wait_listening(&addrs)?;
-    Ok(daemon)
+    serving(daemon, nodes)
 }
 
 /// Body of the WebSocket node process: serves until killed.
