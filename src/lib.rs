@@ -20,6 +20,7 @@ pub mod sticky;
 pub mod streaming;
 pub mod tls;
 pub mod tunnel;
+pub mod workers;
 
 use config::Config;
 use server::{Server, StartError};

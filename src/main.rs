@@ -59,7 +59,9 @@ fn main() -> ExitCode {
 }
 
 fn serve(config: amslb::config::Config) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // One event loop on this thread; amslb starts one more per CPU itself
+    // (`[global] workers`, see amslb::workers) so each connection stays on one thread.
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;

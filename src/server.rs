@@ -179,6 +179,7 @@ impl Server {
         runtime
             .health
             .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
+        spawn_worker_accept_loops(&runtime, &self.bound);
         for bound in self.bound {
             if let Ok(addr) = bound.socket.local_addr() {
                 info!(listener = %bound.name, %addr, "listening");
@@ -216,6 +217,33 @@ impl Server {
         }
         info!("stopped");
     }
+}
+
+/// Runs accept loops for every TCP listener on `[global] workers` - 1 extra
+/// threads too (see [`crate::workers`]); this thread is the first worker.
+fn spawn_worker_accept_loops(runtime: &Arc<Runtime>, bound: &[BoundListener]) {
+    let extra = crate::workers::count(runtime.config().global.workers).saturating_sub(1);
+    if extra == 0 || bound.is_empty() {
+        return;
+    }
+    let meta: Vec<(Arc<str>, Option<Arc<TcpProxy>>)> = bound
+        .iter()
+        .map(|b| (b.name.clone(), b.l4.clone()))
+        .collect();
+    let sockets: Vec<&TcpListener> = bound.iter().map(|b| &b.socket).collect();
+    let runtime = runtime.clone();
+    crate::workers::spawn(extra, &sockets, move |listeners| {
+        let runtime = runtime.clone();
+        let meta = meta.clone();
+        async move {
+            for (socket, (name, l4)) in listeners.into_iter().zip(meta) {
+                tokio::spawn(accept_loop(
+                    runtime.clone(),
+                    BoundListener { name, socket, l4 },
+                ));
+            }
+        }
+    });
 }
 
 /// Starts following MongoDB when the config asks for it. Never waits for

@@ -198,12 +198,20 @@ async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
     // One connection stays open across the renewal.
     let (mut send, _) = open_h1(https, DOMAIN, &roots).await;
     let request = || kept_request(DOMAIN);
-    assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
+    send.ready().await.unwrap();
+    let response = send.send_request(request()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    response.into_body().collect().await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(20);
     let renewed = loop {
         // Keep the open connection busy (an idle one would hit the client timeout).
-        assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
+        send.ready().await.unwrap();
+        let response = send.send_request(request()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        // Read the whole body: a client that drops an unread body cannot
+        // reuse its connection.
+        response.into_body().collect().await.unwrap();
         // New connections: a failed handshake here (the old certificate
         // expiring a moment before the new one lands) just means "not yet".
         if let Ok(seen) = get(https, DOMAIN, &roots, &[], "/").await
@@ -220,6 +228,7 @@ async fn short_lived_certificate_is_renewed_and_swapped_with_connection_open() {
     };
     assert_eq!(renewed.status, 200);
 
+    send.ready().await.unwrap();
     let response = send.send_request(request()).await.unwrap();
     assert_eq!(
         response.status(),

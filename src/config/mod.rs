@@ -67,6 +67,9 @@ pub struct Global {
     pub retries: u32,
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
     pub max_header_bytes: usize,
+    /// Threads that accept and serve connections, each with its own event
+    /// loop; 0 means one per CPU.
+    pub workers: usize,
     /// This instance's home region: new sessions prefer nodes of this region.
     pub region: Option<String>,
     /// Regions to fall back to, nearest first, when the home region has no usable node.
@@ -83,6 +86,7 @@ impl Default for Global {
             shutdown_grace: Duration::from_secs(30),
             retries: 3,
             max_header_bytes: 16 * 1024,
+            workers: 0,
             region: None,
             region_preference: Vec::new(),
             region_header: None,
