@@ -7,4 +7,6 @@
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod metrics;
 pub mod route;
+pub mod stats;

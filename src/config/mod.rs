@@ -8,6 +8,7 @@
 
 pub mod duration;
 mod load;
+pub mod ops;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
 
@@ -33,6 +34,12 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where cluster membership comes from.
     pub cluster: ClusterConfig,
+    /// Stats listener (metrics, status page, admin API); absent: none.
+    #[serde(default)]
+    pub stats: Option<ops::StatsConfig>,
+    /// Access log; absent: none.
+    #[serde(default)]
+    pub access_log: Option<ops::AccessLogConfig>,
 }
 
 /// `[global]`: process-wide settings.
