@@ -4,6 +4,7 @@
 //! node ([`balance`] over a [`cluster`] snapshot) → forward ([`http`]).
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
