@@ -1,13 +1,57 @@
 //! amslb: a load balancer for Ant Media Server clusters.
 //!
-//! Data flows one way: listener → connection → classify ([`route`]) → pick a
-//! node ([`balance`] over a [`cluster`] snapshot) → forward ([`http`]).
+//! Data flows one way: [`listener`] → connection ([`server`]) → classify
+//! ([`route`]) → pick a node ([`balance`] over a [`cluster`] snapshot) →
+//! forward ([`http`]). [`run`] is the one place that wires them together.
 #![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod http;
+pub mod listener;
 pub mod metrics;
+pub mod proxy_protocol;
 pub mod route;
+pub mod runtime;
+pub mod server;
 pub mod stats;
+pub mod tunnel;
+
+use config::Config;
+use server::{Server, StartError};
+
+/// Binds every listener of `config` and serves until SIGTERM or SIGINT, then
+/// shuts down gracefully.
+pub async fn run(config: Config) -> Result<(), StartError> {
+    let server = Server::bind(config)?;
+    server.run(shutdown_signal()).await;
+    Ok(())
+}
+
+/// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
+            (Ok(mut term), Ok(mut int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

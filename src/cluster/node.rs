@@ -2,6 +2,7 @@
 //! its live state (health, draining, open sessions), kept in atomics so the data
 //! path reads it without locks.
 
+use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,6 +35,8 @@ pub struct Node {
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
     draining: AtomicBool,
+    /// Idle keep-alive HTTP connections to the node.
+    pool: Arc<Pool>,
 }
 
 impl Node {
@@ -45,7 +48,13 @@ impl Node {
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
+            pool: Arc::default(),
         }
+    }
+
+    /// Idle keep-alive HTTP connections to the node.
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     /// The description this node was built from.

@@ -175,6 +175,15 @@ impl Config {
                     ),
                 );
             }
+            if listener.protocol != Protocol::Http {
+                return fail(
+                    format!("listener[{i}].protocol"),
+                    format!(
+                        "{:?} listeners are not supported by this build yet",
+                        listener.protocol
+                    ),
+                );
+            }
             if listener.redirect_https && listener.protocol != Protocol::Http {
                 return fail(
                     format!("listener[{i}].redirect_https"),

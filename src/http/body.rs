@@ -1,0 +1,91 @@
+//! The body type amslb answers clients with: a node's streamed body, or a
+//! short body amslb wrote itself (errors, redirects).
+
+use crate::cluster::NodeLease;
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+/// A response body sent to a client.
+#[derive(Debug)]
+pub enum ResponseBody {
+    /// Streamed from a node, chunk by chunk as it arrives (never buffered
+    /// whole: HLS segments and long polls pass through as they come). The
+    /// lease keeps the session counted on the node until the body is done.
+    Node {
+        /// The node's body.
+        body: Incoming,
+        /// Counts the session for least-conn until dropped.
+        lease: Option<NodeLease>,
+    },
+    /// Written by amslb.
+    Local(Full<Bytes>),
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ResponseBody::Node { body, lease } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                if let Poll::Ready(None) = polled {
+                    // The body is complete: the session on the node is over.
+                    lease.take();
+                }
+                polled
+            }
+            ResponseBody::Local(full) => Pin::new(full)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(|never| match never {}))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ResponseBody::Node { body, .. } => body.is_end_stream(),
+            ResponseBody::Local(full) => full.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ResponseBody::Node { body, .. } => body.size_hint(),
+            ResponseBody::Local(full) => full.size_hint(),
+        }
+    }
+}
+
+/// A plain-text response written by amslb, e.g. `503` with the reason.
+pub fn local_response(status: StatusCode, text: &str) -> Response<ResponseBody> {
+    let body = format!(
+        "{} {}\n{text}\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or("")
+    );
+    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// A redirect to `location` (HAProxy's `redirect scheme https` answers 302 too).
+pub fn redirect(location: &str) -> Response<ResponseBody> {
+    let mut response = local_response(StatusCode::FOUND, location);
+    if let Ok(value) = HeaderValue::from_str(location) {
+        response.headers_mut().insert(header::LOCATION, value);
+    }
+    response
+}

@@ -1,0 +1,189 @@
+//! Request and response header rewriting: hop-by-hop headers, X-Forwarded-*,
+//! Forwarded and Via.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use std::net::SocketAddr;
+
+/// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
+/// besides those named in `Connection`.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers. For a protocol upgrade (WebSocket) the
+/// `Connection: upgrade` and `Upgrade` pair is kept so the node sees the upgrade.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers listed in Connection are hop-by-hop too (e.g. "Connection: close, x-foo").
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let upgrade = keep_upgrade
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+    if let Some(upgrade) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, upgrade);
+    }
+}
+
+/// What the proxy knows about the client side of a request.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    /// The client's address (from the PROXY header when the listener accepts one).
+    pub addr: SocketAddr,
+    /// Whether the client connection is TLS.
+    pub tls: bool,
+}
+
+/// Which optional forwarding headers a listener adds.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardOptions {
+    /// Add RFC 7239 `Forwarded`.
+    pub forwarded: bool,
+    /// Add `Via`.
+    pub via: bool,
+}
+
+/// Adds X-Forwarded-For (appending to what a previous proxy set),
+/// X-Forwarded-Proto, X-Forwarded-Host, and optionally Forwarded and Via.
+pub fn add_forwarding(headers: &mut HeaderMap, client: ClientInfo, options: ForwardOptions) {
+    let ip = client.addr.ip().to_string();
+    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
+        _ => ip.clone(),
+    };
+    // An address and a string built from header text that was valid stay valid.
+    if let Ok(value) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", value);
+    }
+    let proto = if client.tls { "https" } else { "http" };
+    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert("x-forwarded-host", host);
+    }
+    if options.forwarded {
+        let node = if client.addr.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip
+        };
+        let mut value = format!("for={node};proto={proto}");
+        if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
+            value.push_str(";host=\"");
+            value.push_str(host);
+            value.push('"');
+        }
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            headers.append(header::FORWARDED, value);
+        }
+    }
+    if options.via {
+        headers.append(header::VIA, HeaderValue::from_static("1.1 amslb"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("transfer-encoding", "chunked"),
+            ("te", "trailers"),
+            ("accept", "*/*"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("accept"));
+    }
+
+    #[test]
+    fn keeps_upgrade_pair_for_websocket() {
+        let mut h = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty());
+    }
+
+    #[test]
+    fn appends_xff_and_sets_proto_host() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.1"),
+            ("host", "live.example.com"),
+        ]);
+        let client = ClientInfo {
+            addr: "198.51.100.2:4000".parse().unwrap(),
+            tls: true,
+        };
+        add_forwarding(
+            &mut h,
+            client,
+            ForwardOptions {
+                forwarded: false,
+                via: false,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 198.51.100.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "live.example.com");
+        assert!(!h.contains_key("forwarded"));
+        assert!(!h.contains_key("via"));
+    }
+
+    #[test]
+    fn optional_forwarded_and_via() {
+        let mut h = map(&[("host", "a.test")]);
+        let client = ClientInfo {
+            addr: "[2001:db8::5]:1".parse().unwrap(),
+            tls: false,
+        };
+        add_forwarding(
+            &mut h,
+            client,
+            ForwardOptions {
+                forwarded: true,
+                via: true,
+            },
+        );
+        assert_eq!(h["x-forwarded-for"], "2001:db8::5");
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::5]\";proto=http;host=\"a.test\""
+        );
+        assert_eq!(h["via"], "1.1 amslb");
+    }
+}

@@ -1,0 +1,99 @@
+//! Keep-alive connections to one node, reused across client requests.
+//!
+//! Each [`Node`](crate::cluster::Node) owns a pool. A connection is taken out
+//! for one request and comes back once its response body has been read to the
+//! end (hyper reports that through `SendRequest::ready`), so a pooled
+//! connection is always idle. The lock is held only to push or pop, never
+//! across I/O.
+
+use crate::listener::tune_stream;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+/// A connection able to send one request to a node.
+pub type Sender = SendRequest<Incoming>;
+
+/// Idle connections kept per node; more are closed when they come back.
+const MAX_IDLE: usize = 256;
+/// An idle connection older than this is not reused: nodes close idle
+/// keep-alive connections after a while (Tomcat/AMS: 20 s by default),
+/// and a request sent on a connection the node is closing would fail.
+const MAX_IDLE_AGE: Duration = Duration::from_secs(15);
+
+/// Idle keep-alive connections to one node.
+#[derive(Debug, Default)]
+pub struct Pool {
+    idle: Mutex<Vec<(Sender, Instant)>>,
+}
+
+/// Why a new connection to a node could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed (refused, unreachable).
+    #[error("connect to {0}: {1}")]
+    Io(SocketAddr, std::io::Error),
+    /// TCP connect took longer than `timeouts.connect`.
+    #[error("connect to {0}: timed out")]
+    Timeout(SocketAddr),
+    /// The HTTP/1 handshake failed.
+    #[error("http handshake with {0}: {1}")]
+    Handshake(SocketAddr, hyper::Error),
+}
+
+impl Pool {
+    /// An idle connection that still looks open, if there is one.
+    pub fn take(&self) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((sender, since)) = idle.pop() {
+            if since.elapsed() < MAX_IDLE_AGE && sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Returns `sender` to the pool once its current response is finished.
+    /// Runs as a small task because "finished" is when the client has read
+    /// the whole response body, which may be much later.
+    pub fn give_back_when_idle(self: &std::sync::Arc<Self>, mut sender: Sender) {
+        let pool = self.clone();
+        tokio::spawn(async move {
+            if sender.ready().await.is_ok() {
+                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < MAX_IDLE {
+                    idle.push((sender, Instant::now()));
+                }
+            }
+        });
+    }
+
+    /// Number of idle connections (for tests and the status page).
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+}
+
+/// Opens a new HTTP/1.1 connection to `addr` within `timeout`.
+pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
+        Err(_) => return Err(ConnectError::Timeout(addr)),
+    };
+    tune_stream(&stream);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ConnectError::Handshake(addr, e))?;
+    tokio::spawn(async move {
+        // Errors here are the node closing or resetting; the request that was
+        // using the connection sees them and reports them.
+        let _ = conn.with_upgrades().await;
+    });
+    Ok(sender)
+}

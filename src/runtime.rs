@@ -1,0 +1,77 @@
+//! State shared by every listener and connection of a running amslb.
+
+use crate::cluster::Cluster;
+use crate::config::{Config, ListenerConfig};
+use arc_swap::ArcSwap;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything a connection needs, shared behind one `Arc`.
+///
+/// The config is a snapshot swapped as a whole on reload: a request reads it
+/// once and keeps that view, so it never sees half of an old config and half
+/// of a new one.
+#[derive(Debug)]
+pub struct Runtime {
+    config: ArcSwap<Config>,
+    /// Live cluster membership.
+    pub cluster: Arc<Cluster>,
+    /// Cancelled when shutdown starts: stop accepting, finish in-flight requests.
+    pub shutdown: CancellationToken,
+    /// Cancelled when the shutdown grace period is over: close what is still open.
+    pub hard_stop: CancellationToken,
+    /// Every connection and tunnel task, so shutdown can wait for them.
+    pub tasks: TaskTracker,
+    /// Permits for client connections (`global.max_connections`).
+    pub connection_slots: Arc<Semaphore>,
+}
+
+impl Runtime {
+    /// Builds the shared state for `config`.
+    pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
+        let slots = Arc::new(Semaphore::new(config.global.max_connections));
+        Arc::new(Self {
+            config: ArcSwap::from_pointee(config),
+            cluster,
+            shutdown: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            connection_slots: slots,
+        })
+    }
+
+    /// The current config snapshot.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// Replaces the config for everything that starts from now on.
+    pub fn set_config(&self, config: Config) {
+        self.config.store(Arc::new(config));
+    }
+}
+
+/// A config snapshot plus the index of one listener in it: what a request reads.
+#[derive(Debug, Clone)]
+pub struct ListenerView {
+    /// The config snapshot the request runs under.
+    pub config: Arc<Config>,
+    index: usize,
+}
+
+impl ListenerView {
+    /// Looks up the listener called `name` in the runtime's current config.
+    /// `None` once a reload has removed the listener.
+    pub fn current(runtime: &Runtime, name: &str) -> Option<Self> {
+        let config = runtime.config();
+        let index = config.listeners.iter().position(|l| l.name == name)?;
+        Some(Self { config, index })
+    }
+
+    /// The listener's settings.
+    pub fn listener(&self) -> &ListenerConfig {
+        &self.config.listeners[self.index]
+    }
+}

@@ -1,0 +1,197 @@
+//! Starting listeners, accepting connections, and shutting down gracefully.
+
+use crate::cluster::{Cluster, static_source};
+use crate::config::{Config, Protocol};
+use crate::http::{self, headers::ClientInfo};
+use crate::listener::{bind_tcp, tune_stream};
+use crate::proxy_protocol;
+use crate::runtime::Runtime;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::{info, warn};
+
+/// Why amslb could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener address could not be bound (in use, not local, no permission).
+    #[error("listener {listener:?}: cannot bind {addr}: {source}")]
+    Bind {
+        /// Listener name.
+        listener: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A bound socket waiting for its accept loop.
+#[derive(Debug)]
+struct BoundListener {
+    name: Arc<str>,
+    socket: TcpListener,
+}
+
+/// A balancer whose sockets are bound, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    runtime: Arc<Runtime>,
+    bound: Vec<BoundListener>,
+}
+
+impl Server {
+    /// Binds every listener of `config` and loads the static membership. All
+    /// sockets are bound before any traffic is accepted, so a port conflict
+    /// stops start-up instead of leaving a half-started balancer.
+    pub fn bind(config: Config) -> Result<Self, StartError> {
+        let cluster = Arc::new(Cluster::new());
+        cluster.update(static_source::specs(&config.cluster));
+        let mut bound = Vec::new();
+        for listener in &config.listeners {
+            let name: Arc<str> = listener.name.as_str().into();
+            for &addr in &listener.bind {
+                let socket =
+                    bind_tcp(addr, listener.backlog).map_err(|source| StartError::Bind {
+                        listener: listener.name.clone(),
+                        addr,
+                        source,
+                    })?;
+                bound.push(BoundListener {
+                    name: name.clone(),
+                    socket,
+                });
+            }
+        }
+        Ok(Self {
+            runtime: Runtime::new(config, cluster),
+            bound,
+        })
+    }
+
+    /// The shared state, for callers that drive the balancer as a library.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Actual bound addresses by listener name (a `:0` bind gets its port here).
+    pub fn local_addrs(&self) -> Vec<(String, SocketAddr)> {
+        self.bound
+            .iter()
+            .filter_map(|b| Some((b.name.to_string(), b.socket.local_addr().ok()?)))
+            .collect()
+    }
+
+    /// Serves until `stop` resolves, then shuts down gracefully: stop accepting,
+    /// give in-flight requests `global.shutdown_grace` to finish, then close
+    /// whatever is still open (tunnels).
+    pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let runtime = self.runtime;
+        for bound in self.bound {
+            if let Ok(addr) = bound.socket.local_addr() {
+                info!(listener = %bound.name, %addr, "listening");
+            }
+            tokio::spawn(accept_loop(runtime.clone(), bound));
+        }
+        stop.await;
+        let grace = runtime.config().global.shutdown_grace;
+        info!(
+            ?grace,
+            "shutting down: no new connections, waiting for in-flight requests"
+        );
+        runtime.shutdown.cancel();
+        runtime.tasks.close();
+        if tokio::time::timeout(grace, runtime.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = runtime.tasks.len(),
+                "grace period over, closing what is still open"
+            );
+            runtime.hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(2), runtime.tasks.wait()).await;
+        }
+        info!("stopped");
+    }
+}
+
+async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = runtime.shutdown.cancelled() => return,
+            accepted = bound.socket.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                warn!(listener = %bound.name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Some(permit) = connection_slot(&runtime).await else {
+            warn!(listener = %bound.name, client = %peer, "max_connections reached, connection refused");
+            continue;
+        };
+        let runtime2 = runtime.clone();
+        let name = bound.name.clone();
+        runtime.tasks.spawn(async move {
+            let _permit = permit;
+            handle_stream(runtime2, name, stream, peer).await;
+        });
+    }
+}
+
+/// A connection slot, waiting at most `global.queue_timeout` when all are taken.
+async fn connection_slot(runtime: &Runtime) -> Option<OwnedSemaphorePermit> {
+    let slots = runtime.connection_slots.clone();
+    if let Ok(permit) = slots.clone().try_acquire_owned() {
+        return Some(permit);
+    }
+    let wait = runtime.config().global.queue_timeout;
+    tokio::time::timeout(wait, slots.acquire_owned())
+        .await
+        .ok()?
+        .ok()
+}
+
+async fn handle_stream(
+    runtime: Arc<Runtime>,
+    listener: Arc<str>,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+) {
+    tune_stream(&stream);
+    let config = runtime.config();
+    let Some(settings) = config.listeners.iter().find(|l| *l.name == *listener) else {
+        return;
+    };
+    let mut client = ClientInfo {
+        addr: peer,
+        tls: false,
+    };
+    if settings.accept_proxy {
+        let header = proxy_protocol::read_header(&mut stream);
+        match tokio::time::timeout(config.timeouts.client, header).await {
+            Ok(Ok(Some(addr))) => client.addr = addr,
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                warn!(%listener, client = %peer, error = %e, "connection refused");
+                return;
+            }
+            Err(_) => {
+                warn!(%listener, client = %peer, "connection refused: no PROXY header in time");
+                return;
+            }
+        }
+    }
+    match settings.protocol {
+        Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        // Refused by Config::validate until their listeners exist.
+        Protocol::Https | Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
+    }
+}

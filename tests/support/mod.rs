@@ -1,0 +1,213 @@
+//! Test harness shared by the integration tests: simulated AMS nodes, unique
+//! loopback addresses, the real `amslb` binary started with a config, and a
+//! small HTTP client.
+#![allow(dead_code)] // each test file uses a different part of the harness
+
+pub mod sim;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::net::TcpStream;
+
+pub use sim::{Mode, SimNode};
+
+/// A random address in 127.0.0.0/8 other than 127.0.0.1, so tests running in
+/// parallel (even in separate processes) can all use the real AMS ports.
+pub fn unique_loopback() -> IpAddr {
+    let [a, b, c]: [u8; 3] = rand::random();
+    IpAddr::V4(Ipv4Addr::new(127, a.clamp(10, 250), b, c.clamp(1, 254)))
+}
+
+/// Starts a simulated node on a fresh loopback address, port 5080.
+pub async fn sim_node(id: &str) -> SimNode {
+    for _ in 0..20 {
+        if let Ok(node) = SimNode::start(id, SocketAddr::new(unique_loopback(), 5080)).await {
+            return node;
+        }
+    }
+    panic!("could not bind a simulated node on any loopback address");
+}
+
+/// A fresh loopback address with the given port, for an amslb listener.
+pub fn listener_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(unique_loopback(), port)
+}
+
+/// The real `amslb` binary, running with a config written to a temp dir;
+/// killed when dropped.
+pub struct Amslb {
+    child: Child,
+    /// Directory holding the config and the captured stderr.
+    pub dir: tempfile::TempDir,
+}
+
+impl Amslb {
+    /// Writes `config` to a file, starts amslb with it and waits until every
+    /// address in `ready` accepts TCP connections.
+    pub fn start(config: &str, ready: &[SocketAddr]) -> Amslb {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lb.toml");
+        std::fs::write(&path, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("stderr.log")).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_amslb"))
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut amslb = Amslb { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for addr in ready {
+            while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_err() {
+                if let Ok(Some(status)) = amslb.child.try_wait() {
+                    panic!(
+                        "amslb exited with {status} before listening:\n{}",
+                        amslb.log()
+                    );
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "amslb did not listen on {addr}:\n{}",
+                    amslb.log()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        amslb
+    }
+
+    /// What amslb wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stderr.log")).unwrap_or_default()
+    }
+
+    /// Path of the config file it runs with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("lb.toml")
+    }
+
+    /// Sends a signal (e.g. "TERM", "HUP") to the process.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits up to `limit` for the process to exit; its exit code, or None.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Process id, e.g. to read its memory from /proc.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Amslb {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `amslb` with arguments and returns (exit code, stdout + stderr).
+pub fn amslb_command(args: &[&str]) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_amslb"))
+        .args(args)
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
+    text.push_str(&String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// Writes `text` to a temp file and returns it (kept alive by the handle).
+pub fn temp_config(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+/// A response with its whole body read.
+pub struct Fetched {
+    /// Status code.
+    pub status: u16,
+    /// Response headers.
+    pub headers: http::HeaderMap,
+    /// Body bytes.
+    pub body: Bytes,
+}
+
+impl Fetched {
+    /// The `x-node-id` the simulated node put on the response, or "".
+    pub fn node(&self) -> String {
+        self.headers
+            .get("x-node-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one GET on a new connection and reads the whole answer.
+pub async fn get(addr: SocketAddr, path_and_query: &str) -> Fetched {
+    send(
+        addr,
+        Request::get(path_and_query)
+            .header("host", "live.test")
+            .body(Empty::new())
+            .unwrap(),
+    )
+    .await
+}
+
+/// Sends `request` on a new HTTP/1.1 connection and reads the whole answer.
+pub async fn send(addr: SocketAddr, request: Request<Empty<Bytes>>) -> Fetched {
+    let response = send_head(addr, request).await;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Fetched {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Sends `request` on a new connection and returns the response with its body unread.
+pub async fn send_head(
+    addr: SocketAddr,
+    request: Request<Empty<Bytes>>,
+) -> Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    sender.send_request(request).await.unwrap()
+}

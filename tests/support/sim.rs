@@ -1,0 +1,236 @@
+//! A simulated Ant Media Server node for tests and the demo.
+//!
+//! It binds one address on the real AMS HTTP port (5080) so several nodes share
+//! the port on distinct loopback addresses, exactly like a real cluster, and
+//! answers like AMS where the balancer cares:
+//! - `GET /rest/v2/liveness` → 200 `{"status":"ok"}` (status switchable),
+//! - every other request → 200 with its node id in `x-node-id` and the body,
+//! - `GET /big?bytes=N` → N bytes streamed in 64 KiB chunks,
+//! - `GET /slow?ms=N` → answers after N ms,
+//! - a WebSocket upgrade on any path → echoes every message.
+//!
+//! It records each request (method, path, headers) for assertions and can be
+//! told to fail every request with a status, or to hang.
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderMap, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+/// How the node answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Like a healthy AMS node.
+    Normal,
+    /// Every request (liveness too) gets this status.
+    Status(u16),
+    /// Requests are read but never answered.
+    Hang,
+}
+
+/// A request the node received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    /// Method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// Headers as received.
+    pub headers: HeaderMap,
+}
+
+#[derive(Debug)]
+struct State {
+    id: String,
+    mode: Mutex<Mode>,
+    liveness: Mutex<u16>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+/// A running simulated node; stops when dropped.
+#[derive(Debug)]
+pub struct SimNode {
+    /// The address it listens on.
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl SimNode {
+    /// Starts a node called `id` listening on `addr`.
+    pub async fn start(id: &str, addr: SocketAddr) -> std::io::Result<SimNode> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            id: id.to_string(),
+            mode: Mutex::new(Mode::Normal),
+            liveness: Mutex::new(200),
+            seen: Mutex::new(Vec::new()),
+        });
+        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        Ok(SimNode { addr, state, task })
+    }
+
+    /// The node id it answers with.
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    /// Changes how it answers every request.
+    pub fn set_mode(&self, mode: Mode) {
+        *self.state.mode.lock().unwrap() = mode;
+    }
+
+    /// Changes only the liveness endpoint's status.
+    pub fn set_liveness(&self, status: u16) {
+        *self.state.liveness.lock().unwrap() = status;
+    }
+
+    /// Requests received so far (liveness probes excluded).
+    pub fn seen(&self) -> Vec<Seen> {
+        self.state.seen.lock().unwrap().clone()
+    }
+
+    /// Stops listening and closes the listening socket (open connections end too).
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for SimNode {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    let mut connections = tokio::task::JoinSet::new();
+    while let Ok((stream, _)) = listener.accept().await {
+        let state = state.clone();
+        connections.spawn(async move {
+            let service = service_fn(move |req| answer(state.clone(), req));
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades()
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+fn text(status: u16, id: &str, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("x-node-id", id)
+        .header(header::CONTENT_TYPE, "text/plain")
+        .body(Full::new(body.into()).boxed())
+        .unwrap()
+}
+
+async fn answer(
+    state: Arc<State>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let mode = *state.mode.lock().unwrap();
+    if mode == Mode::Hang {
+        std::future::pending::<()>().await;
+    }
+    if let Mode::Status(code) = mode {
+        return Ok(text(code, &state.id, format!("{}\n", state.id)));
+    }
+    if req.uri().path() == "/rest/v2/liveness" {
+        let code = *state.liveness.lock().unwrap();
+        let mut response = text(code, &state.id, r#"{"status":"ok"}"#);
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
+        return Ok(response);
+    }
+    state.seen.lock().unwrap().push(Seen {
+        method: req.method().to_string(),
+        uri: req.uri().to_string(),
+        headers: req.headers().clone(),
+    });
+    if let Some(key) = req.headers().get("sec-websocket-key") {
+        let accept = derive_accept_key(key.as_bytes());
+        let upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(echo_websocket(upgrade));
+        return Ok(Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "upgrade")
+            .header(header::UPGRADE, "websocket")
+            .header("sec-websocket-accept", accept)
+            .header("x-node-id", &state.id)
+            .body(Full::new(Bytes::new()).boxed())
+            .unwrap());
+    }
+    let query = req.uri().query().unwrap_or("");
+    let number = |name: &str| -> u64 {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+            .unwrap_or(0)
+    };
+    match req.uri().path() {
+        "/big" => Ok(big_body(&state.id, number("bytes"))),
+        "/slow" => {
+            tokio::time::sleep(Duration::from_millis(number("ms"))).await;
+            Ok(text(200, &state.id, format!("{}\n", state.id)))
+        }
+        _ => {
+            // Read (and drop) the request body so uploads complete.
+            let _ = req.into_body().collect().await;
+            Ok(text(200, &state.id, format!("{}\n", state.id)))
+        }
+    }
+}
+
+fn big_body(id: &str, total: u64) -> Response<Body> {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let stream = futures_util::stream::unfold(total, move |left| {
+        let chunk = chunk.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(CHUNK);
+            Some((
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..n as usize))),
+                left - n,
+            ))
+        }
+    });
+    Response::builder()
+        .header("x-node-id", id)
+        .header(header::CONTENT_LENGTH, total)
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap()
+}
+
+async fn echo_websocket(upgrade: hyper::upgrade::OnUpgrade) {
+    let Ok(upgraded) = upgrade.await else { return };
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    while let Some(Ok(message)) = ws.next().await {
+        if message.is_close() {
+            break;
+        }
+        if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
+            break;
+        }
+    }
+}
