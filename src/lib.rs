@@ -13,19 +13,22 @@ pub mod http;
 pub mod listener;
 pub mod metrics;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod stats;
 pub mod tunnel;
 
-use config::Config;
 use server::{Server, StartError};
+use std::path::PathBuf;
 
-/// Binds every listener of `config` and serves until SIGTERM or SIGINT, then
-/// shuts down gracefully.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let server = Server::bind(config)?;
+/// Binds every listener of the config read from `path` (already checked into
+/// `prepared`), starts the stats listener, access log and reload handling, and
+/// serves until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(path: PathBuf, prepared: reload::Prepared) -> Result<(), StartError> {
+    let server = Server::bind(prepared.config.clone())?;
+    reload::start(server.runtime(), path, prepared).await?;
     server.run(shutdown_signal()).await;
     Ok(())
 }

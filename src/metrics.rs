@@ -332,6 +332,19 @@ impl Metrics {
         created
     }
 
+    /// Runs `f` with the counters of `node` without touching the `Arc`'s
+    /// reference count: the per-request path (a lock-free map read).
+    pub fn with_node<R>(&self, node: &Node, f: impl FnOnce(&NodeMetrics) -> R) -> R {
+        let nodes = self.nodes.load();
+        match nodes.get(node.id()) {
+            Some(found) if found.group == node.group() => f(found),
+            _ => {
+                drop(nodes);
+                f(&self.node(node))
+            }
+        }
+    }
+
     /// Counters of a node already seen, without creating them.
     pub fn known_node(&self, id: &str) -> Option<Arc<NodeMetrics>> {
         self.nodes.load().get(id).cloned()
@@ -965,6 +978,23 @@ mod tests {
         }
         assert_eq!(node.health_history().len(), HEALTH_HISTORY_LEN as usize);
         assert!(node.health_history().iter().all(|ok| !ok));
+    }
+
+    #[test]
+    fn metrics_registry_builds() {
+        // Runtime::new relies on this never failing.
+        assert!(Metrics::new(Arc::new(Cluster::new())).is_ok());
+    }
+
+    #[test]
+    fn with_node_creates_then_reuses() {
+        let cluster = cluster();
+        let m = Metrics::new(cluster.clone()).unwrap();
+        let snap = cluster.snapshot();
+        let e1 = snap.node("e1").unwrap();
+        m.with_node(e1, |n| n.connect_failed());
+        m.with_node(e1, |n| n.connect_failed());
+        assert_eq!(m.known_node("e1").unwrap().connect_failures(), 2);
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! State shared by every listener and connection of a running amslb.
 
+use crate::access_log::AccessLog;
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig};
+use crate::metrics::Metrics;
 use arc_swap::ArcSwap;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,12 +30,22 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The access log, when `[access_log]` is configured; replaced on reload.
+    pub access_log: ArcSwap<Option<AccessLog>>,
+    /// Running accept loops by (listener name, address); cancelling a token
+    /// stops that loop only (reload removing a listener), its connections go on.
+    pub accept_loops: Mutex<HashMap<(Arc<str>, SocketAddr), CancellationToken>>,
 }
 
 impl Runtime {
     /// Builds the shared state for `config`.
     pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
+        // The family names and labels are constants; `metrics_registry_builds`
+        // in metrics.rs proves they register, so this cannot fail at run time.
+        let metrics = Metrics::new(cluster.clone()).expect("metric families are valid");
         Arc::new(Self {
             config: ArcSwap::from_pointee(config),
             cluster,
@@ -39,6 +53,9 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
+            metrics: Arc::new(metrics),
+            access_log: ArcSwap::from_pointee(None),
+            accept_loops: Mutex::default(),
         })
     }
 

@@ -4,6 +4,7 @@ use crate::cluster::{Cluster, static_source};
 use crate::config::{Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
 use crate::listener::{bind_tcp, tune_stream};
+use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
 use std::net::SocketAddr;
@@ -26,13 +27,20 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The stats listener, access log or reload handling could not start.
+    #[error(transparent)]
+    Ops(#[from] crate::reload::ReloadError),
 }
 
 /// A bound socket waiting for its accept loop.
 #[derive(Debug)]
-struct BoundListener {
-    name: Arc<str>,
-    socket: TcpListener,
+pub(crate) struct BoundListener {
+    /// Listener name.
+    pub(crate) name: Arc<str>,
+    /// The address as configured (a `:0` port stays 0 here), the key reload diffs on.
+    pub(crate) addr: SocketAddr,
+    /// The listening socket.
+    pub(crate) socket: TcpListener,
 }
 
 /// A balancer whose sockets are bound, ready to run.
@@ -53,16 +61,7 @@ impl Server {
         for listener in &config.listeners {
             let name: Arc<str> = listener.name.as_str().into();
             for &addr in &listener.bind {
-                let socket =
-                    bind_tcp(addr, listener.backlog).map_err(|source| StartError::Bind {
-                        listener: listener.name.clone(),
-                        addr,
-                        source,
-                    })?;
-                bound.push(BoundListener {
-                    name: name.clone(),
-                    socket,
-                });
+                bound.push(bind_listener(name.clone(), addr, listener.backlog)?);
             }
         }
         Ok(Self {
@@ -90,10 +89,7 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
         for bound in self.bound {
-            if let Ok(addr) = bound.socket.local_addr() {
-                info!(listener = %bound.name, %addr, "listening");
-            }
-            tokio::spawn(accept_loop(runtime.clone(), bound));
+            spawn_accept_loop(&runtime, bound);
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;
@@ -118,10 +114,45 @@ impl Server {
     }
 }
 
-async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
+/// Binds one address of listener `name`.
+pub(crate) fn bind_listener(
+    name: Arc<str>,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<BoundListener, StartError> {
+    let socket = bind_tcp(addr, backlog).map_err(|source| StartError::Bind {
+        listener: name.to_string(),
+        addr,
+        source,
+    })?;
+    Ok(BoundListener { name, addr, socket })
+}
+
+/// Starts accepting on `bound`, registered in `runtime.accept_loops` under
+/// (name, configured address) so a reload can stop this one loop alone.
+pub(crate) fn spawn_accept_loop(runtime: &Arc<Runtime>, bound: BoundListener) {
+    if let Ok(local) = bound.socket.local_addr() {
+        info!(listener = %bound.name, addr = %local, "listening");
+    }
+    let stop = runtime.shutdown.child_token();
+    let metrics = runtime.metrics.listener(&bound.name);
+    runtime
+        .accept_loops
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((bound.name.clone(), bound.addr), stop.clone());
+    tokio::spawn(accept_loop(runtime.clone(), bound, stop, metrics));
+}
+
+async fn accept_loop(
+    runtime: Arc<Runtime>,
+    bound: BoundListener,
+    stop: tokio_util::sync::CancellationToken,
+    metrics: Arc<ListenerMetrics>,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = runtime.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             accepted = bound.socket.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -139,9 +170,11 @@ async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
         };
         let runtime2 = runtime.clone();
         let name = bound.name.clone();
+        let metrics = metrics.clone();
         runtime.tasks.spawn(async move {
             let _permit = permit;
-            handle_stream(runtime2, name, stream, peer).await;
+            let _open = metrics.connection_opened();
+            handle_stream(runtime2, name, stream, peer, metrics).await;
         });
     }
 }
@@ -164,6 +197,7 @@ async fn handle_stream(
     listener: Arc<str>,
     mut stream: TcpStream,
     peer: SocketAddr,
+    metrics: Arc<ListenerMetrics>,
 ) {
     tune_stream(&stream);
     let config = runtime.config();
@@ -190,7 +224,9 @@ async fn handle_stream(
         }
     }
     match settings.protocol {
-        Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        Protocol::Http => {
+            http::serve_connection(runtime.clone(), listener, stream, client, metrics).await
+        }
         // Refused by Config::validate until their listeners exist.
         Protocol::Https | Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
     }

@@ -5,7 +5,9 @@ pub mod body;
 pub mod headers;
 pub mod pool;
 pub mod proxy;
+pub mod record;
 
+use crate::metrics::ListenerMetrics;
 use crate::runtime::Runtime;
 use headers::ClientInfo;
 use hyper::server::conn::http1;
@@ -28,6 +30,7 @@ pub async fn serve_connection<I>(
     listener: Arc<str>,
     io: I,
     client: ClientInfo,
+    metrics: Arc<ListenerMetrics>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -36,6 +39,7 @@ pub async fn serve_connection<I>(
         runtime: runtime.clone(),
         listener: listener.clone(),
         client,
+        metrics,
     });
     let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
     let mut builder = http1::Builder::new();

@@ -3,14 +3,16 @@
 use super::body::{ResponseBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
+use super::record::Exchange;
 use crate::balance;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
+use crate::metrics::ListenerMetrics;
 use crate::route::{self, Route, Target};
 use crate::runtime::{ListenerView, Runtime};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +27,8 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// Who the client is.
     pub client: ClientInfo,
+    /// The listener's metric handles, resolved once per listener.
+    pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Why a request could not be forwarded; each maps to one status code.
@@ -65,7 +69,8 @@ pub async fn handle(
     };
     let method = request.method().clone();
     let path = request.uri().path().to_string();
-    let response = proxy(&ctx, &view, request)
+    let mut record = Some(Exchange::new(ctx.clone()));
+    let response = proxy(&ctx, &view, request, &mut record)
         .await
         .unwrap_or_else(|(status, reason)| {
             warn!(
@@ -79,6 +84,11 @@ pub async fn handle(
             );
             local_response(status, &reason)
         });
+    // Still here: amslb answered itself (error, redirect); record it now.
+    if let Some(mut record) = record {
+        record.set_status(response.status().as_u16());
+        record.add_bytes_out(response.body().size_hint().exact().unwrap_or(0));
+    }
     Ok(response)
 }
 
@@ -88,6 +98,7 @@ async fn proxy(
     ctx: &ConnContext,
     view: &ListenerView,
     mut request: Request<Incoming>,
+    record: &mut Option<Exchange>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
@@ -100,24 +111,50 @@ async fn proxy(
 
     let route = route::classify(request.uri().path(), request.uri().query());
     let group = group_for(&view.config, listener, &route);
+    if let Some(record) = record.as_mut() {
+        record.set_route(route.kind.as_str());
+        record.add_bytes_in(request.body().size_hint().exact().unwrap_or(0));
+    }
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = forward(ctx, &view.config, group, request)
-        .await
-        .map_err(|e| (e.status(), e.to_string()))?;
+    let (mut response, lease) = match forward(ctx, &view.config, group, request).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            if let Some(record) = record.as_mut() {
+                record.set_unserved_group(group);
+            }
+            return Err((e.status(), e.to_string()));
+        }
+    };
+    let mut record = record.take().map(|mut record| {
+        record.set_node(lease.node().clone());
+        record.set_status(response.status().as_u16());
+        record
+    });
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
         let node_upgrade = hyper::upgrade::on(&mut response);
-        spawn_tunnel(ctx, &view.config, client_upgrade, node_upgrade, lease);
+        if let Some(record) = record.as_mut() {
+            record.start_tunnel();
+        }
+        spawn_tunnel(
+            ctx,
+            &view.config,
+            client_upgrade,
+            node_upgrade,
+            lease,
+            record,
+        );
         return Ok(response.map(|_| ResponseBody::Local(Default::default())));
     }
     Ok(response.map(|body| ResponseBody::Node {
         body,
         lease: Some(lease),
+        record,
     }))
 }
 
@@ -215,11 +252,13 @@ async fn forward(
             Ok(sender) => sender,
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
                 tried.push(node);
                 attempts_left -= 1;
                 if attempts_left == 0 {
                     return Err(ProxyError::AllNodesFailed(e));
                 }
+                ctx.metrics.retry();
                 last_error = Some(e);
                 continue;
             }
@@ -282,6 +321,7 @@ fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
     node: hyper::upgrade::OnUpgrade,
     lease: NodeLease,
+    mut record: Option<Exchange>,
 ) {
     let idle = config.timeouts.tunnel;
     let hard_stop = ctx.runtime.hard_stop.clone();
@@ -302,6 +342,9 @@ fn spawn_tunnel(
             hard_stop.cancelled_owned(),
         )
         .await;
+        if let Some(record) = record.as_mut() {
+            record.tunnel_closed(relayed.to_node, relayed.to_client);
+        }
         info!(
             %listener,
             client = %client_addr,
