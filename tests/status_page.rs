@@ -3,26 +3,11 @@
 
 mod ops_support;
 
-use amslb::cluster::{Cluster, NodeSpec};
-use amslb::config::ops::StatsConfig;
+use amslb::cluster::Cluster;
 use amslb::metrics::Metrics;
-use amslb::stats::{Control, StatsState, auth::Access, serve};
-use futures_util::future::BoxFuture;
 use ops_support::*;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::sync::CancellationToken;
-
-struct Groups;
-
-impl Control for Groups {
-    fn reload(&self) -> BoxFuture<'static, Result<String, String>> {
-        Box::pin(async { Ok("unchanged".into()) })
-    }
-    fn groups(&self) -> Vec<String> {
-        vec!["origin".into(), "edge".into(), "spare".into()]
-    }
-}
 
 /// Runs headless Chromium with `args` + `url`; returns stdout.
 async fn chromium(dir: &TempDir, args: &[String], url: &str) -> String {
@@ -64,18 +49,10 @@ async fn chromium(dir: &TempDir, args: &[String], url: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_nodes_and_states() {
     let cluster = Arc::new(Cluster::new());
-    let spec = |id: &str, group: &str, octet: u8| NodeSpec {
-        id: id.into(),
-        group: group.into(),
-        addr: [127, 0, 9, octet].into(),
-        http_port: 5080,
-        rtmp_port: 1935,
-        drain: false,
-    };
     cluster.update(vec![
-        spec("origin-1", "origin", 1),
-        spec("edge-1", "edge", 2),
-        spec("edge-2", "edge", 3),
+        node_spec("origin-1", "origin", 1),
+        node_spec("edge-1", "edge", 2),
+        node_spec("edge-2", "edge", 3),
     ]);
     let snap = cluster.snapshot();
     snap.node("edge-2").unwrap().set_draining(true);
@@ -93,18 +70,14 @@ async fn chromium_shows_nodes_and_states() {
     );
 
     // The page is opened from loopback, which `allow` admits without credentials.
-    let config: StatsConfig = toml::from_str("allow = [\"127.0.0.0/8\"]").unwrap();
-    let state = Arc::new(StatsState::new(
-        metrics,
+    let (addr, _guard) = serve_stats(
         cluster.clone(),
-        Access::from_config(&config).unwrap(),
-        Arc::new(Groups),
-    ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
-    let stop = CancellationToken::new();
-    let _guard = stop.clone().drop_guard();
-    tokio::spawn(serve(listener, state, stop));
+        metrics,
+        "allow = [\"127.0.0.0/8\"]",
+        &["origin", "edge", "spare"],
+    )
+    .await;
+    let url = format!("http://{addr}/");
 
     let dir = TempDir::new("chromium");
     let dom = chromium(&dir, &["--dump-dom".into()], &url).await;

@@ -224,3 +224,52 @@ pub fn promtool_check(text: &str) -> (bool, String) {
     all.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), all)
 }
+
+/// Group names for an in-process stats listener; reload is not wired there.
+struct FixedGroups(Vec<String>);
+
+impl amslb::stats::Control for FixedGroups {
+    fn reload(&self) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+        Box::pin(async { Err("reload is not wired in this test".into()) })
+    }
+    fn groups(&self) -> Vec<String> {
+        self.0.clone()
+    }
+}
+
+/// Serves an in-process stats listener on 127.0.0.1:0 with the `[stats]`
+/// table `stats_toml`; returns its address and a guard that stops it.
+pub async fn serve_stats(
+    cluster: std::sync::Arc<amslb::cluster::Cluster>,
+    metrics: std::sync::Arc<amslb::metrics::Metrics>,
+    stats_toml: &str,
+    groups: &[&str],
+) -> (std::net::SocketAddr, tokio_util::sync::DropGuard) {
+    use std::sync::Arc;
+    let config: amslb::config::ops::StatsConfig = toml::from_str(stats_toml).unwrap();
+    let access = amslb::stats::auth::Access::from_config(&config).unwrap();
+    let control = FixedGroups(groups.iter().map(|g| g.to_string()).collect());
+    let state = Arc::new(amslb::stats::StatsState::new(
+        metrics,
+        cluster,
+        access,
+        Arc::new(control),
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(amslb::stats::serve(listener, state, stop.clone()));
+    (addr, stop.drop_guard())
+}
+
+/// A node spec on 127.0.9.`octet`, port 5080.
+pub fn node_spec(id: &str, group: &str, octet: u8) -> amslb::cluster::NodeSpec {
+    amslb::cluster::NodeSpec {
+        id: id.into(),
+        group: group.into(),
+        addr: [127, 0, 9, octet].into(),
+        http_port: 5080,
+        rtmp_port: 1935,
+        drain: false,
+    }
+}
