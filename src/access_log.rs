@@ -52,7 +52,8 @@ pub struct Entry {
     pub group: Arc<str>,
     /// Node that served it, if any.
     pub node: Option<Arc<Node>>,
-    /// Status sent to the client (101 for upgrades, 0 for raw TCP/UDP).
+    /// Status sent to the client (101 for upgrades; 0 for raw TCP/UDP, or when
+    /// the client left before any answer).
     pub status: u16,
     /// Bytes received from the client.
     pub bytes_in: u64,

@@ -84,6 +84,7 @@ struct Families {
     open_tunnels: IntGaugeVec,
     retries: IntCounterVec,
     redispatches: IntCounterVec,
+    aborts: IntCounterVec,
     node_requests: IntCounterVec,
     node_connect_failures: IntCounterVec,
     node_received: IntCounterVec,
@@ -131,7 +132,7 @@ impl Families {
             )?,
             duration: histogram(
                 "amslb_request_duration_seconds",
-                "Time from request head to end of the response head sent to the client.",
+                "Time from the request to the end of the response body sent to the client (to the 101 for upgrades).",
                 LR,
                 DURATION_BUCKETS,
             )?,
@@ -169,6 +170,11 @@ impl Families {
             redispatches: counter(
                 "amslb_redispatches_total",
                 "Sticky sessions sent to another node because theirs was unusable.",
+                &["listener"],
+            )?,
+            aborts: counter(
+                "amslb_client_aborts_total",
+                "Requests the client gave up on before any response was sent.",
                 &["listener"],
             )?,
             node_requests: counter(
@@ -302,6 +308,13 @@ impl Metrics {
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(ListenerMetrics::new(name, &self.families)))
             .clone()
+    }
+
+    /// Forgets listeners a reload removed, so the status page lists only live
+    /// ones (their counters stay in `/metrics`: a counter must not go back).
+    pub fn retain_listeners(&self, keep: impl Fn(&str) -> bool) {
+        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        listeners.retain(|name, _| keep(name));
     }
 
     /// Handles of every listener, by name.
@@ -521,6 +534,7 @@ pub struct ListenerMetrics {
     open_connections: IntGauge,
     retries: IntCounter,
     redispatches: IntCounter,
+    aborts: IntCounter,
 }
 
 impl ListenerMetrics {
@@ -535,6 +549,7 @@ impl ListenerMetrics {
             open_connections: f.open_connections.with_label_values(&[name]),
             retries: f.retries.with_label_values(&[name]),
             redispatches: f.redispatches.with_label_values(&[name]),
+            aborts: f.aborts.with_label_values(&[name]),
         }
     }
 
@@ -603,6 +618,12 @@ impl ListenerMetrics {
             node.sent.inc_by(from_client);
             node.received.inc_by(to_client);
         }
+    }
+
+    /// Counts a request the client abandoned before getting a response head
+    /// (it has no status, so it is not in `amslb_requests_total`).
+    pub fn client_aborted(&self) {
+        self.aborts.inc();
     }
 
     /// Counts a retry on another node.
@@ -893,6 +914,8 @@ mod tests {
         assert_eq!(l.requests_by_class(), [0, 3, 0, 0, 1]);
         // The same listener name gives the same counters (reload keeps them).
         assert_eq!(m.listener("play").requests_by_class(), [0, 3, 0, 0, 1]);
+        m.retain_listeners(|name| name != "play");
+        assert!(m.listeners().is_empty());
         assert!(Arc::ptr_eq(&node, &m.node(snap.node("e1").unwrap())));
     }
 

@@ -160,6 +160,10 @@ pub async fn start(
     };
     let access_log = open_access_log(runtime, &prepared.config).await?;
     runtime.access_log.store(Arc::new(access_log));
+    if prepared.config.cluster.source == ClusterSource::Static {
+        // Server::bind loaded the static node list.
+        runtime.metrics.membership_update("static", true);
+    }
     life.swap_stats(&prepared, stats_socket);
 
     tokio::spawn(async move {
@@ -288,6 +292,7 @@ impl Lifecycle {
             self.runtime
                 .cluster
                 .update(static_source::specs(&new.cluster));
+            self.runtime.metrics.membership_update("static", true);
         }
         let added = fresh.len();
         for bound in fresh {
@@ -310,6 +315,9 @@ impl Lifecycle {
                 keep
             });
         }
+        self.runtime
+            .metrics
+            .retain_listeners(|name| new.listeners.iter().any(|l| l.name == name));
         self.runtime.access_log.store(Arc::new(access_log));
         self.swap_stats(&prepared, stats_socket);
         Ok(format!(

@@ -66,7 +66,8 @@ impl Exchange {
         self.node = Some(node);
     }
 
-    /// The status sent to the client.
+    /// The status sent to the client; an exchange dropped without one was
+    /// abandoned by the client and counts as an abort.
     pub fn set_status(&mut self, status: u16) {
         self.status = status;
     }
@@ -103,6 +104,10 @@ impl Exchange {
         let elapsed = self.started.elapsed();
         let listener = &self.ctx.metrics;
         let status = self.status;
+        if status == 0 {
+            listener.client_aborted();
+            return;
+        }
         match &self.node {
             Some(node) => self.ctx.runtime.metrics.with_node(node, |m| {
                 listener.request_done(
