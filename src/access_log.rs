@@ -173,7 +173,7 @@ async fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeSpec;
+    use crate::metrics::fixtures::spec;
 
     fn entry(status: u16) -> Entry {
         Entry {
@@ -182,14 +182,7 @@ mod tests {
             listener: "play".into(),
             route: "hls",
             group: "edge".into(),
-            node: Some(Arc::new(Node::new(NodeSpec {
-                id: "e1".into(),
-                group: "edge".into(),
-                addr: [127, 0, 2, 1].into(),
-                http_port: 5080,
-                rtmp_port: 1935,
-                drain: false,
-            }))),
+            node: Some(Arc::new(Node::new(spec("e1", "edge", 1)))),
             status,
             bytes_in: 120,
             bytes_out: 4096,

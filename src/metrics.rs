@@ -833,22 +833,31 @@ impl Collector for ClusterCollector {
     }
 }
 
+/// Fixtures shared by the unit tests of the operations modules.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub(crate) mod fixtures {
     use crate::cluster::NodeSpec;
-    use std::net::IpAddr;
 
-    fn cluster() -> Arc<Cluster> {
-        let cluster = Arc::new(Cluster::new());
-        let spec = |id: &str, group: &str, octet| NodeSpec {
+    /// A node on 127.0.1.`octet`, AMS ports.
+    pub(crate) fn spec(id: &str, group: &str, octet: u8) -> NodeSpec {
+        NodeSpec {
             id: id.into(),
             group: group.into(),
-            addr: IpAddr::from([127, 0, 1, octet]),
+            addr: [127, 0, 1, octet].into(),
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
-        };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::spec;
+    use super::*;
+
+    fn cluster() -> Arc<Cluster> {
+        let cluster = Arc::new(Cluster::new());
         cluster.update(vec![spec("e1", "edge", 1), spec("o1", "origin", 2)]);
         cluster
     }

@@ -297,8 +297,8 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeSpec;
     use crate::config::ops::StatsConfig;
+    use crate::metrics::fixtures::spec;
     use base64::Engine;
     use http_body_util::BodyExt;
 
@@ -315,14 +315,7 @@ mod tests {
 
     fn state(stats: &str) -> StatsState {
         let cluster = Arc::new(Cluster::new());
-        cluster.update(vec![NodeSpec {
-            id: "edge 1".into(),
-            group: "edge".into(),
-            addr: [127, 0, 2, 1].into(),
-            http_port: 5080,
-            rtmp_port: 1935,
-            drain: false,
-        }]);
+        cluster.update(vec![spec("edge 1", "edge", 1)]);
         let metrics = Arc::new(Metrics::new(cluster.clone()).unwrap());
         let config: StatsConfig = toml::from_str(stats).unwrap();
         StatsState::new(

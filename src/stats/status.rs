@@ -110,20 +110,13 @@ pub fn status(metrics: &Metrics, cluster: &Cluster, groups: &[String]) -> Value 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cluster::NodeSpec;
+    use crate::metrics::fixtures::spec;
     use std::time::Duration;
 
     #[test]
     fn lists_groups_nodes_states_and_counts() {
         let cluster = Arc::new(Cluster::new());
-        cluster.update(vec![NodeSpec {
-            id: "e1".into(),
-            group: "edge".into(),
-            addr: [127, 0, 2, 1].into(),
-            http_port: 5080,
-            rtmp_port: 1935,
-            drain: false,
-        }]);
+        cluster.update(vec![spec("e1", "edge", 1)]);
         let metrics = Metrics::new(cluster.clone()).unwrap();
         let snap = cluster.snapshot();
         let node = snap.node("e1").unwrap();
@@ -139,7 +132,7 @@ mod tests {
         let edge = groups.iter().find(|g| g["name"] == "edge").unwrap();
         let e1 = &edge["nodes"][0];
         assert_eq!(e1["id"], "e1");
-        assert_eq!(e1["address"], "127.0.2.1:5080");
+        assert_eq!(e1["address"], "127.0.1.1:5080");
         assert_eq!(e1["state"], "draining");
         assert_eq!(e1["requests"]["2xx"], 1);
         assert_eq!(e1["health_history"], json!([false]));
