@@ -23,6 +23,7 @@ fn cluster(nodes: u8) -> Arc<Cluster> {
                 http_port: 5080,
                 rtmp_port: 1935,
                 drain: false,
+                region: None,
             })
             .collect(),
     );

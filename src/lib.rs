@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod listener;
 pub mod metrics;
@@ -18,6 +19,9 @@ pub mod route;
 pub mod runtime;
 pub mod server;
 pub mod stats;
+pub mod sticky;
+pub mod streaming;
+pub mod tls;
 pub mod tunnel;
 
 use server::{Server, StartError};

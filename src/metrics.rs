@@ -19,7 +19,6 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -49,12 +48,14 @@ pub fn code_class(status: u16) -> usize {
     }
 }
 
-/// What `amslb_node_state` reports for a node. Staleness (membership heartbeat
-/// too old) is decided by the membership source; until a node carries that
-/// flag, a node is up, down or draining.
+/// What `amslb_node_state` reports for a node: operator intent first
+/// (draining), then the membership source's verdict (stale heartbeat), then
+/// the health checks.
 pub fn node_state(node: &Node) -> &'static str {
     if node.is_draining() {
         "draining"
+    } else if node.is_stale() {
+        "stale"
     } else if node.is_healthy() {
         "up"
     } else {
@@ -399,14 +400,23 @@ impl Metrics {
 
     /// Records the outcome of a membership source query (`source`: static, mongodb).
     pub fn membership_update(&self, source: &str, ok: bool) {
+        self.membership_status(source, ok, ok.then(SystemTime::now));
+    }
+
+    /// Publishes a membership source's state: reachable or not, and when it
+    /// last delivered a membership.
+    pub fn membership_status(&self, source: &str, up: bool, last_success: Option<SystemTime>) {
         let f = &self.families;
         f.membership_up
             .with_label_values(&[source])
-            .set(i64::from(ok));
-        if ok {
+            .set(i64::from(up));
+        if let Some(at) = last_success {
+            let secs = at
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
             f.membership_last_update
                 .with_label_values(&[source])
-                .set(unix_now());
+                .set(secs);
         }
     }
 
@@ -690,12 +700,7 @@ pub struct NodeMetrics {
     sent: IntCounter,
     health_duration: Histogram,
     health_failures: IntCounter,
-    /// Last health results, newest in bit 0 (1 = passed); count in the top byte.
-    health_history: AtomicU64,
 }
-
-/// How many health results [`NodeMetrics::health_history`] keeps.
-pub const HEALTH_HISTORY_LEN: u32 = 32;
 
 impl NodeMetrics {
     fn new(group: &str, id: &str, f: &Families) -> Self {
@@ -709,7 +714,6 @@ impl NodeMetrics {
             sent: f.node_sent.with_label_values(&node),
             health_duration: f.health_duration.with_label_values(&node),
             health_failures: f.health_failures.with_label_values(&node),
-            health_history: AtomicU64::new(0),
         }
     }
 
@@ -732,26 +736,13 @@ impl NodeMetrics {
         self.connect_failures.inc();
     }
 
-    /// Records an active health check.
+    /// Records an active health check (the health checker calls this; the
+    /// history itself is kept by [`crate::health::Health`]).
     pub fn health_check(&self, ok: bool, elapsed: Duration) {
         self.health_duration.observe(elapsed.as_secs_f64());
         if !ok {
             self.health_failures.inc();
         }
-        let _ = self
-            .health_history
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |h| {
-                let count = ((h >> 56) + 1).min(u64::from(HEALTH_HISTORY_LEN));
-                let bits = ((h << 1) | u64::from(ok)) & ((1 << HEALTH_HISTORY_LEN) - 1);
-                Some((count << 56) | bits)
-            });
-    }
-
-    /// Last health results, oldest first (at most [`HEALTH_HISTORY_LEN`]).
-    pub fn health_history(&self) -> Vec<bool> {
-        let h = self.health_history.load(Ordering::Relaxed);
-        let count = (h >> 56) as u32;
-        (0..count).rev().map(|i| (h >> i) & 1 == 1).collect()
     }
 
     /// Requests forwarded so far, per code class.
@@ -770,6 +761,8 @@ struct ClusterCollector {
     cluster: Arc<Cluster>,
     state: IntGaugeVec,
     sessions: IntGaugeVec,
+    cpu: GaugeVec,
+    memory: GaugeVec,
     /// Two scrapes at once must not interleave their reset-and-fill.
     scrape: Mutex<()>,
 }
@@ -798,6 +791,20 @@ impl ClusterCollector {
                 ),
                 &["group", "node"],
             )?,
+            cpu: GaugeVec::new(
+                Opts::new(
+                    "amslb_node_cpu_ratio",
+                    "Cpu use the node last reported (0..1), when its membership source reports it.",
+                ),
+                &["group", "node"],
+            )?,
+            memory: GaugeVec::new(
+                Opts::new(
+                    "amslb_node_memory_ratio",
+                    "Memory use the node last reported (0..1), when its membership source reports it.",
+                ),
+                &["group", "node"],
+            )?,
             scrape: Mutex::new(()),
         })
     }
@@ -809,6 +816,8 @@ impl Collector for ClusterCollector {
             .desc()
             .into_iter()
             .chain(self.sessions.desc())
+            .chain(self.cpu.desc())
+            .chain(self.memory.desc())
             .collect()
     }
 
@@ -816,6 +825,8 @@ impl Collector for ClusterCollector {
         let _guard = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.state.reset();
         self.sessions.reset();
+        self.cpu.reset();
+        self.memory.reset();
         for node in self.cluster.snapshot().nodes() {
             let current = node_state(node);
             for state in NODE_STATES {
@@ -826,9 +837,18 @@ impl Collector for ClusterCollector {
             self.sessions
                 .with_label_values(&[node.group(), node.id()])
                 .set(node.active_sessions() as i64);
+            let load = node.reported_load();
+            for (vec, value) in [(&self.cpu, load.cpu), (&self.memory, load.memory)] {
+                if let Some(percent) = value {
+                    vec.with_label_values(&[node.group(), node.id()])
+                        .set(f64::from(percent) / 100.0);
+                }
+            }
         }
         let mut out = self.state.collect();
         out.extend(self.sessions.collect());
+        out.extend(self.cpu.collect());
+        out.extend(self.memory.collect());
         out
     }
 }
@@ -847,6 +867,7 @@ pub(crate) mod fixtures {
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
+            region: None,
         }
     }
 }
@@ -937,7 +958,19 @@ mod tests {
         e1.set_draining(true);
         let _lease = e1.lease();
         snap.node("o1").unwrap().set_healthy(false);
+        snap.node("o1").unwrap().set_reported_load(
+            crate::cluster::ReportedLoad {
+                cpu: Some(42.0),
+                memory: None,
+            },
+            75.0,
+        );
         let text = m.render(&cluster);
+        assert!((value(&text, "amslb_node_cpu_ratio", &["o1"]) - 0.42).abs() < 1e-6);
+        assert!(
+            !text.contains("amslb_node_memory_ratio{"),
+            "unknown memory is not exported"
+        );
         assert_eq!(
             value(&text, "amslb_node_state", &["e1", "state=\"draining\""]),
             1.0
@@ -998,18 +1031,21 @@ mod tests {
     }
 
     #[test]
-    fn health_history_keeps_the_last_results_in_order() {
-        let m = Metrics::new(cluster()).unwrap();
-        let node = m.node(cluster().snapshot().node("e1").unwrap());
+    fn health_checks_feed_duration_and_failures() {
+        let cluster = cluster();
+        let m = Metrics::new(cluster.clone()).unwrap();
+        let node = m.node(cluster.snapshot().node("e1").unwrap());
         node.health_check(true, Duration::from_millis(1));
         node.health_check(false, Duration::from_millis(1));
-        node.health_check(true, Duration::from_millis(1));
-        assert_eq!(node.health_history(), [true, false, true]);
-        for _ in 0..40 {
-            node.health_check(false, Duration::ZERO);
-        }
-        assert_eq!(node.health_history().len(), HEALTH_HISTORY_LEN as usize);
-        assert!(node.health_history().iter().all(|ok| !ok));
+        let text = m.render(&cluster);
+        assert_eq!(
+            value(&text, "amslb_health_check_failures_total", &["e1"]),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "amslb_health_check_duration_seconds_count", &["e1"]),
+            2.0
+        );
     }
 
     #[test]

@@ -113,6 +113,15 @@ impl Control for AdminHandle {
             .map(|g| g.name.clone())
             .collect()
     }
+
+    fn health_history(&self, node: &str) -> Vec<bool> {
+        self.runtime
+            .health
+            .history(node)
+            .iter()
+            .map(|check| check.outcome.is_ok())
+            .collect()
+    }
 }
 
 /// The stats listener currently running.
@@ -169,6 +178,8 @@ pub async fn start(
     tokio::spawn(async move {
         #[cfg(unix)]
         let mut hangup = hangup;
+        // The MongoDB source keeps its own status; copy it into the metrics.
+        let mut membership_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             #[cfg(unix)]
             let hup = hangup.recv();
@@ -182,6 +193,15 @@ pub async fn start(
                 }
                 Some(reply) = rx.recv() => {
                     let _ = reply.send(life.reload().await);
+                }
+                _ = membership_tick.tick() => {
+                    if let Some(status) = life.runtime.membership.get() {
+                        life.runtime.metrics.membership_status(
+                            "mongodb",
+                            status.is_connected(),
+                            status.last_success(),
+                        );
+                    }
                 }
             }
         }

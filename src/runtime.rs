@@ -2,12 +2,15 @@
 
 use crate::access_log::AccessLog;
 use crate::cluster::Cluster;
+use crate::cluster::mongodb::SourceStatus;
 use crate::config::{Config, ListenerConfig};
+use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::sticky::Sticky;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,16 +40,30 @@ pub struct Runtime {
     /// Running accept loops by (listener name, address); cancelling a token
     /// stops that loop only (reload removing a listener), its connections go on.
     pub accept_loops: Mutex<HashMap<(Arc<str>, SocketAddr), CancellationToken>>,
+    /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
+    pub membership: OnceLock<Arc<SourceStatus>>,
+    /// Certificates and ACME, when some listener terminates TLS.
+    pub tls: Option<Arc<crate::tls::TlsState>>,
+    /// Cookie and WHIP/WHEP affinity (`[sticky]`).
+    pub sticky: Sticky,
+    /// Node health checks (`[health]`); the proxy reports passive failures here.
+    pub health: Arc<Health>,
 }
 
 impl Runtime {
     /// Builds the shared state for `config`.
-    pub fn new(config: Config, cluster: Arc<Cluster>) -> Arc<Self> {
+    pub fn new(
+        config: Config,
+        cluster: Arc<Cluster>,
+        tls: Option<Arc<crate::tls::TlsState>>,
+    ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         // The family names and labels are constants; `metrics_registry_builds`
         // in metrics.rs proves they register, so this cannot fail at run time.
         let metrics = Metrics::new(cluster.clone()).expect("metric families are valid");
         Arc::new(Self {
+            sticky: Sticky::from_config(&config),
+            health: Health::new(&config),
             config: ArcSwap::from_pointee(config),
             cluster,
             shutdown: CancellationToken::new(),
@@ -56,6 +73,8 @@ impl Runtime {
             metrics: Arc::new(metrics),
             access_log: ArcSwap::from_pointee(None),
             accept_loops: Mutex::default(),
+            membership: OnceLock::new(),
+            tls,
         })
     }
 

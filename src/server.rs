@@ -1,7 +1,7 @@
 //! Starting listeners, accepting connections, and shutting down gracefully.
 
-use crate::cluster::{Cluster, static_source};
-use crate::config::{Config, Protocol};
+use crate::cluster::{Cluster, mongodb, static_source};
+use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
 use crate::listener::{bind_tcp, tune_stream};
 use crate::metrics::ListenerMetrics;
@@ -27,6 +27,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A certificate file in `[tls] certs_dir` is unusable (the error names it).
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::CertError),
     /// The stats listener, access log or reload handling could not start.
     #[error(transparent)]
     Ops(#[from] crate::reload::ReloadError),
@@ -55,6 +58,7 @@ impl Server {
     /// sockets are bound before any traffic is accepted, so a port conflict
     /// stops start-up instead of leaving a half-started balancer.
     pub fn bind(config: Config) -> Result<Self, StartError> {
+        let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
         let mut bound = Vec::new();
@@ -65,7 +69,7 @@ impl Server {
             }
         }
         Ok(Self {
-            runtime: Runtime::new(config, cluster),
+            runtime: Runtime::new(config, cluster, tls),
             bound,
         })
     }
@@ -88,8 +92,15 @@ impl Server {
     /// whatever is still open (tunnels).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
+        start_membership_source(&runtime);
+        runtime
+            .health
+            .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
         for bound in self.bound {
             spawn_accept_loop(&runtime, bound);
+        }
+        if let Some(tls) = &runtime.tls {
+            tls.spawn_tasks(runtime.shutdown.clone());
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;
@@ -111,6 +122,25 @@ impl Server {
             let _ = tokio::time::timeout(Duration::from_secs(2), runtime.tasks.wait()).await;
         }
         info!("stopped");
+    }
+}
+
+/// Starts following MongoDB when the config asks for it. Never waits for
+/// MongoDB: the static (or empty) membership serves until it answers.
+fn start_membership_source(runtime: &Runtime) {
+    let config = runtime.config();
+    if config.cluster.source != ClusterSource::Mongodb {
+        return;
+    }
+    match mongodb::spawn(
+        &config.cluster,
+        runtime.cluster.clone(),
+        runtime.shutdown.clone(),
+    ) {
+        Ok(source) => {
+            let _ = runtime.membership.set(source.status);
+        }
+        Err(e) => warn!("membership source not started: {e}"),
     }
 }
 
@@ -170,11 +200,11 @@ async fn accept_loop(
         };
         let runtime2 = runtime.clone();
         let name = bound.name.clone();
-        let metrics = metrics.clone();
+        let open = metrics.connection_opened();
         runtime.tasks.spawn(async move {
             let _permit = permit;
-            let _open = metrics.connection_opened();
-            handle_stream(runtime2, name, stream, peer, metrics).await;
+            let _open = open;
+            handle_stream(runtime2, name, stream, peer).await;
         });
     }
 }
@@ -197,7 +227,6 @@ async fn handle_stream(
     listener: Arc<str>,
     mut stream: TcpStream,
     peer: SocketAddr,
-    metrics: Arc<ListenerMetrics>,
 ) {
     tune_stream(&stream);
     let config = runtime.config();
@@ -224,10 +253,14 @@ async fn handle_stream(
         }
     }
     match settings.protocol {
-        Protocol::Http => {
-            http::serve_connection(runtime.clone(), listener, stream, client, metrics).await
+        Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        Protocol::Https => {
+            if let Some(tls) = runtime.tls.clone() {
+                crate::tls::https::serve_connection(runtime.clone(), tls, listener, stream, client)
+                    .await;
+            }
         }
         // Refused by Config::validate until their listeners exist.
-        Protocol::Https | Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
+        Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
     }
 }

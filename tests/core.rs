@@ -143,7 +143,9 @@ async fn routing_table_rows_land_on_the_right_group() {
             .body(Empty::new())
             .unwrap();
         let r = send(listener, request).await;
-        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        // The simulated node answers a WHIP/WHEP POST like AMS: 201 Created.
+        let expected = if method == "POST" { 201 } else { 200 };
+        assert_eq!(r.status, expected, "{path}: {}", r.text());
         let node = r.node();
         let landed = if is_edge(&node) { "edge" } else { "origin" };
         assert_eq!(
@@ -555,4 +557,13 @@ async fn over_max_connections_new_connections_are_refused() {
     drop(held);
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(get(publish, "/").await.status, 200);
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    for file in ["conf/lb.toml", "conf/demo.toml"] {
+        let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
+        let (code, out) = amslb_command(&["check", "--config", &path]);
+        assert_eq!(code, 0, "{file}: {out}");
+    }
 }

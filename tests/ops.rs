@@ -4,7 +4,6 @@
 //! admin API, and the access log.
 
 mod ops_support;
-#[allow(unused_imports)] // the shared harness re-exports more than this file uses
 mod support;
 
 use futures_util::{SinkExt, StreamExt};

@@ -6,10 +6,11 @@
 //! their `Arc<Node>`, so health state and session counts survive updates, and
 //! requests already on a node keep it.
 
+pub mod mongodb;
 mod node;
 pub mod static_source;
 
-pub use node::{Node, NodeLease, NodeSpec};
+pub use node::{FULL_WEIGHT, Node, NodeLease, NodeSpec, ReportedLoad};
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
@@ -67,7 +68,7 @@ impl Cluster {
 
     /// Replaces the membership with `specs`. A node whose spec is unchanged keeps
     /// its identity (and so its health and counters); a node whose address,
-    /// ports or group changed is a new node. The drain flag of a kept node
+    /// ports, group or region changed is a new node. The drain flag of a kept node
     /// follows the new spec only when the spec changed it, so a drain set at run
     /// time is not undone by an unrelated update.
     pub fn update(&self, specs: Vec<NodeSpec>) {
@@ -101,6 +102,7 @@ fn same_endpoint(a: &NodeSpec, b: &NodeSpec) -> bool {
         && a.addr == b.addr
         && a.http_port == b.http_port
         && a.rtmp_port == b.rtmp_port
+        && a.region == b.region
 }
 
 #[cfg(test)]
@@ -116,6 +118,7 @@ mod tests {
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
+            region: None,
         }
     }
 

@@ -5,7 +5,7 @@
 use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
 /// What a membership source says about a node: enough to build or match a [`Node`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct NodeSpec {
     pub rtmp_port: u16,
     /// Operator asked for no new sessions on this node.
     pub drain: bool,
+    /// Region the node is in, if the source knows it.
+    pub region: Option<String>,
 }
 
 /// A node with its live state. Shared (`Arc`) between membership snapshots, so
@@ -35,9 +37,49 @@ pub struct Node {
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
     draining: AtomicBool,
+    /// The membership source has not heard from the node for too long.
+    stale: AtomicBool,
+    /// Reported cpu use in percent, as `f32` bits; NaN means unknown.
+    cpu: AtomicU32,
+    /// Reported memory use in percent, as `f32` bits; NaN means unknown.
+    memory: AtomicU32,
+    /// Reported load is at or over the source's threshold.
+    overloaded: AtomicBool,
+    /// Share of new sessions offered, in thousandths: below [`FULL_WEIGHT`]
+    /// while the node slow-starts after coming back (see `health`).
+    weight: AtomicU32,
     /// Idle keep-alive HTTP connections to the node.
     pool: Arc<Pool>,
 }
+
+/// Load figures a node reports about itself (AMS writes them to MongoDB).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ReportedLoad {
+    /// Cpu use in percent, if known.
+    pub cpu: Option<f32>,
+    /// Memory use in percent, if known.
+    pub memory: Option<f32>,
+}
+
+impl ReportedLoad {
+    /// Whether either figure is at or over `threshold` percent; unknown counts as room.
+    pub fn is_over(&self, threshold: f32) -> bool {
+        [self.cpu, self.memory]
+            .into_iter()
+            .flatten()
+            .any(|v| v >= threshold)
+    }
+}
+
+fn store_percent(cell: &AtomicU32, value: Option<f32>) {
+    cell.store(value.unwrap_or(f32::NAN).to_bits(), Ordering::Relaxed);
+}
+
+fn load_percent(cell: &AtomicU32) -> Option<f32> {
+    Some(f32::from_bits(cell.load(Ordering::Relaxed))).filter(|v| !v.is_nan())
+}
+/// Weight of a node that takes its full share of new sessions.
+pub const FULL_WEIGHT: u32 = 1000;
 
 impl Node {
     /// Creates a node in the up state.
@@ -48,6 +90,11 @@ impl Node {
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
+            stale: AtomicBool::new(false),
+            cpu: AtomicU32::new(f32::NAN.to_bits()),
+            memory: AtomicU32::new(f32::NAN.to_bits()),
+            overloaded: AtomicBool::new(false),
+            weight: AtomicU32::new(FULL_WEIGHT),
             pool: Arc::default(),
         }
     }
@@ -72,6 +119,11 @@ impl Node {
         &self.spec.group
     }
 
+    /// Region, if known.
+    pub fn region(&self) -> Option<&str> {
+        self.spec.region.as_deref()
+    }
+
     /// Address of the node's HTTP server.
     pub fn http_addr(&self) -> SocketAddr {
         SocketAddr::new(self.spec.addr, self.spec.http_port)
@@ -84,7 +136,40 @@ impl Node {
 
     /// Whether the node may take a new session.
     pub fn is_usable(&self) -> bool {
-        self.is_healthy() && !self.is_draining()
+        self.is_healthy() && !self.is_draining() && !self.is_stale()
+    }
+
+    /// Whether the membership source considers the node's heartbeat too old.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
+    /// Marks the heartbeat too old (or fresh again); returns the previous state.
+    pub fn set_stale(&self, stale: bool) -> bool {
+        self.stale.swap(stale, Ordering::Relaxed)
+    }
+
+    /// The load the node last reported.
+    pub fn reported_load(&self) -> ReportedLoad {
+        ReportedLoad {
+            cpu: load_percent(&self.cpu),
+            memory: load_percent(&self.memory),
+        }
+    }
+
+    /// Records reported load; the node counts as overloaded when either figure
+    /// is at or over `threshold` percent.
+    pub fn set_reported_load(&self, load: ReportedLoad, threshold: f32) {
+        store_percent(&self.cpu, load.cpu);
+        store_percent(&self.memory, load.memory);
+        self.overloaded
+            .store(load.is_over(threshold), Ordering::Relaxed);
+    }
+
+    /// Whether the node reported load at or over its threshold: it should get
+    /// new sessions only when no other node of its group has room.
+    pub fn is_overloaded(&self) -> bool {
+        self.overloaded.load(Ordering::Relaxed)
     }
 
     /// Last health verdict.
@@ -105,6 +190,17 @@ impl Node {
     /// Starts or stops draining; returns the previous state.
     pub fn set_draining(&self, draining: bool) -> bool {
         self.draining.swap(draining, Ordering::Relaxed)
+    }
+
+    /// Share of new sessions offered, 0..=[`FULL_WEIGHT`].
+    pub fn weight(&self) -> u32 {
+        self.weight.load(Ordering::Relaxed)
+    }
+
+    /// Sets the share of new sessions (clamped to [`FULL_WEIGHT`]).
+    pub fn set_weight(&self, weight: u32) {
+        self.weight
+            .store(weight.min(FULL_WEIGHT), Ordering::Relaxed);
     }
 
     /// Sessions open on the node through this balancer.
@@ -148,6 +244,7 @@ mod tests {
             http_port: 5080,
             rtmp_port: 1935,
             drain: false,
+            region: None,
         }
     }
 
@@ -172,5 +269,38 @@ mod tests {
         node.set_draining(false);
         node.set_healthy(false);
         assert!(!node.is_usable());
+    }
+
+    #[test]
+    fn stale_node_is_not_usable() {
+        let node = Node::new(spec("a", "origin", 1));
+        assert!(!node.set_stale(true));
+        assert!(!node.is_usable());
+        node.set_stale(false);
+        assert!(node.is_usable());
+    }
+
+    #[test]
+    fn reported_load_sets_overloaded_at_threshold() {
+        let node = Node::new(spec("a", "origin", 1));
+        assert_eq!(node.reported_load(), ReportedLoad::default());
+        assert!(!node.is_overloaded());
+        let busy = ReportedLoad {
+            cpu: Some(75.0),
+            memory: None,
+        };
+        node.set_reported_load(busy, 75.0);
+        assert!(node.is_overloaded());
+        assert_eq!(node.reported_load(), busy);
+        let memory_bound = ReportedLoad {
+            cpu: Some(10.0),
+            memory: Some(90.0),
+        };
+        node.set_reported_load(memory_bound, 75.0);
+        assert!(node.is_overloaded());
+        node.set_reported_load(ReportedLoad::default(), 75.0);
+        assert!(!node.is_overloaded(), "unknown load counts as room");
+        // Overload steers, it does not forbid: the node stays usable.
+        assert!(node.is_usable());
     }
 }

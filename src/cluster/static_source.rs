@@ -14,7 +14,8 @@ pub fn specs(cluster: &ClusterConfig) -> Vec<NodeSpec> {
             addr: n.address,
             http_port: n.http_port.unwrap_or(cluster.http_port),
             rtmp_port: n.rtmp_port.unwrap_or(cluster.rtmp_port),
-            drain: false,
+            drain: n.drain,
+            region: n.region.clone(),
         })
         .collect()
 }

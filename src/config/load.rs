@@ -1,6 +1,6 @@
 //! Reading a config file into a [`Config`] and checking it as a whole.
 
-use super::{Config, Protocol};
+use super::{ClusterSource, Config, Protocol, mongo};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::SocketAddr;
@@ -175,7 +175,7 @@ impl Config {
                     ),
                 );
             }
-            if listener.protocol != Protocol::Http {
+            if !matches!(listener.protocol, Protocol::Http | Protocol::Https) {
                 return fail(
                     format!("listener[{i}].protocol"),
                     format!(
@@ -200,6 +200,7 @@ impl Config {
                 binds.push(((*addr, udp), key));
             }
         }
+        self.tls.validate(&self.listeners)?;
         if let Some(stats) = &self.stats {
             super::ops::validate_stats(stats)?;
             if let Some((_, other)) = binds
@@ -242,14 +243,25 @@ impl Config {
             }
             *per_group.entry(node.group.as_str()).or_default() += 1;
         }
+        mongo::validate(&self.cluster, &group_names, &mut warnings)?;
+        super::sticky::validate(
+            &self.sticky,
+            (self.cluster.nodes.iter().enumerate())
+                .filter_map(|(i, n)| Some((i, n.cookie.as_deref()?))),
+        )?;
+        warnings.extend(super::health::validate(&self.health)?);
         for group in &self.groups {
-            if !per_group.contains_key(group.name.as_str()) {
+            // MongoDB fills groups at run time; its validation warns about unfed ones.
+            if self.cluster.source == ClusterSource::Static
+                && !per_group.contains_key(group.name.as_str())
+            {
                 warnings.push(format!(
                     "group {:?} has no node yet; its traffic goes to its backup or gets 503",
                     group.name
                 ));
             }
         }
+        warnings.extend(super::streaming::validate(self)?);
         Ok(warnings)
     }
 }
@@ -403,6 +415,26 @@ group = "edge"
         let text = CORE_EXAMPLE.replace("\"127.0.0.1:18081\"", "\"[::1]:18081\"");
         let loaded = parse(&text).unwrap();
         assert!(loaded.config.listeners[1].bind[0].is_ipv6());
+    }
+
+    /// Issue 8's example on top of the core one, which must be accepted as written.
+    #[test]
+    fn accepts_the_tls_example() {
+        let listener = r#"
+[[listener]]
+name = "https"
+bind = ["127.0.0.1:18743"]
+protocol = "https"
+default_group = "origin"
+"#;
+        let text = format!(
+            "{CORE_EXAMPLE}{listener}{}",
+            crate::config::tls::tests::ISSUE_EXAMPLE
+        );
+        let loaded = parse(&text).expect("issue 8 example must parse");
+        assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
+        let acme = loaded.config.tls.acme.as_ref().unwrap();
+        assert_eq!(acme.domains, ["live.amslb.test"]);
     }
 
     #[test]

@@ -7,8 +7,13 @@
 //! `amslb check` and a reload run.
 
 pub mod duration;
+pub mod health;
 mod load;
+pub mod mongo;
 pub mod ops;
+pub mod sticky;
+pub mod streaming;
+pub mod tls;
 
 pub use load::{ConfigError, Loaded, load, parse_str};
 
@@ -40,6 +45,15 @@ pub struct Config {
     /// Access log; absent: none.
     #[serde(default)]
     pub access_log: Option<ops::AccessLogConfig>,
+    /// Certificates for `https` and `tls` listeners, and ACME.
+    #[serde(default)]
+    pub tls: tls::TlsConfig,
+    /// Cookie affinity.
+    #[serde(default)]
+    pub sticky: sticky::StickyConfig,
+    /// Node health checks.
+    #[serde(default)]
+    pub health: health::HealthConfig,
 }
 
 /// `[global]`: process-wide settings.
@@ -59,6 +73,12 @@ pub struct Global {
     pub retries: u32,
     /// Largest request head (request line + headers) accepted, in bytes; larger gets 431.
     pub max_header_bytes: usize,
+    /// This instance's home region: new sessions prefer nodes of this region.
+    pub region: Option<String>,
+    /// Regions to fall back to, nearest first, when the home region has no usable node.
+    pub region_preference: Vec<String>,
+    /// Request header through which a CDN or GeoDNS names the client's region.
+    pub region_header: Option<String>,
 }
 
 impl Default for Global {
@@ -69,6 +89,9 @@ impl Default for Global {
             shutdown_grace: Duration::from_secs(30),
             retries: 3,
             max_header_bytes: 16 * 1024,
+            region: None,
+            region_preference: Vec::new(),
+            region_header: None,
         }
     }
 }
@@ -147,6 +170,17 @@ pub struct ListenerConfig {
     /// Add a `Via` header naming this balancer.
     #[serde(default)]
     pub via: bool,
+    /// Route `/{app}/websocket` by the first signalling command (publish → origin,
+    /// play → edge) instead of by `?target=`.
+    #[serde(default)]
+    pub sniff_websocket: bool,
+    /// How long a sniffed WebSocket may take to send its deciding command
+    /// before it goes to the default group.
+    #[serde(default = "streaming::default_sniff_timeout", with = "duration")]
+    pub sniff_timeout: Duration,
+    /// Serve `GET /amslb/v1/assign` (which node would take this stream).
+    #[serde(default)]
+    pub assign_api: bool,
 }
 
 fn default_group_name() -> String {
@@ -166,6 +200,9 @@ pub enum BalanceMode {
     RoundRobin,
     /// The node with the fewest open sessions from this balancer.
     LeastConn,
+    /// Consistent hashing with bounded loads on the stream (`app/stream`), so a
+    /// stream's viewers share few nodes; requests without a stream use least-conn.
+    StreamHash,
 }
 
 /// `[[group]]`: a named set of nodes (AMS origin or edge group).
@@ -180,6 +217,10 @@ pub struct GroupConfig {
     /// Group to use when this one has no usable node.
     #[serde(default)]
     pub backup: Option<String>,
+    /// Stream-hash load bound: no node takes a new keyed session above this
+    /// factor times the group's mean load (Mirrokni et al.'s `c`).
+    #[serde(default = "streaming::default_load_factor")]
+    pub load_factor: f64,
 }
 
 /// Where the node list comes from.
@@ -189,6 +230,8 @@ pub enum ClusterSource {
     /// Only the `[[cluster.node]]` entries.
     #[default]
     Static,
+    /// AMS's own node registry in MongoDB, followed live (see [`mongo`]).
+    Mongodb,
 }
 
 /// `[cluster]`: membership source and node defaults.
@@ -204,9 +247,35 @@ pub struct ClusterConfig {
     /// RTMP port every node listens on (AMS: 1935).
     #[serde(default = "default_rtmp_port")]
     pub rtmp_port: u16,
-    /// Nodes listed by hand.
+    /// Nodes listed by hand. With `source = "mongodb"` they seed the membership
+    /// until MongoDB answers, and set id, group and ports of the node with that address.
     #[serde(default, rename = "node")]
     pub nodes: Vec<NodeConfig>,
+    /// MongoDB connection string (`source = "mongodb"`); never logged.
+    #[serde(default)]
+    pub uri: Option<mongo::MongoUri>,
+    /// Database of AMS's node registry.
+    #[serde(default = "mongo::default_database")]
+    pub database: String,
+    /// Collection of AMS's node registry.
+    #[serde(default = "mongo::default_collection")]
+    pub collection: String,
+    /// A node whose heartbeat (`lastUpdateTime`) is older than this takes no new sessions.
+    #[serde(default = "mongo::default_stale_after", with = "duration")]
+    pub stale_after: Duration,
+    /// How often to re-read the registry when change streams are unavailable.
+    #[serde(default = "mongo::default_poll_interval", with = "duration")]
+    pub poll_interval: Duration,
+    /// Group of MongoDB nodes that match no role; without it they are ignored.
+    #[serde(default)]
+    pub default_group: Option<String>,
+    /// Address block → group rules for MongoDB nodes, first match wins.
+    #[serde(default, rename = "role")]
+    pub roles: Vec<mongo::RoleConfig>,
+    /// Reported cpu or memory percentage from which a node gets new sessions
+    /// only when no other node of its group has room.
+    #[serde(default = "mongo::default_load_threshold")]
+    pub load_threshold: f32,
 }
 
 fn default_http_port() -> u16 {
@@ -233,6 +302,16 @@ pub struct NodeConfig {
     /// Overrides `[cluster] rtmp_port` for this node.
     #[serde(default)]
     pub rtmp_port: Option<u16>,
+    /// Region the node is in (see `[global] region`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// This node's value in the sticky cookie (HAProxy `server ... cookie ams1`);
+    /// derived from the id when unset.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Start the node draining: no new sessions, existing ones continue.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 impl Config {

@@ -7,7 +7,6 @@ pub mod pool;
 pub mod proxy;
 pub mod record;
 
-use crate::metrics::ListenerMetrics;
 use crate::runtime::Runtime;
 use headers::ClientInfo;
 use hyper::server::conn::http1;
@@ -30,7 +29,6 @@ pub async fn serve_connection<I>(
     listener: Arc<str>,
     io: I,
     client: ClientInfo,
-    metrics: Arc<ListenerMetrics>,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -39,7 +37,7 @@ pub async fn serve_connection<I>(
         runtime: runtime.clone(),
         listener: listener.clone(),
         client,
-        metrics,
+        metrics: runtime.metrics.listener(&listener),
     });
     let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
     let mut builder = http1::Builder::new();

@@ -6,8 +6,8 @@
 //! connection is always idle. The lock is held only to push or pop, never
 //! across I/O.
 
+use super::body::UpstreamBody;
 use crate::listener::tune_stream;
-use hyper::body::Incoming;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
 /// A connection able to send one request to a node.
-pub type Sender = SendRequest<Incoming>;
+pub type Sender = SendRequest<UpstreamBody>;
 
 /// Idle connections kept per node; more are closed when they come back.
 const MAX_IDLE: usize = 256;

@@ -1,18 +1,22 @@
 //! The request handler: classify, pick a node, forward, stream the answer back.
 
-use super::body::{ResponseBody, local_response, redirect};
+use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
 use super::record::Exchange;
-use crate::balance;
+use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
 use crate::metrics::ListenerMetrics;
-use crate::route::{self, Route, Target};
+use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
+use crate::sticky::Affinity;
+use crate::streaming::select::{self, Wanted};
+use crate::streaming::{assign, sniff};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::Body;
+use hyper::body::Incoming;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,13 +31,13 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// Who the client is.
     pub client: ClientInfo,
-    /// The listener's metric handles, resolved once per listener.
+    /// The listener's metric handles, resolved once per connection.
     pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Why a request could not be forwarded; each maps to one status code.
 #[derive(Debug, thiserror::Error)]
-enum ProxyError {
+pub(crate) enum ProxyError {
     #[error("no usable node in group {0:?}{backup}", backup = .1.as_ref().map(|b| format!(" or its backup {b:?}")).unwrap_or_default())]
     NoUsableNode(String, Option<String>),
     #[error("no node answered: {0}")]
@@ -67,8 +71,9 @@ pub async fn handle(
             "listener is gone",
         ));
     };
+    // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
+    let uri = request.uri().clone();
     let mut record = Some(Exchange::new(ctx.clone()));
     let response = proxy(&ctx, &view, request, &mut record)
         .await
@@ -77,7 +82,7 @@ pub async fn handle(
                 listener = %ctx.listener,
                 client = %ctx.client.addr,
                 %method,
-                path,
+                path = uri.path(),
                 status = status.as_u16(),
                 reason,
                 "request failed"
@@ -95,14 +100,17 @@ pub async fn handle(
 type Refusal = (StatusCode, String);
 
 async fn proxy(
-    ctx: &ConnContext,
+    ctx: &Arc<ConnContext>,
     view: &ListenerView,
     mut request: Request<Incoming>,
     record: &mut Option<Exchange>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
-    if listener.redirect_https {
+    if let Some(answer) = crate::tls::http01::answer(&ctx.runtime, request.uri().path()) {
+        return Ok(answer);
+    }
+    if listener.redirect_https && !crate::tls::is_http01_path(request.uri().path()) {
         let host = host.ok_or((StatusCode::BAD_REQUEST, "missing Host header".to_string()))?;
         let host = host.split(':').next().unwrap_or(&host);
         let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -110,29 +118,71 @@ async fn proxy(
     }
 
     let route = route::classify(request.uri().path(), request.uri().query());
-    let group = group_for(&view.config, listener, &route);
     if let Some(record) = record.as_mut() {
         record.set_route(route.kind.as_str());
         record.add_bytes_in(request.body().size_hint().exact().unwrap_or(0));
     }
+    if listener.assign_api && request.uri().path() == assign::PATH {
+        let snapshot = ctx.runtime.cluster.snapshot();
+        let (method, query) = (request.method(), request.uri().query());
+        let headers = request.headers();
+        return Ok(assign::answer(
+            &snapshot,
+            &view.config,
+            listener,
+            method,
+            query,
+            headers,
+        ));
+    }
+    if sniff::applies(listener, &route, request.headers()) {
+        prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
+        return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
+    }
+    let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
+    let snapshot = ctx.runtime.cluster.snapshot();
+    let affinity = sticky_affinity(
+        ctx,
+        &view.config,
+        &snapshot,
+        &wanted.group,
+        &route,
+        &mut request,
+    );
     let upgrade = is_upgrade(&request);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = match forward(ctx, &view.config, group, request).await {
-        Ok(answer) => answer,
-        Err(e) => {
-            if let Some(record) = record.as_mut() {
-                record.set_unserved_group(group);
+    let (mut response, lease) =
+        match forward(ctx, &view.config, &snapshot, &wanted, &affinity, request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                if let Some(record) = record.as_mut() {
+                    record.set_unserved_group(&wanted.group);
+                }
+                return Err((e.status(), e.to_string()));
             }
-            return Err((e.status(), e.to_string()));
-        }
-    };
+        };
     let mut record = record.take().map(|mut record| {
         record.set_node(lease.node().clone());
         record.set_status(response.status().as_u16());
+        let hit = affinity
+            .node
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(n, lease.node()));
+        if affinity.redispatched || (affinity.node.is_some() && !hit) {
+            record.set_sticky(Sticky::Redispatch);
+        } else if hit {
+            record.set_sticky(Sticky::Hit);
+        }
         record
     });
+    ctx.runtime.sticky.on_response(
+        &affinity,
+        lease.node(),
+        response.headers_mut(),
+        ctx.client.tls,
+    );
 
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
@@ -158,6 +208,36 @@ async fn proxy(
     }))
 }
 
+/// Reads (and strips from the request) the client's tie to a node of `group`
+/// (or of its backup, while the backup is what serves the group): sticky
+/// cookie, or the WHIP/WHEP tag in the URL.
+pub(crate) fn sticky_affinity(
+    ctx: &ConnContext,
+    config: &Config,
+    snapshot: &Membership,
+    group: &str,
+    route: &Route,
+    request: &mut Request<Incoming>,
+) -> Affinity {
+    let mut nodes: Vec<Arc<Node>> = snapshot
+        .group(group)
+        .map(|members| members.nodes.clone())
+        .unwrap_or_default();
+    if !nodes.iter().any(|n| n.is_usable())
+        && let Some(backup) = config.group(group).and_then(|g| g.backup.as_deref())
+        && let Some(members) = snapshot.group(backup)
+    {
+        nodes.extend(members.nodes.iter().cloned());
+    }
+    let mut uri = std::mem::take(request.uri_mut());
+    let affinity =
+        ctx.runtime
+            .sticky
+            .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
+    *request.uri_mut() = uri;
+    affinity
+}
+
 fn request_host(request: &Request<Incoming>) -> Option<String> {
     request
         .headers()
@@ -178,20 +258,6 @@ fn is_upgrade(request: &Request<Incoming>) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
-}
-
-/// The group the router's verdict names. `origin` and `edge` are the group
-/// names the router targets; a config without such a group sends that traffic
-/// to the listener's default group instead, so a single-group setup still works.
-fn group_for<'a>(config: &'a Config, listener: &'a ListenerConfig, route: &Route) -> &'a str {
-    let wanted = match route.target {
-        Target::Origin => "origin",
-        Target::Edge => "edge",
-        Target::ListenerDefault => return &listener.default_group,
-    };
-    config
-        .group(wanted)
-        .map_or(&listener.default_group, |g| &g.name)
 }
 
 fn prepare_upstream_request(
@@ -229,30 +295,47 @@ fn prepare_upstream_request(
 /// Picks a node and sends the request, retrying other nodes (of the group,
 /// then of its backup group) when connecting fails. Retries happen only
 /// before any byte of the request left, so no request is ever sent twice.
-async fn forward(
+///
+/// The client's sticky node, when it has a healthy one, is tried first
+/// (draining or not); every failure is reported to the health checker.
+pub(crate) async fn forward(
     ctx: &ConnContext,
     config: &Config,
-    group: &str,
-    mut request: Request<Incoming>,
+    snapshot: &Membership,
+    wanted: &Wanted,
+    affinity: &Affinity,
+    request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
-    let snapshot = ctx.runtime.cluster.snapshot();
+    let mut request = request.map(UpstreamBody::Client);
+    let health = &ctx.runtime.health;
+    let group = wanted.group.as_str();
     let backup = config.group(group).and_then(|g| g.backup.clone());
     let mut tried: Vec<Arc<Node>> = Vec::new();
     let mut attempts_left = config.global.retries + 1;
     let mut last_error = None;
     loop {
-        let Some(node) = pick(config, &snapshot, group, backup.as_deref(), &tried) else {
+        let sticky = affinity
+            .node
+            .clone()
+            .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, n)));
+        let is_sticky = sticky.is_some();
+        let Some(node) = sticky.or_else(|| select::pick(config, snapshot, wanted, &tried)) else {
             return Err(match last_error {
                 Some(e) => ProxyError::AllNodesFailed(e),
                 None => ProxyError::NoUsableNode(group.to_string(), backup),
             });
         };
         let lease = node.lease();
-        let mut sender = match checkout(&node, config.timeouts.connect).await {
-            Ok(sender) => sender,
+        let (mut sender, reused) = match checkout(&node, config.timeouts.connect).await {
+            Ok(checked_out) => checked_out,
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                health.report_failure(&node, &format!("connect failed: {e}"));
                 ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
+                if is_sticky {
+                    ctx.runtime.sticky.count_redispatch();
+                    ctx.metrics.redispatch();
+                }
                 tried.push(node);
                 attempts_left -= 1;
                 if attempts_left == 0 {
@@ -263,24 +346,38 @@ async fn forward(
                 continue;
             }
         };
+        // A reused keep-alive connection may die under the request (the node
+        // closed it, or the node itself died). A bodiless idempotent request
+        // can then be sent again safely, as HAProxy and nginx do; keep what
+        // rebuilding it takes.
+        let replay = (reused && is_replayable(&request)).then(|| replay_copy(&request));
         let server_timeout = config.timeouts.server;
         match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
-            Err(_) => return Err(ProxyError::Timeout(node.id().to_string(), server_timeout)),
+            Err(_) => {
+                health.report_failure(&node, "no response head in time");
+                return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
+            }
             Ok(Ok(response)) => {
+                health.report_status(&node, response.status().as_u16());
                 node.pool().give_back_when_idle(sender);
                 return Ok((response, lease));
             }
-            Ok(Err(mut failed)) => match failed.take_message() {
+            Ok(Err(mut failed)) => match (failed.take_message(), replay) {
                 // Not sent at all: the pooled connection was closing. Pick again
                 // without counting it against the node: this is not its fault.
-                Some(unsent) => {
+                (Some(unsent), _) => {
                     info!(
                         node = node.id(),
                         "pooled connection was closed, reconnecting"
                     );
                     request = unsent;
                 }
-                None => {
+                (None, Some(copy)) => {
+                    info!(node = node.id(), error = %failed.into_error(), "reused connection lost, sending again");
+                    request = copy;
+                }
+                (None, None) => {
+                    health.report_failure(&node, "connection lost before the answer");
                     return Err(ProxyError::Upstream(
                         node.id().to_string(),
                         failed.into_error(),
@@ -291,27 +388,29 @@ async fn forward(
     }
 }
 
-fn pick(
-    config: &Config,
-    snapshot: &Membership,
-    group: &str,
-    backup: Option<&str>,
-    tried: &[Arc<Node>],
-) -> Option<Arc<Node>> {
-    [Some(group), backup]
-        .into_iter()
-        .flatten()
-        .find_map(|name| {
-            let members = snapshot.group(name)?;
-            let mode = config.group(name).map(|g| g.balance).unwrap_or_default();
-            balance::pick(mode, members, tried)
-        })
+/// Whether a request may be sent a second time: an idempotent method and no body.
+fn is_replayable(request: &Request<UpstreamBody>) -> bool {
+    request.method().is_idempotent() && request.body().is_end_stream()
 }
 
-async fn checkout(node: &Node, connect_timeout: Duration) -> Result<Sender, ConnectError> {
+/// A bodiless copy of `request`.
+fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut copy = Request::new(UpstreamBody::Empty);
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// A connection to `node`, and whether it is a reused keep-alive one.
+async fn checkout(node: &Node, connect_timeout: Duration) -> Result<(Sender, bool), ConnectError> {
     match node.pool().take() {
-        Some(sender) => Ok(sender),
-        None => pool::connect(node.http_addr(), connect_timeout).await,
+        Some(sender) => Ok((sender, true)),
+        None => Ok((
+            pool::connect(node.http_addr(), connect_timeout).await?,
+            false,
+        )),
     }
 }
 

@@ -35,6 +35,8 @@ pub trait Control: Send + Sync {
     fn reload(&self) -> BoxFuture<'static, Result<String, String>>;
     /// Names of the configured groups, so the page shows groups with no node.
     fn groups(&self) -> Vec<String>;
+    /// Recent health check results of a node, oldest first (true = passed).
+    fn health_history(&self, node: &str) -> Vec<bool>;
 }
 
 /// Everything a stats request handler reads.
@@ -171,7 +173,7 @@ pub async fn handle<B>(state: &StatsState, peer: IpAddr, req: Request<B>) -> Rep
         ),
         "/api/v1/status" if get => json_reply(
             StatusCode::OK,
-            &status::status(&state.metrics, &state.cluster, &state.control.groups()),
+            &status::status(&state.metrics, &state.cluster, state.control.as_ref()),
         ),
         "/api/v1/reload" if method == Method::POST => {
             if !same_origin(&req) {
@@ -302,7 +304,7 @@ mod tests {
     use base64::Engine;
     use http_body_util::BodyExt;
 
-    struct Fixed;
+    pub(super) struct Fixed;
 
     impl Control for Fixed {
         fn reload(&self) -> BoxFuture<'static, Result<String, String>> {
@@ -310,6 +312,9 @@ mod tests {
         }
         fn groups(&self) -> Vec<String> {
             vec!["origin".into(), "edge".into()]
+        }
+        fn health_history(&self, _node: &str) -> Vec<bool> {
+            vec![true, false]
         }
     }
 

@@ -5,6 +5,7 @@
 //! `null` or an empty list when nothing reports them, so the page and any
 //! script reading the API never have to guess whether a key exists.
 
+use super::Control;
 use crate::cluster::{Cluster, Node};
 use crate::metrics::{CODE_CLASSES, Metrics, node_state};
 use serde_json::{Map, Value, json};
@@ -20,8 +21,10 @@ fn by_class(counts: [u64; 5]) -> Value {
     Value::Object(map)
 }
 
-fn node_json(node: &Arc<Node>, metrics: &Metrics) -> Value {
+fn node_json(node: &Arc<Node>, metrics: &Metrics, control: &dyn Control) -> Value {
     let counters = metrics.known_node(node.id());
+    let load = node.reported_load();
+    let ratio = |percent: Option<f32>| percent.map(|p| f64::from(p) / 100.0);
     json!({
         "id": node.id(),
         "address": node.http_addr().to_string(),
@@ -31,17 +34,19 @@ fn node_json(node: &Arc<Node>, metrics: &Metrics) -> Value {
         "active_sessions": node.active_sessions(),
         "requests": by_class(counters.as_ref().map(|c| c.requests_by_class()).unwrap_or_default()),
         "connect_failures": counters.as_ref().map(|c| c.connect_failures()).unwrap_or(0),
-        // Oldest first; empty until the health checker reports.
-        "health_history": counters.as_ref().map(|c| c.health_history()).unwrap_or_default(),
-        // Reported by the membership source (MongoDB `cpu`/`memory`); null when it does not.
-        "cpu": Value::Null,
-        "memory": Value::Null,
+        // Oldest first; empty until the health checker has run.
+        "health_history": control.health_history(node.id()),
+        // Reported by the membership source (MongoDB `cpu`/`memory`), 0..1; null when not.
+        "cpu": ratio(load.cpu),
+        "memory": ratio(load.memory),
     })
 }
 
-/// Builds the status document. `groups` are the configured group names, so
-/// groups without any node still show (they are the ones an operator worries about).
-pub fn status(metrics: &Metrics, cluster: &Cluster, groups: &[String]) -> Value {
+/// Builds the status document. The configured group names come from
+/// `control`, so groups without any node still show (they are the ones an
+/// operator worries about).
+pub fn status(metrics: &Metrics, cluster: &Cluster, control: &dyn Control) -> Value {
+    let groups = control.groups();
     let snapshot = cluster.snapshot();
     let mut by_group: BTreeMap<&str, Vec<Value>> =
         groups.iter().map(|g| (g.as_str(), Vec::new())).collect();
@@ -51,7 +56,7 @@ pub fn status(metrics: &Metrics, cluster: &Cluster, groups: &[String]) -> Value 
         by_group
             .entry(node.group())
             .or_default()
-            .push(node_json(node, metrics));
+            .push(node_json(node, metrics, control));
     }
     let groups: Vec<Value> = by_group
         .into_iter()
@@ -125,8 +130,14 @@ mod tests {
         metrics
             .listener("play")
             .request_done("hls", Some(&counters), 200, Duration::ZERO, 1, 2);
-        counters.health_check(false, Duration::ZERO);
-        let doc = status(&metrics, &cluster, &["origin".into(), "edge".into()]);
+        node.set_reported_load(
+            crate::cluster::ReportedLoad {
+                cpu: Some(50.0),
+                memory: None,
+            },
+            75.0,
+        );
+        let doc = status(&metrics, &cluster, &super::super::tests::Fixed);
         let groups = doc["groups"].as_array().unwrap();
         assert_eq!(groups.len(), 2);
         let edge = groups.iter().find(|g| g["name"] == "edge").unwrap();
@@ -135,8 +146,9 @@ mod tests {
         assert_eq!(e1["address"], "127.0.1.1:5080");
         assert_eq!(e1["state"], "draining");
         assert_eq!(e1["requests"]["2xx"], 1);
-        assert_eq!(e1["health_history"], json!([false]));
-        assert!(e1["cpu"].is_null());
+        assert_eq!(e1["health_history"], json!([true, false]));
+        assert_eq!(e1["cpu"], 0.5);
+        assert!(e1["memory"].is_null());
         assert_eq!(edge["usable_nodes"], 0);
         let origin = groups.iter().find(|g| g["name"] == "origin").unwrap();
         assert_eq!(origin["nodes"], json!([]));

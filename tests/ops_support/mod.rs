@@ -235,6 +235,9 @@ impl amslb::stats::Control for FixedGroups {
     fn groups(&self) -> Vec<String> {
         self.0.clone()
     }
+    fn health_history(&self, _node: &str) -> Vec<bool> {
+        vec![true, true, false]
+    }
 }
 
 /// Serves an in-process stats listener on 127.0.0.1:0 with the `[stats]`
@@ -271,5 +274,6 @@ pub fn node_spec(id: &str, group: &str, octet: u8) -> amslb::cluster::NodeSpec {
         http_port: 5080,
         rtmp_port: 1935,
         drain: false,
+        region: None,
     }
 }

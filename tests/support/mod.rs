@@ -1,8 +1,11 @@
 //! Test harness shared by the integration tests: simulated AMS nodes, unique
 //! loopback addresses, the real `amslb` binary started with a config, and a
 //! small HTTP client.
-#![allow(dead_code)] // each test file uses a different part of the harness
+#![allow(dead_code, unused_imports)] // each test file uses a different part of the harness
 
+pub mod haproxy;
+pub mod registry;
+pub mod secantus;
 pub mod sim;
 
 use bytes::Bytes;
@@ -11,7 +14,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
@@ -33,6 +36,67 @@ pub async fn sim_node(id: &str) -> SimNode {
         }
     }
     panic!("could not bind a simulated node on any loopback address");
+}
+
+/// Simulated nodes with the given ids, each on its own loopback address.
+pub async fn sim_nodes(ids: &[&str]) -> Vec<SimNode> {
+    let mut nodes = Vec::with_capacity(ids.len());
+    for id in ids {
+        nodes.push(sim_node(id).await);
+    }
+    nodes
+}
+
+/// A config with one HTTP listener on `listener` (default group `origin`),
+/// groups `origin` and `edge` (backed by `origin`), round robin, short
+/// timeouts, `extra` (e.g. `[sticky]`) and one `[[cluster.node]]` per
+/// (node, group, more TOML keys for that node) in `nodes`.
+pub fn one_listener_config(
+    listener: SocketAddr,
+    nodes: &[(&SimNode, &str, &str)],
+    extra: &str,
+) -> String {
+    let mut text = format!(
+        r#"
+[timeouts]
+connect = "1s"
+server = "2s"
+
+[[listener]]
+name = "http"
+bind = ["{listener}"]
+protocol = "http"
+default_group = "origin"
+
+[[group]]
+name = "origin"
+balance = "round-robin"
+
+[[group]]
+name = "edge"
+balance = "round-robin"
+backup = "origin"
+
+{extra}
+
+[cluster]
+"#
+    );
+    for (node, group, keys) in nodes {
+        text.push_str(&format!(
+            "\n[[cluster.node]]\nid = \"{}\"\naddress = \"{}\"\ngroup = \"{group}\"\nhttp_port = {}\n{keys}\n",
+            node.id(),
+            node.addr.ip(),
+            node.addr.port()
+        ));
+    }
+    text
+}
+
+/// [`one_listener_config`] with every node in `origin`.
+pub fn origin_config(listener: SocketAddr, nodes: &[SimNode], extra: &str) -> String {
+    let nodes: Vec<_> = nodes.iter().map(|n| (n, "origin", "")).collect();
+    one_listener_config(listener, &nodes, extra)
 }
 
 /// A fresh loopback address with the given port, for an amslb listener.
@@ -65,23 +129,8 @@ impl Amslb {
             .spawn()
             .unwrap();
         let mut amslb = Amslb { child, dir };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for addr in ready {
-            while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_err() {
-                if let Ok(Some(status)) = amslb.child.try_wait() {
-                    panic!(
-                        "amslb exited with {status} before listening:\n{}",
-                        amslb.log()
-                    );
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "amslb did not listen on {addr}:\n{}",
-                    amslb.log()
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        let log = amslb.dir.path().join("stderr.log");
+        wait_listening("amslb", &mut amslb.child, ready, &log);
         amslb
     }
 
@@ -127,6 +176,29 @@ impl Drop for Amslb {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits up to 10 s until every address in `ready` accepts TCP connections;
+/// panics with the program's output (`log`) if it exits or never listens.
+pub fn wait_listening(program: &str, child: &mut Child, ready: &[SocketAddr], log: &Path) {
+    let log = || std::fs::read_to_string(log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for addr in ready {
+        while std::net::TcpStream::connect_timeout(addr, Duration::from_millis(100)).is_err() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "{program} exited with {status} before listening:\n{}",
+                    log()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{program} did not listen on {addr}:\n{}",
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

@@ -7,7 +7,12 @@
 //! - every other request → 200 with its node id in `x-node-id` and the body,
 //! - `GET /big?bytes=N` → N bytes streamed in 64 KiB chunks,
 //! - `GET /slow?ms=N` → answers after N ms,
-//! - a WebSocket upgrade on any path → echoes every message.
+//! - `POST /{app}/whip/{id}` or `/whep/{id}` → 201 with an absolute `Location`
+//!   on the node itself (`http://addr/{app}/whip/{id}/{node}-session`),
+//! - a WebSocket upgrade on any path → echoes every message,
+//! - on every normal answer: each request header `x-set-cookie` comes back as a
+//!   `Set-Cookie`, each request `Cookie` header as an `x-got-cookie` (so a test
+//!   sees exactly what the balancer forwarded and what it did to the answer).
 //!
 //! It records each request (method, path, headers) for assertions and can be
 //! told to fail every request with a status, or to hang.
@@ -55,6 +60,7 @@ pub struct Seen {
 #[derive(Debug)]
 struct State {
     id: String,
+    addr: SocketAddr,
     mode: Mutex<Mode>,
     liveness: Mutex<u16>,
     seen: Mutex<Vec<Seen>>,
@@ -76,6 +82,7 @@ impl SimNode {
         let addr = listener.local_addr()?;
         let state = Arc::new(State {
             id: id.to_string(),
+            addr,
             mode: Mutex::new(Mode::Normal),
             liveness: Mutex::new(200),
             seen: Mutex::new(Vec::new()),
@@ -185,18 +192,36 @@ async fn answer(
             .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
             .unwrap_or(0)
     };
-    match req.uri().path() {
-        "/big" => Ok(big_body(&state.id, number("bytes"))),
+    let mut answer = match req.uri().path() {
+        "/big" => big_body(&state.id, number("bytes")),
         "/slow" => {
             tokio::time::sleep(Duration::from_millis(number("ms"))).await;
-            Ok(text(200, &state.id, format!("{}\n", state.id)))
+            text(200, &state.id, format!("{}\n", state.id))
         }
-        _ => {
-            // Read (and drop) the request body so uploads complete.
-            let _ = req.into_body().collect().await;
-            Ok(text(200, &state.id, format!("{}\n", state.id)))
+        path if req.method() == http::Method::POST
+            && (path.contains("/whip/") || path.contains("/whep/")) =>
+        {
+            let location = format!("http://{}{path}/{}-session", state.addr, state.id);
+            let mut created = text(201, &state.id, format!("{}\n", state.id));
+            created
+                .headers_mut()
+                .insert(header::LOCATION, location.parse().unwrap());
+            created
         }
+        _ => text(200, &state.id, format!("{}\n", state.id)),
+    };
+    let request_headers = req.headers().clone();
+    for value in request_headers.get_all("x-set-cookie") {
+        answer
+            .headers_mut()
+            .append(header::SET_COOKIE, value.clone());
     }
+    for value in request_headers.get_all(header::COOKIE) {
+        answer.headers_mut().append("x-got-cookie", value.clone());
+    }
+    // Read (and drop) the request body so uploads complete.
+    let _ = req.into_body().collect().await;
+    Ok(answer)
 }
 
 fn big_body(id: &str, total: u64) -> Response<Body> {

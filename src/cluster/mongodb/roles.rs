@@ -1,0 +1,115 @@
+//! Which group a node found in MongoDB serves. AMS does not store the role, so
+//! deployments separate origins and edges by subnet; `[[cluster.node]]` entries
+//! pin single addresses. A pure function of the config and an address.
+
+use crate::cluster::NodeSpec;
+use crate::config::ClusterConfig;
+use crate::config::mongo::RoleConfig;
+use std::net::IpAddr;
+
+/// The address → group rules of one config.
+#[derive(Debug, Clone)]
+pub struct RoleMap {
+    /// `[[cluster.node]]` entries as specs: they win over the CIDR rules.
+    pinned: Vec<NodeSpec>,
+    roles: Vec<RoleConfig>,
+    default_group: Option<String>,
+    http_port: u16,
+    rtmp_port: u16,
+}
+
+impl RoleMap {
+    /// Builds the rules from `[cluster]`.
+    pub fn new(cluster: &ClusterConfig) -> Self {
+        Self {
+            pinned: crate::cluster::static_source::specs(cluster),
+            roles: cluster.roles.clone(),
+            default_group: cluster.default_group.clone(),
+            http_port: cluster.http_port,
+            rtmp_port: cluster.rtmp_port,
+        }
+    }
+
+    /// The spec of the node with document id `id` at `addr`, or `None` when no
+    /// rule covers the address (the caller warns once). A pinned entry keeps its
+    /// own id, so a node seeded from the config keeps its state when MongoDB
+    /// reports it.
+    pub fn spec_for(&self, id: &str, addr: IpAddr) -> Option<NodeSpec> {
+        if let Some(pinned) = self.pinned.iter().find(|p| p.addr == addr) {
+            return Some(pinned.clone());
+        }
+        let group = self
+            .roles
+            .iter()
+            .find(|r| r.cidr.contains(&addr))
+            .map(|r| &r.group)
+            .or(self.default_group.as_ref())?;
+        Some(NodeSpec {
+            id: id.to_string(),
+            group: group.clone(),
+            addr,
+            http_port: self.http_port,
+            rtmp_port: self.rtmp_port,
+            drain: false,
+            // Regions from CIDR rules belong to the regions work (issue 11).
+            region: None,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::mongo::fixtures;
+
+    /// The issue's roles, then a wider edge block, IPv6, and one pinned address.
+    fn cluster(keys: &str) -> ClusterConfig {
+        fixtures::cluster(
+            &format!("http_port = 5081\n{keys}"),
+            r#"
+[[cluster.role]]
+cidr = "127.0.0.0/16"
+group = "edge"
+[[cluster.role]]
+cidr = "fd00::/8"
+group = "edge"
+[[cluster.node]]
+id = "pinned"
+address = "127.0.5.9"
+group = "edge"
+rtmp_port = 1936
+"#,
+        )
+    }
+
+    fn group(map: &RoleMap, ip: &str) -> Option<String> {
+        map.spec_for("doc", ip.parse().unwrap()).map(|s| s.group)
+    }
+
+    #[test]
+    fn first_matching_cidr_wins() {
+        let map = RoleMap::new(&cluster(""));
+        assert_eq!(group(&map, "127.0.5.5").as_deref(), Some("origin"));
+        assert_eq!(group(&map, "127.0.7.5").as_deref(), Some("edge"));
+        assert_eq!(group(&map, "fd00::5").as_deref(), Some("edge"));
+        let spec = map.spec_for("doc-7", "127.0.5.5".parse().unwrap()).unwrap();
+        assert_eq!(spec.id, "doc-7");
+        assert_eq!((spec.http_port, spec.rtmp_port), (5081, 1935));
+    }
+
+    #[test]
+    fn unmatched_goes_to_default_group_or_nowhere() {
+        assert_eq!(group(&RoleMap::new(&cluster("")), "10.0.0.1"), None);
+        let map = RoleMap::new(&cluster("default_group = \"origin\""));
+        assert_eq!(group(&map, "10.0.0.1").as_deref(), Some("origin"));
+    }
+
+    #[test]
+    fn pinned_address_overrides_rules() {
+        let map = RoleMap::new(&cluster(""));
+        let spec = map.spec_for("doc", "127.0.5.9".parse().unwrap()).unwrap();
+        assert_eq!(spec.id, "pinned");
+        assert_eq!(spec.group, "edge");
+        assert_eq!((spec.http_port, spec.rtmp_port), (5081, 1936));
+    }
+}

@@ -1,0 +1,346 @@
+//! TLS termination without ACME: certificates from `certs_dir`, SNI, ALPN,
+//! WebSocket over TLS, swapping changed files, and refusal of bad files: the
+//! real amslb binary in front of a simulated node.
+
+mod support;
+mod tls_support;
+
+use futures_util::{SinkExt, StreamExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::path::Path;
+use support::{Amslb, listener_addr, sim_node};
+use tls_support::{TestCa, get, get_via, kept_request, lb_config, open_h1, tempdir};
+use tokio::net::TcpStream;
+
+fn leaf_der(pem: &str) -> CertificateDer<'static> {
+    CertificateDer::from_pem_slice(pem.as_bytes()).unwrap()
+}
+
+/// amslb in front of one simulated origin, serving the certificates in `dir`;
+/// `extra` is added to the `[tls]` table.
+async fn start(dir: &Path, extra: &str) -> (Amslb, SocketAddr, support::SimNode) {
+    let node = sim_node("origin-1").await;
+    let https = listener_addr(18443);
+    let tls = format!("[tls]\ncerts_dir = \"{}\"\n{extra}", dir.display());
+    let amslb = Amslb::start(&lb_config(https, None, node.addr, &tls), &[https]);
+    (amslb, https, node)
+}
+
+#[tokio::test]
+async fn sni_picks_the_right_certificate_among_three() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("sni");
+    let dir = tmp.path();
+    let (live, live_key) = ca.leaf(&["live.amslb.test"]);
+    let (wild, wild_key) = ca.leaf(&["*.cdn.amslb.test"]);
+    let (panel, panel_key) = ca.leaf(&["panel.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{live}{live_key}")).unwrap();
+    std::fs::write(dir.join("cdn.crt"), &wild).unwrap();
+    std::fs::write(dir.join("cdn.key"), wild_key).unwrap();
+    std::fs::write(dir.join("panel.pem"), format!("{panel}{panel_key}")).unwrap();
+    let (_amslb, https, _node) = start(dir, "default_cert = \"panel\"\n").await;
+    let roots = [ca.der.clone()];
+
+    for (sni, expected) in [
+        ("live.amslb.test", &live),
+        ("edge1.cdn.amslb.test", &wild),
+        ("panel.amslb.test", &panel),
+    ] {
+        let seen = get(https, sni, &roots, &[b"http/1.1"], "/rest/v2/version")
+            .await
+            .unwrap_or_else(|e| panic!("{sni}: {e}"));
+        assert_eq!(seen.leaf, leaf_der(expected), "wrong certificate for {sni}");
+        assert_eq!(seen.status, 200);
+        assert_eq!(seen.headers["x-node-id"], "origin-1");
+    }
+
+    // An unknown name gets the configured default (panel), which the client
+    // then rejects as not matching: the handshake carried panel's certificate.
+    let err = get(https, "other.test", &roots, &[], "/")
+        .await
+        .err()
+        .expect("default certificate must not validate for another name");
+    assert!(err.contains("handshake"), "{err}");
+}
+
+#[tokio::test]
+async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("alpn");
+    let dir = tmp.path();
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (_amslb, https, node) = start(dir, "").await;
+    let roots = [ca.der.clone()];
+
+    let h2 = get(
+        https,
+        "live.amslb.test",
+        &roots,
+        &[b"h2", b"http/1.1"],
+        "/LiveApp/streams/s1.m3u8",
+    )
+    .await
+    .unwrap();
+    assert_eq!(h2.alpn.as_deref(), Some(&b"h2"[..]));
+    assert_eq!(h2.version, http::Version::HTTP_2);
+    assert_eq!((h2.status.as_u16(), h2.body.as_str()), (200, "origin-1\n"));
+
+    let h1 = get(
+        https,
+        "live.amslb.test",
+        &roots,
+        &[b"http/1.1"],
+        "/rest/v2/version",
+    )
+    .await
+    .unwrap();
+    assert_eq!(h1.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    assert_eq!(h1.version, http::Version::HTTP_11);
+    assert_eq!(h1.status, 200);
+
+    // No ALPN at all (old clients, curl --no-alpn): HTTP/1.1 by sniffing.
+    let none = get(https, "live.amslb.test", &roots, &[], "/")
+        .await
+        .unwrap();
+    assert_eq!(none.alpn, None);
+    assert_eq!(none.status, 200);
+
+    let seen = node.seen();
+    assert_eq!(seen.len(), 3);
+    for request in &seen {
+        assert_eq!(request.headers["x-forwarded-proto"], "https", "{request:?}");
+        assert_eq!(request.headers["host"], "live.amslb.test", "{request:?}");
+    }
+    assert_eq!(
+        seen[0].uri, "/LiveApp/streams/s1.m3u8",
+        "h2 request reaches the node in origin form"
+    );
+}
+
+#[tokio::test]
+async fn tls12_and_tls13_both_handshake_and_resume() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("resume");
+    let dir = tmp.path();
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (_amslb, https, _node) = start(dir, "").await;
+
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_protocol_versions(&[version])
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // One connector, so one client session cache for both connections.
+        let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+        let first = get_via(&connector, https, "live.amslb.test", "/")
+            .await
+            .unwrap();
+        assert_eq!(first.tls_version, Some(version.version));
+        assert!(!first.resumed);
+        assert_eq!(first.status, 200);
+        let second = get_via(&connector, https, "live.amslb.test", "/")
+            .await
+            .unwrap();
+        assert!(second.resumed, "{:?} session not resumed", version.version);
+        assert_eq!(second.status, 200);
+    }
+}
+
+#[tokio::test]
+async fn websocket_echoes_over_tls_through_the_balancer() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("wss");
+    let dir = tmp.path();
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (_amslb, https, node) = start(dir, "").await;
+
+    let tcp = TcpStream::connect(https).await.unwrap();
+    // Browsers open WebSockets on an HTTP/1.1 connection (amslb does not offer
+    // RFC 8441 WebSocket over h2), so the client offers http/1.1 here.
+    let tls = tls_support::connector(std::slice::from_ref(&ca.der), &[b"http/1.1"])
+        .connect(ServerName::try_from("live.amslb.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut ws, response) =
+        tokio_tungstenite::client_async("wss://live.amslb.test/LiveApp/websocket", tls)
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 101);
+    assert_eq!(response.headers()["x-node-id"], "origin-1");
+    for i in 0..3 {
+        let text = format!("{{\"command\":\"play\",\"n\":{i}}}");
+        ws.send(text.clone().into()).await.unwrap();
+        let echoed = ws.next().await.unwrap().unwrap();
+        assert_eq!(echoed.into_text().unwrap().as_str(), text);
+    }
+    assert_eq!(node.seen()[0].headers["x-forwarded-proto"], "https");
+}
+
+/// Writes `text` to `dir/name` the way deployment tools do: a temporary file
+/// renamed into place, so a reload never sees half a file.
+fn install(dir: &Path, name: &str, text: &str) {
+    let tmp = dir.join(format!(".{name}.new"));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(tmp, dir.join(name)).unwrap();
+}
+
+/// Polls new connections until one is served `expected` (or fails after 5 s).
+async fn wait_for_leaf(https: SocketAddr, roots: &[CertificateDer<'static>], expected: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Ok(seen) = get(https, "live.amslb.test", roots, &[], "/").await
+            && seen.leaf == leaf_der(expected)
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "certificate not picked up; last error: {:?}",
+            get(https, "live.amslb.test", roots, &[], "/").await.err()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn without_certificate_handshake_is_refused_until_one_is_added() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("empty");
+    let dir = tmp.path();
+    let (amslb, https, _node) = start(dir, "watch_interval = \"100ms\"\n").await;
+    let roots = [ca.der.clone()];
+
+    let err = get(https, "live.amslb.test", &roots, &[], "/")
+        .await
+        .err()
+        .expect("no certificate: handshake must fail");
+    assert!(err.contains("handshake"), "{err}");
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    assert!(
+        amslb
+            .log()
+            .contains("TLS handshake refused: no certificate loaded yet"),
+        "{}",
+        amslb.log()
+    );
+
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    install(dir, "live.pem", &format!("{cert}{key}"));
+    wait_for_leaf(https, &roots, &cert).await;
+}
+
+#[tokio::test]
+async fn changed_file_is_swapped_in_and_open_connection_survives() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("swap");
+    let dir = tmp.path();
+    let (old, old_key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{old}{old_key}")).unwrap();
+    let (amslb, https, _node) = start(dir, "watch_interval = \"100ms\"\n").await;
+    let roots = [ca.der.clone()];
+
+    // Keep one HTTP/1.1 connection open across the swap.
+    let (mut send, leaf) = open_h1(https, "live.amslb.test", &roots).await;
+    assert_eq!(leaf, leaf_der(&old));
+    let request = || kept_request("live.amslb.test");
+    assert_eq!(send.send_request(request()).await.unwrap().status(), 200);
+
+    let (new, new_key) = ca.leaf(&["live.amslb.test"]);
+    install(dir, "live.pem", &format!("{new}{new_key}"));
+    wait_for_leaf(https, &roots, &new).await;
+
+    let response = send.send_request(request()).await.unwrap();
+    assert_eq!(response.status(), 200, "open connection survives the swap");
+    assert_eq!(response.headers()["x-node-id"], "origin-1");
+
+    // A broken file is refused with a warning; the loaded certificate keeps serving.
+    install(dir, "live.pem", "not a pem");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !amslb.log().contains("certificate reload failed") {
+        assert!(std::time::Instant::now() < deadline, "{}", amslb.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(
+        amslb
+            .log()
+            .contains(&dir.join("live.pem").display().to_string())
+    );
+    wait_for_leaf(https, &roots, &new).await;
+}
+
+/// Starts amslb over `dir` expecting it to refuse; returns its output.
+fn refused_start(dir: &Path) -> String {
+    let https = listener_addr(18443);
+    let node: SocketAddr = "127.0.0.1:5080".parse().unwrap();
+    let tls = format!("[tls]\ncerts_dir = \"{}\"\n", dir.display());
+    let tmp = tempdir("refused");
+    let config = tmp.path().join("lb.toml");
+    std::fs::write(&config, lb_config(https, None, node, &tls)).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_amslb"))
+        .arg("--config")
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "amslb must refuse to start");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_pem_or_missing_key_is_refused_at_start_naming_the_file() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+
+    let tmp = tempdir("badpem");
+
+    let dir = tmp.path();
+    std::fs::write(dir.join("good.pem"), format!("{cert}{key}")).unwrap();
+    std::fs::write(
+        dir.join("broken.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let out = refused_start(dir);
+    assert!(
+        out.contains(&format!("{}: bad PEM", dir.join("broken.pem").display())),
+        "{out}"
+    );
+
+    let tmp = tempdir("nokey");
+
+    let dir = tmp.path();
+    std::fs::write(dir.join("live.crt"), &cert).unwrap();
+    let out = refused_start(dir);
+    assert!(
+        out.contains(&format!(
+            "{}: missing private key",
+            dir.join("live.key").display()
+        )),
+        "{out}"
+    );
+
+    let tmp = tempdir("keyless-pem");
+
+    let dir = tmp.path();
+    std::fs::write(dir.join("live.pem"), &cert).unwrap();
+    let out = refused_start(dir);
+    assert!(
+        out.contains(&format!(
+            "{}: no PRIVATE KEY",
+            dir.join("live.pem").display()
+        )),
+        "{out}"
+    );
+}
