@@ -161,6 +161,23 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
     }
 
+    /// The config embedded in the Kubernetes ConfigMap must be one amslb accepts.
+    #[test]
+    fn kubernetes_configmap_config_is_valid() {
+        let manifest = include_str!("../../deploy/k8s/amslb.yaml");
+        let start = manifest.find("amslb.toml: |\n").expect("ConfigMap key") + 14;
+        let toml: String = manifest[start..]
+            .lines()
+            .take_while(|l| !l.starts_with("---"))
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let loaded = crate::config::parse_str(&toml, std::path::Path::new("amslb.yaml"))
+            .unwrap_or_else(|e| panic!("{e}\n{toml}"));
+        let stats = loaded.config.stats.expect("stats listener for the probes");
+        assert_eq!(stats.bind.port(), 6080);
+        assert!(stats.password_file.is_some());
+    }
+
     #[test]
     fn access_log_defaults_and_formats() {
         let log: AccessLogConfig = toml::from_str("format = \"json\"").unwrap();
