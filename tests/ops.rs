@@ -17,57 +17,16 @@ use tokio_tungstenite::tungstenite::Message;
 
 const CREDS: (&str, &str) = ("admin", "t0p-s3cret");
 
-/// A config with one "main" listener (default group `default`), stats with
-/// auth, the given nodes, and `extra` (whole tables) appended.
-fn config(
-    main: SocketAddr,
-    stats: SocketAddr,
-    default: &str,
-    nodes: &[(&str, &str, SocketAddr)],
-    extra: &str,
-) -> String {
-    let mut text = format!(
-        r#"
-[timeouts]
-connect = "1s"
-server = "5s"
-
-[stats]
-bind = "{stats}"
-user = "{user}"
-password = "{password}"
-allow = ["127.0.0.0/8"]
-
-[[listener]]
-name = "main"
-bind = ["{main}"]
-protocol = "http"
-default_group = "{default}"
-
-[[group]]
-name = "origin"
-balance = "round-robin"
-
-[[group]]
-name = "edge"
-balance = "round-robin"
-backup = "origin"
-
-[cluster]
-source = "static"
-"#,
-        user = CREDS.0,
-        password = CREDS.1,
+/// The shared one-listener config (listener "http", groups origin and edge)
+/// with a stats listener on `stats` (basic auth, loopback allowed), the given
+/// (node, group) pairs, and `extra` tables.
+fn config(main: SocketAddr, stats: SocketAddr, nodes: &[(&SimNode, &str)], extra: &str) -> String {
+    let nodes: Vec<_> = nodes.iter().map(|(n, g)| (*n, *g, "")).collect();
+    let stats = format!(
+        "[stats]\nbind = \"{stats}\"\nuser = \"{}\"\npassword = \"{}\"\nallow = [\"127.0.0.0/8\"]\n",
+        CREDS.0, CREDS.1
     );
-    for (id, group, addr) in nodes {
-        text.push_str(&format!(
-            "\n[[cluster.node]]\nid = \"{id}\"\naddress = \"{}\"\ngroup = \"{group}\"\nhttp_port = {}\n",
-            addr.ip(),
-            addr.port()
-        ));
-    }
-    text.push_str(extra);
-    text
+    one_listener_config(main, &nodes, &format!("{stats}\n{extra}"))
 }
 
 /// Value of the first series of `name` whose label text contains all `labels`.
@@ -94,11 +53,11 @@ async fn known_traffic_shows_in_metrics_promtool_and_prometheus() {
     let edges = [sim_node("edge-1").await, sim_node("edge-2").await];
     let (main, stats) = (listener_addr(18080), listener_addr(6080));
     let nodes = [
-        ("origin-1", "origin", origin.addr),
-        ("edge-1", "edge", edges[0].addr),
-        ("edge-2", "edge", edges[1].addr),
+        (&origin, "origin"),
+        (&edges[0], "edge"),
+        (&edges[1], "edge"),
     ];
-    let _amslb = Amslb::start(&config(main, stats, "origin", &nodes, ""), &[main, stats]);
+    let _amslb = Amslb::start(&config(main, stats, &nodes, ""), &[main, stats]);
 
     // Probes need no credentials; everything else does.
     assert_eq!(
@@ -126,7 +85,7 @@ async fn known_traffic_shows_in_metrics_promtool_and_prometheus() {
             &text,
             "amslb_requests_total",
             &[
-                "listener=\"main\"",
+                "listener=\"http\"",
                 &format!("route=\"{route}\""),
                 "code=\"2xx\"",
             ],
@@ -144,7 +103,7 @@ async fn known_traffic_shows_in_metrics_promtool_and_prometheus() {
     assert_eq!(node("origin-1"), Some(4.0));
     assert_eq!(node("edge-1").unwrap() + node("edge-2").unwrap(), 6.0);
     assert_eq!(node("edge-1"), Some(3.0), "round-robin splits evenly");
-    assert!(metric(&text, "amslb_sent_bytes_total", &["main"]).unwrap() > 0.0);
+    assert!(metric(&text, "amslb_sent_bytes_total", &["http"]).unwrap() > 0.0);
     assert_eq!(
         metric(
             &text,
@@ -155,7 +114,7 @@ async fn known_traffic_shows_in_metrics_promtool_and_prometheus() {
     );
     // Ten requests plus the harness's readiness probe.
     assert_eq!(
-        metric(&text, "amslb_connections_total", &["main"]),
+        metric(&text, "amslb_connections_total", &["http"]),
         Some(11.0)
     );
     assert_eq!(
@@ -253,16 +212,15 @@ async fn twenty_reloads_under_load_drop_nothing() {
         listener_addr(18090),
     );
     let all = [
-        ("origin-1", "origin", origin.addr),
-        ("edge-1", "edge", edges[0].addr),
-        ("edge-2", "edge", edges[1].addr),
+        (&origin, "origin"),
+        (&edges[0], "edge"),
+        (&edges[1], "edge"),
     ];
-    let base = config(main, stats, "origin", &all, "");
+    let base = config(main, stats, &all, "");
     // The alternate config adds a listener and removes a node.
     let alternate = config(
         main,
         stats,
-        "origin",
         &all[..2],
         &format!(
             "\n[[listener]]\nname = \"extra\"\nbind = [\"{extra}\"]\nprotocol = \"http\"\ndefault_group = \"origin\"\n"
@@ -339,13 +297,7 @@ async fn twenty_reloads_under_load_drop_nothing() {
 async fn refused_reload_keeps_the_running_config() {
     let origin = sim_node("origin-1").await;
     let (main, stats) = (listener_addr(18080), listener_addr(6080));
-    let good = config(
-        main,
-        stats,
-        "origin",
-        &[("origin-1", "origin", origin.addr)],
-        "",
-    );
+    let good = config(main, stats, &[(&origin, "origin")], "");
     let amslb = Amslb::start(&good, &[main, stats]);
 
     // A typo: refused with the key named, through SIGHUP and the admin API alike.
@@ -370,7 +322,6 @@ async fn refused_reload_keeps_the_running_config() {
     let unbindable = config(
         main,
         stats,
-        "origin",
         &[],
         "\n[[listener]]\nname = \"far\"\nbind = [\"192.0.2.1:18099\"]\nprotocol = \"http\"\ndefault_group = \"origin\"\n",
     );
@@ -404,11 +355,8 @@ async fn refused_reload_keeps_the_running_config() {
 async fn drain_through_the_admin_api_stops_new_requests() {
     let edges = [sim_node("edge-1").await, sim_node("edge-2").await];
     let (main, stats) = (listener_addr(18080), listener_addr(6080));
-    let nodes = [
-        ("edge-1", "edge", edges[0].addr),
-        ("edge-2", "edge", edges[1].addr),
-    ];
-    let amslb = Amslb::start(&config(main, stats, "edge", &nodes, ""), &[main, stats]);
+    let nodes = [(&edges[0], "edge"), (&edges[1], "edge")];
+    let amslb = Amslb::start(&config(main, stats, &nodes, ""), &[main, stats]);
 
     let unauthenticated = http(
         "POST",
@@ -464,13 +412,7 @@ async fn access_log_has_one_json_line_per_request_and_tunnel() {
         path.display().to_string()
     );
     let amslb = Amslb::start(
-        &config(
-            main,
-            stats,
-            "origin",
-            &[("origin-1", "origin", origin.addr)],
-            &extra,
-        ),
+        &config(main, stats, &[(&origin, "origin")], &extra),
         &[main, stats],
     );
 
@@ -503,7 +445,7 @@ async fn access_log_has_one_json_line_per_request_and_tunnel() {
     assert_eq!(rest["status"], 200);
     assert_eq!(rest["node"], "origin-1");
     assert_eq!(rest["group"], "origin");
-    assert_eq!(rest["listener"], "main");
+    assert_eq!(rest["listener"], "http");
     assert!(rest["client"].as_str().unwrap().starts_with("127."));
     assert!(rest["bytes_out"].as_u64().unwrap() > 0);
     let tunnel = lines.iter().find(|l| l["route"] == "websocket").unwrap();
