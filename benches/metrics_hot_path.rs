@@ -22,6 +22,7 @@ fn cluster(nodes: u8) -> Arc<Cluster> {
                 addr: [127, 0, 2, i].into(),
                 http_port: 5080,
                 rtmp_port: 1935,
+                srt_port: 4200,
                 drain: false,
                 region: None,
             })

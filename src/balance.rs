@@ -69,13 +69,14 @@ fn choose(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::cluster::NodeSpec;
     use std::collections::HashMap;
     use std::net::IpAddr;
 
-    fn members(n: u8) -> GroupMembers {
+    /// A group of `n` up nodes, for balancing tests.
+    pub(crate) fn members(n: u8) -> GroupMembers {
         GroupMembers {
             nodes: (1..=n)
                 .map(|i| {
@@ -85,6 +86,7 @@ mod tests {
                         addr: IpAddr::from([127, 0, 2, i]),
                         http_port: 5080,
                         rtmp_port: 1935,
+                        srt_port: 4200,
                         drain: false,
                         region: None,
                     }))

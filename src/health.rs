@@ -632,6 +632,7 @@ name = "ingest-backup"
             addr: IpAddr::from([127, 0, 0, 1]),
             http_port: 5080,
             rtmp_port: 1935,
+            srt_port: 4200,
             drain: false,
             region: None,
         }))

@@ -866,6 +866,7 @@ pub(crate) mod fixtures {
             addr: [127, 0, 1, octet].into(),
             http_port: 5080,
             rtmp_port: 1935,
+            srt_port: 4200,
             drain: false,
             region: None,
         }

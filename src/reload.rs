@@ -11,7 +11,7 @@
 
 use crate::access_log::AccessLog;
 use crate::cluster::static_source;
-use crate::config::{self, ClusterSource, Config, ConfigError};
+use crate::config::{self, ClusterSource, Config, ConfigError, Protocol};
 use crate::listener::bind_tcp;
 use crate::runtime::Runtime;
 use crate::server::{BoundListener, bind_listener, spawn_accept_loop};
@@ -263,9 +263,11 @@ impl Lifecycle {
         let old = self.runtime.config();
 
         // Everything that can fail, before anything changes.
+        // UDP listeners (SRT) are not accept loops; they stay as started.
         let wanted: HashSet<(Arc<str>, SocketAddr)> = new
             .listeners
             .iter()
+            .filter(|l| l.protocol != Protocol::Udp)
             .flat_map(|l| {
                 let name: Arc<str> = l.name.as_str().into();
                 l.bind.iter().map(move |addr| (name.clone(), *addr))
@@ -283,13 +285,19 @@ impl Lifecycle {
         for listener in &new.listeners {
             for addr in &listener.bind {
                 let key: (Arc<str>, SocketAddr) = (listener.name.as_str().into(), *addr);
-                if !running.contains(&key) {
-                    // SO_REUSEPORT lets a renamed listener bind an address the
-                    // old name still holds; the old loop stops right after.
-                    let bound = bind_listener(key.0, *addr, listener.backlog)
-                        .map_err(|e| ReloadError::Bind(e.to_string()))?;
-                    fresh.push(bound);
+                if running.contains(&key) || listener.protocol == Protocol::Udp {
+                    continue;
                 }
+                if matches!(listener.protocol, Protocol::Tcp | Protocol::Tls) {
+                    // Their relay is built at start from the whole config.
+                    warn!(listener = %listener.name, %addr, "a new tcp/tls listener starts on restart, not on reload");
+                    continue;
+                }
+                // SO_REUSEPORT lets a renamed listener bind an address the
+                // old name still holds; the old loop stops right after.
+                let bound = bind_listener(key.0, *addr, listener.backlog)
+                    .map_err(|e| ReloadError::Bind(e.to_string()))?;
+                fresh.push(bound);
             }
         }
         let stats_socket = match (&new.stats, &self.stats) {

@@ -3,10 +3,12 @@
 use crate::cluster::{Cluster, mongodb, static_source};
 use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
-use crate::listener::{bind_tcp, tune_stream};
+use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
+use crate::listener::{bind_tcp, bind_udp, tune_stream};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
+use crate::tls::server_config::tcp_server_config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,6 +35,14 @@ pub enum StartError {
     /// The stats listener, access log or reload handling could not start.
     #[error(transparent)]
     Ops(#[from] crate::reload::ReloadError),
+    /// A `tls` listener's own `cert`/`key` could not be loaded.
+    #[error("listener {listener:?}: {source}")]
+    ListenerCert {
+        /// Listener name.
+        listener: String,
+        /// What was wrong with the files (boxed: it is large and rare).
+        source: Box<TlsLoadError>,
+    },
 }
 
 /// A bound socket waiting for its accept loop.
@@ -44,6 +54,15 @@ pub(crate) struct BoundListener {
     pub(crate) addr: SocketAddr,
     /// The listening socket.
     pub(crate) socket: TcpListener,
+    /// The relay of a `tcp`/`tls` listener (RTMP, RTMPS).
+    pub(crate) l4: Option<Arc<TcpProxy>>,
+}
+
+/// A bound UDP socket of a `udp` listener (SRT) and its session relay.
+#[derive(Debug)]
+struct BoundUdp {
+    socket: tokio::net::UdpSocket,
+    proxy: Arc<UdpProxy>,
 }
 
 /// A balancer whose sockets are bound, ready to run.
@@ -51,6 +70,7 @@ pub(crate) struct BoundListener {
 pub struct Server {
     runtime: Arc<Runtime>,
     bound: Vec<BoundListener>,
+    udp: Vec<BoundUdp>,
 }
 
 impl Server {
@@ -61,16 +81,62 @@ impl Server {
         let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
+        let runtime = Runtime::new(config, cluster.clone(), tls);
+        let config = runtime.config();
+        // RTMPS listeners without their own cert/key share the [tls] store.
+        let shared_tls = match &runtime.tls {
+            Some(state) => Some(tcp_server_config(state.certs.clone()).map_err(|e| {
+                crate::tls::certs::CertError::new(
+                    state.certs.dir(),
+                    format!("TLS setup failed: {e}"),
+                )
+            })?),
+            None => None,
+        };
         let mut bound = Vec::new();
+        let mut udp = Vec::new();
         for listener in &config.listeners {
             let name: Arc<str> = listener.name.as_str().into();
+            let bind_error = |addr, source| StartError::Bind {
+                listener: listener.name.clone(),
+                addr,
+                source,
+            };
+            if listener.protocol == Protocol::Udp {
+                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
+                for &addr in &listener.bind {
+                    let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
+                    let proxy = proxy.clone();
+                    udp.push(BoundUdp { socket, proxy });
+                }
+                continue;
+            }
+            let l4 = match listener.protocol {
+                Protocol::Tcp | Protocol::Tls => Some(Arc::new(
+                    TcpProxy::new(
+                        &config,
+                        listener,
+                        cluster.clone(),
+                        runtime.health.clone(),
+                        shared_tls.clone(),
+                    )
+                    .map_err(|source| StartError::ListenerCert {
+                        listener: listener.name.clone(),
+                        source: Box::new(source),
+                    })?,
+                )),
+                _ => None,
+            };
             for &addr in &listener.bind {
-                bound.push(bind_listener(name.clone(), addr, listener.backlog)?);
+                let mut listener = bind_listener(name.clone(), addr, listener.backlog)?;
+                listener.l4 = l4.clone();
+                bound.push(listener);
             }
         }
         Ok(Self {
-            runtime: Runtime::new(config, cluster, tls),
+            runtime,
             bound,
+            udp,
         })
     }
 
@@ -84,7 +150,29 @@ impl Server {
         self.bound
             .iter()
             .filter_map(|b| Some((b.name.to_string(), b.socket.local_addr().ok()?)))
+            .chain(
+                self.udp.iter().filter_map(|u| {
+                    Some((u.proxy.name().to_string(), u.socket.local_addr().ok()?))
+                }),
+            )
             .collect()
+    }
+
+    /// Counters of every L4 listener (`tcp`, `tls`, `udp`) by listener name,
+    /// for the metrics exporter.
+    pub fn l4_stats(&self) -> Vec<(String, Arc<L4Stats>)> {
+        let tcp = self
+            .bound
+            .iter()
+            .filter_map(|b| Some((b.name.to_string(), b.l4.as_ref()?.stats().clone())));
+        let udp = self
+            .udp
+            .iter()
+            .map(|u| (u.proxy.name().to_string(), u.proxy.stats().clone()));
+        let mut all: Vec<_> = tcp.chain(udp).collect();
+        // A listener with several binds shares one set of counters.
+        all.dedup_by(|a, b| a.0 == b.0);
+        all
     }
 
     /// Serves until `stop` resolves, then shuts down gracefully: stop accepting,
@@ -98,6 +186,13 @@ impl Server {
             .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
         for bound in self.bound {
             spawn_accept_loop(&runtime, bound);
+        }
+        for bound in self.udp {
+            if let Ok(addr) = bound.socket.local_addr() {
+                info!(listener = %bound.proxy.name(), %addr, "listening (udp)");
+            }
+            let socket = Arc::new(bound.socket);
+            tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
         }
         if let Some(tls) = &runtime.tls {
             tls.spawn_tasks(runtime.shutdown.clone());
@@ -155,7 +250,12 @@ pub(crate) fn bind_listener(
         addr,
         source,
     })?;
-    Ok(BoundListener { name, addr, socket })
+    Ok(BoundListener {
+        name,
+        addr,
+        socket,
+        l4: None,
+    })
 }
 
 /// Starts accepting on `bound`, registered in `runtime.accept_loops` under
@@ -201,10 +301,11 @@ async fn accept_loop(
         let runtime2 = runtime.clone();
         let name = bound.name.clone();
         let open = metrics.connection_opened();
+        let l4 = bound.l4.clone();
         runtime.tasks.spawn(async move {
             let _permit = permit;
             let _open = open;
-            handle_stream(runtime2, name, stream, peer).await;
+            handle_stream(runtime2, name, l4, stream, peer).await;
         });
     }
 }
@@ -225,6 +326,7 @@ async fn connection_slot(runtime: &Runtime) -> Option<OwnedSemaphorePermit> {
 async fn handle_stream(
     runtime: Arc<Runtime>,
     listener: Arc<str>,
+    l4: Option<Arc<TcpProxy>>,
     mut stream: TcpStream,
     peer: SocketAddr,
 ) {
@@ -254,13 +356,21 @@ async fn handle_stream(
     }
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        Protocol::Tcp | Protocol::Tls => {
+            if let Some(l4) = l4 {
+                // Relays survive the shutdown grace period (a publisher keeps
+                // streaming while in-flight work drains), then are cut.
+                l4.handle(stream, client.addr, runtime.hard_stop.cancelled())
+                    .await;
+            }
+        }
         Protocol::Https => {
             if let Some(tls) = runtime.tls.clone() {
                 crate::tls::https::serve_connection(runtime.clone(), tls, listener, stream, client)
                     .await;
             }
         }
-        // Refused by Config::validate until their listeners exist.
-        Protocol::Tcp | Protocol::Tls | Protocol::Udp => {}
+        // UDP listeners accept no streams; see `BoundUdp`.
+        Protocol::Udp => {}
     }
 }

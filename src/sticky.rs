@@ -614,6 +614,7 @@ mod tests {
                 group: "origin".into(),
                 http_port: None,
                 rtmp_port: None,
+                srt_port: None,
                 cookie: cookie.map(str::to_string),
                 drain: false,
                 region: None,
@@ -807,6 +808,7 @@ mod tests {
                     addr: IpAddr::from([127, 0, 0, 1]),
                     http_port: 5080,
                     rtmp_port: 1935,
+                    srt_port: 4200,
                     drain: false,
                     region: None,
                 }))
@@ -960,6 +962,7 @@ mod tests {
                     addr: IpAddr::from([127, 0, 1, i as u8 + 1]),
                     http_port: 5080,
                     rtmp_port: 1935,
+                    srt_port: 4200,
                     drain: false,
                     region: None,
                 }))

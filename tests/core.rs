@@ -561,7 +561,7 @@ async fn over_max_connections_new_connections_are_refused() {
 
 #[test]
 fn shipped_configs_are_valid() {
-    for file in ["conf/lb.toml", "conf/demo.toml"] {
+    for file in ["conf/lb.toml", "conf/lb-mongodb.toml", "conf/demo.toml"] {
         let path = format!("{}/{file}", env!("CARGO_MANIFEST_DIR"));
         let (code, out) = amslb_command(&["check", "--config", &path]);
         assert_eq!(code, 0, "{file}: {out}");

@@ -85,6 +85,7 @@ fn run(balance: &str, s: &Scenario, seed: u64) -> Outcome {
                 addr: IpAddr::from([127, 0, 4, i as u8 + 1]),
                 http_port: 5080,
                 rtmp_port: 1935,
+                srt_port: 4200,
                 drain: false,
                 region: None,
             })

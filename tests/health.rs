@@ -392,6 +392,7 @@ async fn tcp_checks_connect_to_the_rtmp_port() {
             addr: addr.ip(),
             http_port: 5080,
             rtmp_port: port,
+            srt_port: 4200,
             drain: false,
             region: None,
         })

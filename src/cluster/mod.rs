@@ -102,6 +102,7 @@ fn same_endpoint(a: &NodeSpec, b: &NodeSpec) -> bool {
         && a.addr == b.addr
         && a.http_port == b.http_port
         && a.rtmp_port == b.rtmp_port
+        && a.srt_port == b.srt_port
         && a.region == b.region
 }
 
@@ -117,6 +118,7 @@ mod tests {
             addr: IpAddr::from([127, 0, 1, octet]),
             http_port: 5080,
             rtmp_port: 1935,
+            srt_port: 4200,
             drain: false,
             region: None,
         }

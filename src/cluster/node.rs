@@ -20,6 +20,8 @@ pub struct NodeSpec {
     pub http_port: u16,
     /// Port of the node's RTMP server (AMS 1935).
     pub rtmp_port: u16,
+    /// UDP port of the node's SRT server (AMS 4200).
+    pub srt_port: u16,
     /// Operator asked for no new sessions on this node.
     pub drain: bool,
     /// Region the node is in, if the source knows it.
@@ -134,6 +136,11 @@ impl Node {
         SocketAddr::new(self.spec.addr, self.spec.rtmp_port)
     }
 
+    /// Address of the node's SRT server (UDP).
+    pub fn srt_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.spec.addr, self.spec.srt_port)
+    }
+
     /// Whether the node may take a new session.
     pub fn is_usable(&self) -> bool {
         self.is_healthy() && !self.is_draining() && !self.is_stale()
@@ -243,6 +250,7 @@ mod tests {
             addr: IpAddr::from([127, 0, 1, last_octet]),
             http_port: 5080,
             rtmp_port: 1935,
+            srt_port: 4200,
             drain: false,
             region: None,
         }

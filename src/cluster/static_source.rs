@@ -14,6 +14,7 @@ pub fn specs(cluster: &ClusterConfig) -> Vec<NodeSpec> {
             addr: n.address,
             http_port: n.http_port.unwrap_or(cluster.http_port),
             rtmp_port: n.rtmp_port.unwrap_or(cluster.rtmp_port),
+            srt_port: n.srt_port.unwrap_or(cluster.srt_port),
             drain: n.drain,
             region: n.region.clone(),
         })

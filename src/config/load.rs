@@ -175,15 +175,6 @@ impl Config {
                     ),
                 );
             }
-            if !matches!(listener.protocol, Protocol::Http | Protocol::Https) {
-                return fail(
-                    format!("listener[{i}].protocol"),
-                    format!(
-                        "{:?} listeners are not supported by this build yet",
-                        listener.protocol
-                    ),
-                );
-            }
             if listener.redirect_https && listener.protocol != Protocol::Http {
                 return fail(
                     format!("listener[{i}].redirect_https"),
@@ -200,6 +191,7 @@ impl Config {
                 binds.push(((*addr, udp), key));
             }
         }
+        super::l4::validate(self)?;
         self.tls.validate(&self.listeners)?;
         if let Some(stats) = &self.stats {
             super::ops::validate_stats(stats)?;

@@ -8,6 +8,7 @@
 
 pub mod duration;
 pub mod health;
+pub mod l4;
 mod load;
 pub mod mongo;
 pub mod ops;
@@ -170,6 +171,9 @@ pub struct ListenerConfig {
     /// Add a `Via` header naming this balancer.
     #[serde(default)]
     pub via: bool,
+    /// Settings of `tcp`, `tls` and `udp` listeners (RTMP, RTMPS, SRT); see [`l4::L4Options`].
+    #[serde(flatten)]
+    pub l4: l4::L4Options,
     /// Route `/{app}/websocket` by the first signalling command (publish → origin,
     /// play → edge) instead of by `?target=`.
     #[serde(default)]
@@ -247,6 +251,9 @@ pub struct ClusterConfig {
     /// RTMP port every node listens on (AMS: 1935).
     #[serde(default = "default_rtmp_port")]
     pub rtmp_port: u16,
+    /// SRT (UDP) port every node listens on (AMS: 4200).
+    #[serde(default = "l4::default_srt_port")]
+    pub srt_port: u16,
     /// Nodes listed by hand. With `source = "mongodb"` they seed the membership
     /// until MongoDB answers, and set id, group and ports of the node with that address.
     #[serde(default, rename = "node")]
@@ -302,6 +309,9 @@ pub struct NodeConfig {
     /// Overrides `[cluster] rtmp_port` for this node.
     #[serde(default)]
     pub rtmp_port: Option<u16>,
+    /// Overrides `[cluster] srt_port` for this node.
+    #[serde(default)]
+    pub srt_port: Option<u16>,
     /// Region the node is in (see `[global] region`).
     #[serde(default)]
     pub region: Option<String>,

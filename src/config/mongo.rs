@@ -53,6 +53,9 @@ pub struct RoleConfig {
     pub cidr: IpNet,
     /// Group of the nodes in that block.
     pub group: String,
+    /// Region of the nodes in that block (global clusters: one subnet per region).
+    #[serde(default)]
+    pub region: Option<String>,
 }
 
 /// Default `[cluster] database`: where AMS keeps its node registry.

@@ -139,6 +139,7 @@ balance = "stream-hash"
             addr: [127, 0, 5, octet].into(),
             http_port: 5080,
             rtmp_port: 1935,
+            srt_port: 4200,
             drain: false,
             region: Some("eu".into()),
         }

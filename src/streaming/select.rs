@@ -231,6 +231,7 @@ backup = "origin"
                     addr: IpAddr::from([127, 0, 3, i as u8 + 1]),
                     http_port: 5080,
                     rtmp_port: 1935,
+                    srt_port: 4200,
                     drain: false,
                     region: region.map(str::to_string),
                 })

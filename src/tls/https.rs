@@ -47,10 +47,12 @@ impl TlsState {
     /// configured; `None` otherwise (a plain-HTTP setup needs no certificate
     /// directory). A bad certificate file stops start-up, naming the file.
     pub fn start(config: &Config) -> Result<Option<Arc<Self>>, CertError> {
-        let terminates_tls = config
-            .listeners
-            .iter()
-            .any(|l| matches!(l.protocol, Protocol::Https | Protocol::Tls));
+        let terminates_tls = config.listeners.iter().any(|l| match l.protocol {
+            Protocol::Https => true,
+            // An RTMPS listener with its own cert/key needs no store.
+            Protocol::Tls => l.l4.cert.is_none(),
+            _ => false,
+        });
         if !terminates_tls && config.tls.acme.is_none() {
             return Ok(None);
         }

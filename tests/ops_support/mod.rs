@@ -273,6 +273,7 @@ pub fn node_spec(id: &str, group: &str, octet: u8) -> amslb::cluster::NodeSpec {
         addr: [127, 0, 9, octet].into(),
         http_port: 5080,
         rtmp_port: 1935,
+        srt_port: 4200,
         drain: false,
         region: None,
     }

@@ -16,6 +16,7 @@ pub struct RoleMap {
     default_group: Option<String>,
     http_port: u16,
     rtmp_port: u16,
+    srt_port: u16,
 }
 
 impl RoleMap {
@@ -27,6 +28,7 @@ impl RoleMap {
             default_group: cluster.default_group.clone(),
             http_port: cluster.http_port,
             rtmp_port: cluster.rtmp_port,
+            srt_port: cluster.srt_port,
         }
     }
 
@@ -38,21 +40,17 @@ impl RoleMap {
         if let Some(pinned) = self.pinned.iter().find(|p| p.addr == addr) {
             return Some(pinned.clone());
         }
-        let group = self
-            .roles
-            .iter()
-            .find(|r| r.cidr.contains(&addr))
-            .map(|r| &r.group)
-            .or(self.default_group.as_ref())?;
+        let role = self.roles.iter().find(|r| r.cidr.contains(&addr));
+        let group = role.map(|r| &r.group).or(self.default_group.as_ref())?;
         Some(NodeSpec {
             id: id.to_string(),
             group: group.clone(),
             addr,
             http_port: self.http_port,
             rtmp_port: self.rtmp_port,
+            srt_port: self.srt_port,
             drain: false,
-            // Regions from CIDR rules belong to the regions work (issue 11).
-            region: None,
+            region: role.and_then(|r| r.region.clone()),
         })
     }
 }
@@ -70,6 +68,7 @@ mod tests {
 [[cluster.role]]
 cidr = "127.0.0.0/16"
 group = "edge"
+region = "eu"
 [[cluster.role]]
 cidr = "fd00::/8"
 group = "edge"
@@ -111,5 +110,18 @@ rtmp_port = 1936
         assert_eq!(spec.id, "pinned");
         assert_eq!(spec.group, "edge");
         assert_eq!((spec.http_port, spec.rtmp_port), (5081, 1936));
+    }
+
+    #[test]
+    fn region_comes_from_the_matching_rule() {
+        let map = RoleMap::new(&cluster("default_group = \"origin\""));
+        let region = |ip: &str| map.spec_for("doc", ip.parse().unwrap()).unwrap().region;
+        assert_eq!(region("127.0.7.5").as_deref(), Some("eu"));
+        assert_eq!(region("fd00::5"), None);
+        assert_eq!(
+            region("10.0.0.1"),
+            None,
+            "default-group nodes have no region"
+        );
     }
 }

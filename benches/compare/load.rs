@@ -1,0 +1,236 @@
+//! Load generators: `wrk` for HTTP(S) figures, a raw request for the
+//! equivalence check, and a WebSocket client that holds many idle tunnels.
+
+use crate::procs::{find_program, output, tail};
+use futures_util::{SinkExt, StreamExt, stream};
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// Prints one machine-readable line at the end of a wrk run: the latency
+/// percentiles that plain `wrk --latency` rounds, and every error counter.
+const WRK_SCRIPT: &str = r#"
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("WRK-RESULT %d %d %d %d %d %d %d %d %d %d\n",
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(99)))
+end
+"#;
+
+/// Runs `wrk` with the bench's result script.
+pub struct Wrk {
+    program: PathBuf,
+    script: PathBuf,
+}
+
+/// What one wrk run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct WrkResult {
+    /// Completed responses.
+    pub requests: u64,
+    /// Run length in seconds.
+    pub secs: f64,
+    /// Bytes read, headers included.
+    pub bytes: u64,
+    /// Connect, read, write and timeout errors.
+    pub socket_errors: u64,
+    /// Responses that were not 2xx/3xx.
+    pub bad_status: u64,
+    /// Median latency, microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+}
+
+impl WrkResult {
+    /// Responses per second.
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+
+    /// Megabytes (10^6) per second read by the client.
+    pub fn mbytes_per_s(&self) -> f64 {
+        self.bytes as f64 / self.secs / 1e6
+    }
+
+    /// A warning when errors make the figures doubtful (more than 1% of
+    /// requests, or nothing read at all). A run of 100 MB bodies may complete
+    /// no response in a short run and still measure throughput from its bytes.
+    pub fn doubt(&self) -> Option<String> {
+        let errors = self.socket_errors + self.bad_status;
+        (self.bytes == 0 || errors * 100 > self.requests.max(1)).then(|| {
+            format!(
+                "{} responses, {} socket errors, {} non-2xx/3xx",
+                self.requests, self.socket_errors, self.bad_status
+            )
+        })
+    }
+}
+
+impl Wrk {
+    /// Finds wrk and writes its script into `dir`; `None` when wrk is missing.
+    pub fn find(dir: &Path) -> Option<Self> {
+        let program = find_program("wrk")?;
+        let script = dir.join("result.lua");
+        fs::write(&script, WRK_SCRIPT).ok()?;
+        Some(Self { program, script })
+    }
+
+    /// `wrk` on `url` for `duration` with `conns` connections; `close` sends
+    /// `Connection: close` so every request opens a new connection.
+    pub fn run(
+        &self,
+        url: &str,
+        conns: usize,
+        duration: Duration,
+        close: bool,
+    ) -> Result<WrkResult, String> {
+        let mut cmd = Command::new(&self.program);
+        cmd.arg(format!("-t{}", conns.min(2)))
+            .arg(format!("-c{conns}"))
+            .arg(format!("-d{}s", duration.as_secs().max(1)))
+            .arg("--timeout")
+            .arg("10s")
+            .arg("-s")
+            .arg(&self.script);
+        if close {
+            cmd.args(["-H", "Connection: close"]);
+        }
+        let out = output(cmd.arg(url))?;
+        let line = out
+            .lines()
+            .find_map(|l| l.strip_prefix("WRK-RESULT "))
+            .ok_or_else(|| format!("no result from wrk: {}", tail(&out, 3)))?;
+        let n: Vec<u64> = line
+            .split_whitespace()
+            .map(|v| v.parse().unwrap_or(0))
+            .collect();
+        let [
+            requests,
+            dur_us,
+            bytes,
+            connect,
+            read,
+            write,
+            status,
+            timeout,
+            p50,
+            p99,
+        ] = n[..]
+        else {
+            return Err(format!("bad wrk result line: {line}"));
+        };
+        Ok(WrkResult {
+            requests,
+            secs: dur_us as f64 / 1e6,
+            bytes,
+            socket_errors: connect + read + write + timeout,
+            bad_status: status,
+            p50_us: p50,
+            p99_us: p99,
+        })
+    }
+}
+
+/// A response read by [`http_get`]: status and lower-cased headers.
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// (name, value) pairs, names lower-cased.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Response {
+    /// First value of header `name` (lower-case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One plain `GET` over a fresh connection, read to the end.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<Response, String> {
+    let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: bench.test\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no HTTP response from {addr}: {:?}", tail(&text, 1)))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Response { status, headers })
+}
+
+/// An open WebSocket client connection.
+pub type Tunnel = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `count` WebSocket tunnels to `ws://{addr}{path}`, `parallel` handshakes
+/// at a time; fails on the first tunnel that cannot be opened.
+pub async fn open_tunnels(
+    addr: SocketAddr,
+    path: &str,
+    count: usize,
+    parallel: usize,
+) -> Result<Vec<Tunnel>, String> {
+    let url = format!("ws://{addr}{path}");
+    let opened: Vec<Result<Tunnel, String>> = stream::iter(0..count)
+        .map(|_| {
+            let url = url.clone();
+            async move {
+                let connect = tokio_tungstenite::connect_async(url);
+                match tokio::time::timeout(Duration::from_secs(10), connect).await {
+                    Ok(Ok((ws, _))) => Ok(ws),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err("handshake timed out".to_string()),
+                }
+            }
+        })
+        .buffer_unordered(parallel)
+        .collect()
+        .await;
+    opened.into_iter().collect()
+}
+
+/// Sends a message on each of `tunnels` and checks it comes back: the tunnels
+/// really reach an echoing node.
+pub async fn check_echo(tunnels: &mut [Tunnel]) -> Result<(), String> {
+    for (i, ws) in tunnels.iter_mut().enumerate() {
+        let text = format!("bench-{i}");
+        ws.send(Message::text(text.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .map_err(|_| "no echo within 5 s".to_string())?;
+        match reply {
+            Some(Ok(Message::Text(t))) if t.as_str() == text => {}
+            other => return Err(format!("unexpected echo: {other:?}")),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! Real parts for the L4 tests: nginx with the RTMP module as the node, ffmpeg
+//! as publisher, ffprobe to check what arrived, and amslb's L4 listeners run
+//! in-process on OS-chosen loopback ports.
+#![allow(dead_code)] // each test file uses a different subset
+
+use crate::support::unique_loopback;
+use amslb::config::parse_str;
+use amslb::l4::{L4Stats, L4StatsSnapshot};
+use amslb::server::Server;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+
+/// Fails the test with install advice when a program is missing.
+pub fn require(program: &str, package: &str) {
+    let found = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(found, "{program} is missing: apt-get install {package}");
+}
+
+/// An nginx-rtmp node on `addr:1935` that records every published stream to
+/// `<dir>/rec/<name>.flv`. Single process (`master_process off`) so killing
+/// it closes every connection at once, like a crashed node.
+pub struct RtmpNode {
+    pub addr: SocketAddr,
+    pub dir: TempDir,
+    child: Option<Child>,
+}
+
+const RTMP_MODULE: &str = "/usr/lib/nginx/modules/ngx_rtmp_module.so";
+
+impl RtmpNode {
+    pub fn start() -> Self {
+        require("nginx", "nginx");
+        assert!(
+            Path::new(RTMP_MODULE).exists(),
+            "{RTMP_MODULE} is missing: apt-get install libnginx-mod-rtmp"
+        );
+        let addr = SocketAddr::new(unique_loopback(), 1935);
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("rec");
+        std::fs::create_dir_all(&rec).unwrap();
+        // nginx workers may drop to an unprivileged user: let it write recordings.
+        let _ = Command::new("chmod").arg("0777").arg(&rec).status();
+        let conf = format!(
+            "load_module {RTMP_MODULE};\n\
+             master_process off;\n\
+             pid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log info;\n\
+             events {{ worker_connections 128; }}\n\
+             rtmp {{ server {{ listen {addr}; chunk_size 4096;\n\
+               application live {{ live on; record all; record_path {rec}; record_unique off; }} }} }}\n",
+            dir = dir.path().display(),
+            rec = rec.display(),
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-g")
+            .arg("daemon off;")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let node = Self {
+            addr,
+            dir,
+            child: Some(child),
+        };
+        wait_tcp(addr, Duration::from_secs(10), || node.log());
+        node
+    }
+
+    /// The node's error log, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// Where a stream published on app `live` is recorded.
+    pub fn recording(&self, stream: &str) -> PathBuf {
+        self.dir.path().join("rec").join(format!("{stream}.flv"))
+    }
+
+    /// Kills the node abruptly (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for RtmpNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Waits until `addr` accepts TCP connections.
+pub fn wait_tcp(addr: SocketAddr, limit: Duration, log: impl Fn() -> String) {
+    let start = Instant::now();
+    while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+        assert!(
+            start.elapsed() < limit,
+            "{addr} did not start listening: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(30));
+    }
+}
+
+/// amslb (the library's [`Server`], as the binary runs it) in this process, so
+/// tests can read the L4 counters.
+pub struct Lb {
+    /// Bound address of the first listener.
+    pub addr: SocketAddr,
+    stats: Arc<L4Stats>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl Lb {
+    /// Starts a server for `config_text` (its one listener binds 127.0.0.1:0).
+    pub async fn start(config_text: &str) -> Self {
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let config = parse_str(config_text, Path::new("test.toml"))
+            .unwrap_or_else(|e| panic!("config: {e}"))
+            .config;
+        let server = Server::bind(config).unwrap();
+        let addr = server.local_addrs()[0].1;
+        let stats = server.l4_stats()[0].1.clone();
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(server.run(async {
+            let _ = rx.await;
+        }));
+        Self {
+            addr,
+            stats,
+            stop: Some(tx),
+        }
+    }
+
+    /// The listener's counters now.
+    pub fn stats(&self) -> L4StatsSnapshot {
+        self.stats.snapshot()
+    }
+}
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Config text for a listener of `protocol` in front of `nodes` (id, address,
+/// port). Active health checks are off: their probes would count as node
+/// connections, and the tests show what the relay itself does.
+pub fn config(listener_extra: &str, protocol: &str, nodes: &[(&str, IpAddr, u16)]) -> String {
+    config_on(
+        "127.0.0.1:0".parse().unwrap(),
+        listener_extra,
+        protocol,
+        nodes,
+    )
+}
+
+/// [`config`] with the listener bound to `bind`.
+pub fn config_on(
+    bind: SocketAddr,
+    listener_extra: &str,
+    protocol: &str,
+    nodes: &[(&str, IpAddr, u16)],
+) -> String {
+    let mut text = format!(
+        "[global]\nretries = 2\nshutdown_grace = \"1s\"\n\n[timeouts]\nconnect = \"1s\"\ntunnel = \"30s\"\n\n\
+         [health]\nenabled = false\n\n\
+         [[listener]]\nname = \"l4\"\nbind = [\"{bind}\"]\nprotocol = \"{protocol}\"\n{listener_extra}\n\n\
+         [[group]]\nname = \"origin\"\nbalance = \"round-robin\"\n\n[cluster]\nsource = \"static\"\n"
+    );
+    for (id, addr, port) in nodes {
+        text.push_str(&format!(
+            "\n[[cluster.node]]\nid = \"{id}\"\naddress = \"{addr}\"\ngroup = \"origin\"\nrtmp_port = {port}\nsrt_port = {port}\n"
+        ));
+    }
+    text
+}
+
+/// Runs ffmpeg publishing a generated H.264 test pattern (320x240, 25 fps) for
+/// `secs` seconds to `url` in real time; returns the process.
+pub fn publish(url: &str, secs: u32, format: &str) -> Child {
+    require("ffmpeg", "ffmpeg");
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re"])
+        .args(["-f", "lavfi", "-i", "testsrc=size=320x240:rate=25"])
+        .args(["-t", &secs.to_string()])
+        .args([
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-tune",
+            "zerolatency",
+            "-g",
+            "25",
+        ])
+        .args(["-f", format, url])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start ffmpeg")
+}
+
+/// Waits for a child with a deadline; returns whether it exited successfully
+/// and its stderr, or panics (after killing it) when it overruns.
+pub fn wait_child(mut child: Child, limit: Duration) -> (bool, String) {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                use std::io::Read;
+                let _ = e.read_to_string(&mut err);
+            }
+            return (status.success(), err);
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("process still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// What ffprobe reads from a media file: codec, size and the decoded frame count.
+pub fn probe(file: &Path) -> (String, u32, u32, u64) {
+    require("ffprobe", "ffmpeg");
+    let out = Command::new("ffprobe")
+        .args(["-v", "error", "-select_streams", "v:0", "-count_frames"])
+        .args([
+            "-show_entries",
+            "stream=codec_name,width,height,nb_read_frames",
+        ])
+        .args(["-of", "csv=p=0"])
+        .arg(file)
+        .output()
+        .expect("run ffprobe");
+    // MPEG-TS prints the stream once per program and once alone: take the first.
+    let text = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or_default()
+        .trim()
+        .to_string();
+    let f: Vec<&str> = text.split(',').collect();
+    assert_eq!(
+        f.len(),
+        4,
+        "ffprobe {}: {text:?} {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        f[0].to_string(),
+        f[1].parse().unwrap(),
+        f[2].parse().unwrap(),
+        f[3].parse().unwrap(),
+    )
+}
+
+/// Runs blocking work (child processes) off the async runtime.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
