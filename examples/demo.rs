@@ -24,14 +24,14 @@ async fn main() {
         .nth(1)
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("conf/demo.toml"));
-    let loaded = match amslb::config::load(&path) {
-        Ok(loaded) => loaded,
+    let prepared = match amslb::reload::prepare(&path) {
+        Ok(prepared) => prepared,
         Err(e) => {
             eprintln!("demo: {e}");
             std::process::exit(1);
         }
     };
-    let config = loaded.config;
+    let config = prepared.config.clone();
     let mut nodes = Vec::new();
     for node in &config.cluster.nodes {
         let addr = SocketAddr::new(
@@ -70,7 +70,7 @@ async fn main() {
             "demo: try  curl -i -X POST http://{addr}/LiveApp/whip/stream1  (lands on the origin)"
         );
     }
-    if let Err(e) = amslb::run(config).await {
+    if let Err(e) = amslb::run(path, prepared).await {
         eprintln!("demo: {e}");
         std::process::exit(1);
     }

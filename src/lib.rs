@@ -5,6 +5,7 @@
 //! forward ([`http`]). [`run`] is the one place that wires them together.
 #![forbid(unsafe_code)]
 
+pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
@@ -12,23 +13,28 @@ pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod metrics;
 pub mod proxy_protocol;
+pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod stats;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
 pub mod tunnel;
 pub mod workers;
 
-use config::Config;
 use server::{Server, StartError};
+use std::path::PathBuf;
 
-/// Binds every listener of `config` and serves until SIGTERM or SIGINT, then
-/// shuts down gracefully.
-pub async fn run(config: Config) -> Result<(), StartError> {
-    let server = Server::bind(config)?;
+/// Binds every listener of the config read from `path` (already checked into
+/// `prepared`), starts the stats listener, access log and reload handling, and
+/// serves until SIGTERM or SIGINT, then shuts down gracefully.
+pub async fn run(path: PathBuf, prepared: reload::Prepared) -> Result<(), StartError> {
+    let server = Server::bind(prepared.config.clone())?;
+    reload::start(server.runtime(), path, prepared).await?;
     server.run(shutdown_signal()).await;
     Ok(())
 }

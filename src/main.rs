@@ -35,7 +35,8 @@ fn main() -> ExitCode {
         eprintln!("error: --config FILE is required (see amslb --help)");
         return ExitCode::from(2);
     };
-    let loaded = match amslb::config::load(&path) {
+    // The same checks a reload makes, so `check` passing means reload would.
+    let loaded = match amslb::reload::prepare(&path) {
         Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("error: {e}");
@@ -49,7 +50,7 @@ fn main() -> ExitCode {
         println!("{}: configuration is valid", path.display());
         return ExitCode::SUCCESS;
     }
-    match serve(loaded.config) {
+    match serve(path, loaded) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -58,7 +59,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(config: amslb::config::Config) -> anyhow::Result<()> {
+fn serve(path: PathBuf, prepared: amslb::reload::Prepared) -> anyhow::Result<()> {
     // One event loop on this thread; amslb starts one more per CPU itself
     // (`[global] workers`, see amslb::workers) so each connection stays on one thread.
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -66,7 +67,7 @@ fn serve(config: amslb::config::Config) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime
-        .block_on(amslb::run(config))
+        .block_on(amslb::run(path, prepared))
         .context("starting amslb")?;
     Ok(())
 }

@@ -1,12 +1,16 @@
 //! State shared by every listener and connection of a running amslb.
 
+use crate::access_log::AccessLog;
 use crate::cluster::Cluster;
 use crate::cluster::mongodb::SourceStatus;
 use crate::config::{Config, ListenerConfig};
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::sticky::Sticky;
 use arc_swap::ArcSwap;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -29,6 +33,15 @@ pub struct Runtime {
     pub tasks: TaskTracker,
     /// Permits for client connections (`global.max_connections`).
     pub connection_slots: Arc<Semaphore>,
+    /// Prometheus metrics.
+    pub metrics: Arc<Metrics>,
+    /// The access log, when `[access_log]` is configured; replaced on reload.
+    pub access_log: ArcSwap<Option<AccessLog>>,
+    /// Running accept loops by (listener name, address); cancelling a token
+    /// stops that loop only (reload removing a listener), its connections go on.
+    pub accept_loops: Mutex<HashMap<(Arc<str>, SocketAddr), CancellationToken>>,
+    /// Extra serving threads, started when the server runs.
+    pub workers: OnceLock<crate::workers::Workers>,
     /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
     pub membership: OnceLock<Arc<SourceStatus>>,
     /// Certificates and ACME, when some listener terminates TLS.
@@ -47,6 +60,9 @@ impl Runtime {
         tls: Option<Arc<crate::tls::TlsState>>,
     ) -> Arc<Self> {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
+        // The family names and labels are constants; `metrics_registry_builds`
+        // in metrics.rs proves they register, so this cannot fail at run time.
+        let metrics = Metrics::new(cluster.clone()).expect("metric families are valid");
         Arc::new(Self {
             sticky: Sticky::from_config(&config),
             health: Health::new(&config),
@@ -56,6 +72,10 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
+            metrics: Arc::new(metrics),
+            access_log: ArcSwap::from_pointee(None),
+            accept_loops: Mutex::default(),
+            workers: OnceLock::new(),
             membership: OnceLock::new(),
             tls,
         })

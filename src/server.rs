@@ -5,6 +5,7 @@ use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
 use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
 use crate::listener::{bind_tcp, bind_udp, tune_stream};
+use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
 use crate::tls::server_config::tcp_server_config;
@@ -31,6 +32,9 @@ pub enum StartError {
     /// A certificate file in `[tls] certs_dir` is unusable (the error names it).
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::CertError),
+    /// The stats listener, access log or reload handling could not start.
+    #[error(transparent)]
+    Ops(#[from] crate::reload::ReloadError),
     /// A `tls` listener's own `cert`/`key` could not be loaded.
     #[error("listener {listener:?}: {source}")]
     ListenerCert {
@@ -43,11 +47,15 @@ pub enum StartError {
 
 /// A bound socket waiting for its accept loop.
 #[derive(Debug)]
-struct BoundListener {
-    name: Arc<str>,
-    socket: TcpListener,
+pub(crate) struct BoundListener {
+    /// Listener name.
+    pub(crate) name: Arc<str>,
+    /// The address as configured (a `:0` port stays 0 here), the key reload diffs on.
+    pub(crate) addr: SocketAddr,
+    /// The listening socket.
+    pub(crate) socket: TcpListener,
     /// The relay of a `tcp`/`tls` listener (RTMP, RTMPS).
-    l4: Option<Arc<TcpProxy>>,
+    pub(crate) l4: Option<Arc<TcpProxy>>,
 }
 
 /// A bound UDP socket of a `udp` listener (SRT) and its session relay.
@@ -120,12 +128,9 @@ impl Server {
                 _ => None,
             };
             for &addr in &listener.bind {
-                let socket = bind_tcp(addr, listener.backlog).map_err(|e| bind_error(addr, e))?;
-                bound.push(BoundListener {
-                    name: name.clone(),
-                    socket,
-                    l4: l4.clone(),
-                });
+                let mut listener = bind_listener(name.clone(), addr, listener.backlog)?;
+                listener.l4 = l4.clone();
+                bound.push(listener);
             }
         }
         Ok(Self {
@@ -179,12 +184,10 @@ impl Server {
         runtime
             .health
             .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
-        spawn_worker_accept_loops(&runtime, &self.bound);
+        let extra = crate::workers::count(runtime.config().global.workers).saturating_sub(1);
+        let _ = runtime.workers.set(crate::workers::Workers::start(extra));
         for bound in self.bound {
-            if let Ok(addr) = bound.socket.local_addr() {
-                info!(listener = %bound.name, %addr, "listening");
-            }
-            tokio::spawn(accept_loop(runtime.clone(), bound));
+            spawn_accept_loop(&runtime, bound);
         }
         for bound in self.udp {
             if let Ok(addr) = bound.socket.local_addr() {
@@ -219,33 +222,6 @@ impl Server {
     }
 }
 
-/// Runs accept loops for every TCP listener on `[global] workers` - 1 extra
-/// threads too (see [`crate::workers`]); this thread is the first worker.
-fn spawn_worker_accept_loops(runtime: &Arc<Runtime>, bound: &[BoundListener]) {
-    let extra = crate::workers::count(runtime.config().global.workers).saturating_sub(1);
-    if extra == 0 || bound.is_empty() {
-        return;
-    }
-    let meta: Vec<(Arc<str>, Option<Arc<TcpProxy>>)> = bound
-        .iter()
-        .map(|b| (b.name.clone(), b.l4.clone()))
-        .collect();
-    let sockets: Vec<&TcpListener> = bound.iter().map(|b| &b.socket).collect();
-    let runtime = runtime.clone();
-    crate::workers::spawn(extra, &sockets, move |listeners| {
-        let runtime = runtime.clone();
-        let meta = meta.clone();
-        async move {
-            for (socket, (name, l4)) in listeners.into_iter().zip(meta) {
-                tokio::spawn(accept_loop(
-                    runtime.clone(),
-                    BoundListener { name, socket, l4 },
-                ));
-            }
-        }
-    });
-}
-
 /// Starts following MongoDB when the config asks for it. Never waits for
 /// MongoDB: the static (or empty) membership serves until it answers.
 fn start_membership_source(runtime: &Runtime) {
@@ -265,10 +241,61 @@ fn start_membership_source(runtime: &Runtime) {
     }
 }
 
-async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
+/// Binds one address of listener `name`.
+pub(crate) fn bind_listener(
+    name: Arc<str>,
+    addr: SocketAddr,
+    backlog: u32,
+) -> Result<BoundListener, StartError> {
+    let socket = bind_tcp(addr, backlog).map_err(|source| StartError::Bind {
+        listener: name.to_string(),
+        addr,
+        source,
+    })?;
+    Ok(BoundListener {
+        name,
+        addr,
+        socket,
+        l4: None,
+    })
+}
+
+/// Starts accepting on `bound`, registered in `runtime.accept_loops` under
+/// (name, configured address) so a reload can stop this one loop alone.
+pub(crate) fn spawn_accept_loop(runtime: &Arc<Runtime>, bound: BoundListener) {
+    if let Ok(local) = bound.socket.local_addr() {
+        info!(listener = %bound.name, addr = %local, "listening");
+    }
+    let stop = runtime.shutdown.child_token();
+    let metrics = runtime.metrics.listener(&bound.name);
+    runtime
+        .accept_loops
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert((bound.name.clone(), bound.addr), stop.clone());
+    if let Some(workers) = runtime.workers.get() {
+        workers.serve_copies(&bound.socket, |socket| {
+            let copy = BoundListener {
+                name: bound.name.clone(),
+                addr: bound.addr,
+                socket,
+                l4: bound.l4.clone(),
+            };
+            accept_loop(runtime.clone(), copy, stop.clone(), metrics.clone())
+        });
+    }
+    tokio::spawn(accept_loop(runtime.clone(), bound, stop, metrics));
+}
+
+async fn accept_loop(
+    runtime: Arc<Runtime>,
+    bound: BoundListener,
+    stop: tokio_util::sync::CancellationToken,
+    metrics: Arc<ListenerMetrics>,
+) {
     loop {
         let accepted = tokio::select! {
-            _ = runtime.shutdown.cancelled() => return,
+            _ = stop.cancelled() => return,
             accepted = bound.socket.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -286,9 +313,11 @@ async fn accept_loop(runtime: Arc<Runtime>, bound: BoundListener) {
         };
         let runtime2 = runtime.clone();
         let name = bound.name.clone();
+        let open = metrics.connection_opened();
         let l4 = bound.l4.clone();
         runtime.tasks.spawn(async move {
             let _permit = permit;
+            let _open = open;
             handle_stream(runtime2, name, l4, stream, peer).await;
         });
     }

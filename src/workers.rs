@@ -10,7 +10,15 @@
 //! thread, so the wakeups stay local.
 
 use tokio::net::TcpListener;
+use tokio::runtime::Handle;
 use tracing::warn;
+
+/// The extra serving threads; the thread that runs [`crate::server::Server::run`]
+/// is the first worker and is not counted here.
+#[derive(Debug, Default)]
+pub struct Workers {
+    handles: Vec<Handle>,
+}
 
 /// How many serving threads `workers` (from `[global] workers`) asks for.
 pub fn count(workers: usize) -> usize {
@@ -20,68 +28,66 @@ pub fn count(workers: usize) -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-/// Starts `extra` threads, each running `serve` on its own current-thread
-/// runtime with its own copy of `sockets` (same listening sockets, so the
-/// kernel spreads new connections over every thread accepting on them).
-/// The threads live as long as the process: shutdown is driven by the
-/// runtime's cancellation tokens, which `serve` obeys.
-pub fn spawn<F, Fut>(extra: usize, sockets: &[&TcpListener], serve: F)
-where
-    F: Fn(Vec<TcpListener>) -> Fut + Clone + Send + 'static,
-    Fut: std::future::Future<Output = ()> + 'static,
-{
-    for index in 1..=extra {
-        let copies: Vec<std::net::TcpListener> = sockets
-            .iter()
-            .filter_map(|socket| match socket2::SockRef::from(*socket).try_clone() {
-                Ok(copy) => Some(copy.into()),
-                Err(e) => {
-                    warn!(error = %e, "cannot share a listening socket with a worker thread");
-                    None
-                }
-            })
-            .collect();
-        if copies.len() != sockets.len() {
-            return;
-        }
-        let serve = serve.clone();
-        let started = std::thread::Builder::new()
-            .name(format!("amslb-worker-{index}"))
-            .spawn(move || run_worker(copies, serve));
-        if let Err(e) = started {
-            warn!(error = %e, "cannot start worker thread; serving with fewer threads");
-            return;
-        }
-    }
-}
-
-fn run_worker<F, Fut>(copies: Vec<std::net::TcpListener>, serve: F)
-where
-    F: Fn(Vec<TcpListener>) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            warn!(error = %e, "cannot start a worker event loop");
-            return;
-        }
-    };
-    runtime.block_on(async move {
-        let listeners: Result<Vec<TcpListener>, _> =
-            copies.into_iter().map(TcpListener::from_std).collect();
-        match listeners {
-            Ok(listeners) => serve(listeners).await,
-            Err(e) => {
-                warn!(error = %e, "worker thread cannot use the listening sockets");
-                return;
+impl Workers {
+    /// Starts `extra` threads, each driving its own current-thread runtime
+    /// for as long as the process lives (shutdown is driven by the
+    /// cancellation tokens of what runs on them).
+    pub fn start(extra: usize) -> Self {
+        let mut handles = Vec::new();
+        for index in 1..=extra {
+            let (sender, receiver) = std::sync::mpsc::channel();
+            let started = std::thread::Builder::new()
+                .name(format!("amslb-worker-{index}"))
+                .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            warn!(error = %e, "cannot start a worker event loop");
+                            return;
+                        }
+                    };
+                    let _ = sender.send(runtime.handle().clone());
+                    runtime.block_on(std::future::pending::<()>());
+                });
+            if let Err(e) = started {
+                warn!(error = %e, "cannot start worker thread; serving with fewer threads");
+                break;
+            }
+            match receiver.recv() {
+                Ok(handle) => handles.push(handle),
+                Err(_) => break,
             }
         }
-        // Keep driving the connections this thread serves until the process
-        // exits; the main thread decides when that is.
-        std::future::pending::<()>().await;
-    });
+        Self { handles }
+    }
+
+    /// Runs `serve` on every worker thread with that thread's own copy of
+    /// `socket` (the same listening socket: the kernel hands each new
+    /// connection to one of the threads waiting on it).
+    pub fn serve_copies<F, Fut>(&self, socket: &TcpListener, serve: F)
+    where
+        F: Fn(TcpListener) -> Fut,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        for handle in &self.handles {
+            let copy: std::net::TcpListener = match socket2::SockRef::from(socket).try_clone() {
+                Ok(copy) => copy.into(),
+                Err(e) => {
+                    warn!(error = %e, "cannot share a listening socket with a worker thread");
+                    return;
+                }
+            };
+            // Registering the socket must happen on the thread that polls it.
+            let _guard = handle.enter();
+            match TcpListener::from_std(copy) {
+                Ok(listener) => {
+                    handle.spawn(serve(listener));
+                }
+                Err(e) => warn!(error = %e, "worker thread cannot use a listening socket"),
+            }
+        }
+    }
 }

@@ -193,6 +193,21 @@ impl Config {
         }
         super::l4::validate(self)?;
         self.tls.validate(&self.listeners)?;
+        if let Some(stats) = &self.stats {
+            super::ops::validate_stats(stats)?;
+            if let Some((_, other)) = binds
+                .iter()
+                .find(|(b, _)| binds_clash(*b, (stats.bind, false)))
+            {
+                return fail(
+                    "stats.bind".into(),
+                    format!("{} is already bound by {other}", stats.bind),
+                );
+            }
+        }
+        if let Some(log) = &self.access_log {
+            super::ops::validate_access_log(log)?;
+        }
         if self.listeners.is_empty() {
             warnings.push("no [[listener]] defined: amslb will accept no traffic".into());
         }

@@ -11,6 +11,7 @@ pub mod health;
 pub mod l4;
 mod load;
 pub mod mongo;
+pub mod ops;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
@@ -39,6 +40,12 @@ pub struct Config {
     pub groups: Vec<GroupConfig>,
     /// Where cluster membership comes from.
     pub cluster: ClusterConfig,
+    /// Stats listener (metrics, status page, admin API); absent: none.
+    #[serde(default)]
+    pub stats: Option<ops::StatsConfig>,
+    /// Access log; absent: none.
+    #[serde(default)]
+    pub access_log: Option<ops::AccessLogConfig>,
     /// Certificates for `https` and `tls` listeners, and ACME.
     #[serde(default)]
     pub tls: tls::TlsConfig,

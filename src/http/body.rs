@@ -1,6 +1,7 @@
 //! The body type amslb answers clients with: a node's streamed body, or a
 //! short body amslb wrote itself (errors, redirects).
 
+use super::record::Exchange;
 use crate::cluster::NodeLease;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -20,6 +21,8 @@ pub enum ResponseBody {
         body: Incoming,
         /// Counts the session for least-conn until dropped.
         lease: Option<NodeLease>,
+        /// Metrics and access log record, written when the body ends or is dropped.
+        record: Option<Exchange>,
     },
     /// Written by amslb.
     Local(Full<Bytes>),
@@ -34,11 +37,24 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ResponseBody::Node { body, lease } => {
+            ResponseBody::Node {
+                body,
+                lease,
+                record,
+            } => {
                 let polled = Pin::new(body).poll_frame(cx);
-                if let Poll::Ready(None) = polled {
-                    // The body is complete: the session on the node is over.
-                    lease.take();
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        if let (Some(data), Some(record)) = (frame.data_ref(), record.as_mut()) {
+                            record.add_bytes_out(data.len() as u64);
+                        }
+                    }
+                    Poll::Ready(None) => {
+                        // The body is complete: the session on the node is over.
+                        lease.take();
+                        record.take();
+                    }
+                    _ => {}
                 }
                 polled
             }

@@ -5,6 +5,7 @@ pub mod body;
 pub mod headers;
 pub mod pool;
 pub mod proxy;
+pub mod record;
 
 use crate::runtime::Runtime;
 use headers::ClientInfo;
@@ -36,6 +37,7 @@ pub async fn serve_connection<I>(
         runtime: runtime.clone(),
         listener: listener.clone(),
         client,
+        metrics: runtime.metrics.listener(&listener),
     });
     let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
     let mut builder = http1::Builder::new();

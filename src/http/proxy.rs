@@ -3,8 +3,11 @@
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
+use super::record::Exchange;
+use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
+use crate::metrics::ListenerMetrics;
 use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
@@ -28,6 +31,8 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// Who the client is.
     pub client: ClientInfo,
+    /// The listener's metric handles, resolved once per connection.
+    pub metrics: Arc<ListenerMetrics>,
 }
 
 /// Why a request could not be forwarded; each maps to one status code.
@@ -69,7 +74,8 @@ pub async fn handle(
     // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
     let uri = request.uri().clone();
-    let response = proxy(&ctx, &view, request)
+    let mut record = Some(Exchange::new(ctx.clone()));
+    let response = proxy(&ctx, &view, request, &mut record)
         .await
         .unwrap_or_else(|(status, reason)| {
             warn!(
@@ -83,6 +89,11 @@ pub async fn handle(
             );
             local_response(status, &reason)
         });
+    // Still here: amslb answered itself (error, redirect); record it now.
+    if let Some(mut record) = record {
+        record.set_status(response.status().as_u16());
+        record.add_bytes_out(response.body().size_hint().exact().unwrap_or(0));
+    }
     Ok(response)
 }
 
@@ -92,6 +103,7 @@ async fn proxy(
     ctx: &Arc<ConnContext>,
     view: &ListenerView,
     mut request: Request<Incoming>,
+    record: &mut Option<Exchange>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
@@ -106,6 +118,10 @@ async fn proxy(
     }
 
     let route = route::classify(request.uri().path(), request.uri().query());
+    if let Some(record) = record.as_mut() {
+        record.set_route(route.kind.as_str());
+        record.add_bytes_in(request.body().size_hint().exact().unwrap_or(0));
+    }
     if listener.assign_api && request.uri().path() == assign::PATH {
         let snapshot = ctx.runtime.cluster.snapshot();
         let (method, query) = (request.method(), request.uri().query());
@@ -137,9 +153,30 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) = forward(ctx, &view.config, &snapshot, &wanted, &affinity, request)
-        .await
-        .map_err(|e| (e.status(), e.to_string()))?;
+    let (mut response, lease) =
+        match forward(ctx, &view.config, &snapshot, &wanted, &affinity, request).await {
+            Ok(answer) => answer,
+            Err(e) => {
+                if let Some(record) = record.as_mut() {
+                    record.set_unserved_group(&wanted.group);
+                }
+                return Err((e.status(), e.to_string()));
+            }
+        };
+    let mut record = record.take().map(|mut record| {
+        record.set_node(lease.node().clone());
+        record.set_status(response.status().as_u16());
+        let hit = affinity
+            .node
+            .as_ref()
+            .is_some_and(|n| Arc::ptr_eq(n, lease.node()));
+        if affinity.redispatched || (affinity.node.is_some() && !hit) {
+            record.set_sticky(Sticky::Redispatch);
+        } else if hit {
+            record.set_sticky(Sticky::Hit);
+        }
+        record
+    });
     ctx.runtime.sticky.on_response(
         &affinity,
         lease.node(),
@@ -151,12 +188,23 @@ async fn proxy(
     strip_hop_by_hop(response.headers_mut(), switching);
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
         let node_upgrade = hyper::upgrade::on(&mut response);
-        spawn_tunnel(ctx, &view.config, client_upgrade, node_upgrade, lease);
+        if let Some(record) = record.as_mut() {
+            record.start_tunnel();
+        }
+        spawn_tunnel(
+            ctx,
+            &view.config,
+            client_upgrade,
+            node_upgrade,
+            lease,
+            record,
+        );
         return Ok(response.map(|_| ResponseBody::Local(Default::default())));
     }
     Ok(response.map(|body| ResponseBody::Node {
         body,
         lease: Some(lease),
+        record,
     }))
 }
 
@@ -283,14 +331,17 @@ pub(crate) async fn forward(
             Err(e) => {
                 warn!(node = node.id(), error = %e, "connect failed, trying another node");
                 health.report_failure(&node, &format!("connect failed: {e}"));
+                ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
                 if is_sticky {
                     ctx.runtime.sticky.count_redispatch();
+                    ctx.metrics.redispatch();
                 }
                 tried.push(node);
                 attempts_left -= 1;
                 if attempts_left == 0 {
                     return Err(ProxyError::AllNodesFailed(e));
                 }
+                ctx.metrics.retry();
                 last_error = Some(e);
                 continue;
             }
@@ -369,6 +420,7 @@ fn spawn_tunnel(
     client: hyper::upgrade::OnUpgrade,
     node: hyper::upgrade::OnUpgrade,
     lease: NodeLease,
+    mut record: Option<Exchange>,
 ) {
     let idle = config.timeouts.tunnel;
     let hard_stop = ctx.runtime.hard_stop.clone();
@@ -389,6 +441,9 @@ fn spawn_tunnel(
             hard_stop.cancelled_owned(),
         )
         .await;
+        if let Some(record) = record.as_mut() {
+            record.tunnel_closed(relayed.to_node, relayed.to_client);
+        }
         info!(
             %listener,
             client = %client_addr,

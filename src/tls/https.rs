@@ -121,6 +121,7 @@ pub async fn serve_connection(
             tls: true,
             ..client
         },
+        metrics: runtime.metrics.listener(&listener),
     });
     let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
     if let Err(e) = serve_http(stream, service, limits, runtime.shutdown.clone()).await {

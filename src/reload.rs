@@ -1,0 +1,396 @@
+//! Configuration lifecycle after start: the stats listener, the access log,
+//! and hot reload on SIGHUP or the admin action.
+//!
+//! A reload prepares everything that can fail first (parse and validate the
+//! file, read the stats password file, bind new sockets, open the access log)
+//! and only then commits: swap the config snapshot (new connections and
+//! requests see it; open ones keep what they had), update static membership,
+//! start the new accept loops and stop the removed ones. Listeners present in
+//! both configs keep their sockets, so nothing queued on them is lost. Any
+//! failure leaves the running config untouched.
+
+use crate::access_log::AccessLog;
+use crate::cluster::static_source;
+use crate::config::{self, ClusterSource, Config, ConfigError, Protocol};
+use crate::listener::bind_tcp;
+use crate::runtime::Runtime;
+use crate::server::{BoundListener, bind_listener, spawn_accept_loop};
+use crate::stats::auth::{Access, AccessError};
+use crate::stats::{Control, StatsState};
+use futures_util::future::BoxFuture;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// Why a config could not be (re)loaded; the running config stays.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file does not parse or validate.
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// The stats credentials could not be read.
+    #[error("{0}")]
+    Stats(#[from] AccessError),
+    /// A new listener address could not be bound.
+    #[error("{0}")]
+    Bind(String),
+    /// The stats listener address could not be bound.
+    #[error("stats.bind {addr}: {source}")]
+    StatsBind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The access log file could not be opened.
+    #[error("access_log.path {path}: {source}")]
+    AccessLog {
+        /// The file.
+        path: String,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+}
+
+/// A config that passed every check a reload makes before touching sockets.
+#[derive(Debug)]
+pub struct Prepared {
+    /// The configuration.
+    pub config: Config,
+    /// Non-fatal findings worth logging.
+    pub warnings: Vec<String>,
+    stats_access: Option<Access>,
+}
+
+/// Reads and checks the config file exactly as a reload does: parse,
+/// validate, read the stats password file. `amslb check` runs this.
+pub fn prepare(path: &Path) -> Result<Prepared, ReloadError> {
+    let loaded = config::load(path)?;
+    let stats_access = loaded
+        .config
+        .stats
+        .as_ref()
+        .map(Access::from_config)
+        .transpose()?;
+    Ok(Prepared {
+        config: loaded.config,
+        warnings: loaded.warnings,
+        stats_access,
+    })
+}
+
+type ReloadReply = oneshot::Sender<Result<String, String>>;
+
+/// What the stats listener calls for admin actions: a channel to the reload task.
+#[derive(Debug, Clone)]
+struct AdminHandle {
+    runtime: Arc<Runtime>,
+    requests: mpsc::Sender<ReloadReply>,
+}
+
+impl Control for AdminHandle {
+    fn reload(&self) -> BoxFuture<'static, Result<String, String>> {
+        let requests = self.requests.clone();
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            requests
+                .send(tx)
+                .await
+                .map_err(|_| "amslb is shutting down".to_string())?;
+            rx.await.map_err(|_| "amslb is shutting down".to_string())?
+        })
+    }
+
+    fn groups(&self) -> Vec<String> {
+        self.runtime
+            .config()
+            .groups
+            .iter()
+            .map(|g| g.name.clone())
+            .collect()
+    }
+
+    fn health_history(&self, node: &str) -> Vec<bool> {
+        self.runtime
+            .health
+            .history(node)
+            .iter()
+            .map(|check| check.outcome.is_ok())
+            .collect()
+    }
+}
+
+/// The stats listener currently running.
+#[derive(Debug)]
+struct RunningStats {
+    bind: SocketAddr,
+    stop: CancellationToken,
+    state: Arc<StatsState>,
+}
+
+/// Owns everything a reload replaces; lives in the reload task.
+#[derive(Debug)]
+struct Lifecycle {
+    path: PathBuf,
+    runtime: Arc<Runtime>,
+    admin: AdminHandle,
+    stats: Option<RunningStats>,
+}
+
+/// Starts the stats listener and the access log of the initial config, and the
+/// task that reloads on SIGHUP and on admin requests. Returns once the stats
+/// socket is bound.
+pub async fn start(
+    runtime: &Arc<Runtime>,
+    path: PathBuf,
+    prepared: Prepared,
+) -> Result<(), ReloadError> {
+    // Installed before anything else: SIGHUP's default action kills the process.
+    #[cfg(unix)]
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| ReloadError::Bind(format!("cannot install the SIGHUP handler: {e}")))?;
+    let (tx, mut rx) = mpsc::channel::<ReloadReply>(8);
+    let mut life = Lifecycle {
+        path,
+        runtime: runtime.clone(),
+        admin: AdminHandle {
+            runtime: runtime.clone(),
+            requests: tx,
+        },
+        stats: None,
+    };
+    let stats_socket = match &prepared.config.stats {
+        Some(stats) => Some(bind_stats(stats.bind)?),
+        None => None,
+    };
+    let access_log = open_access_log(runtime, &prepared.config).await?;
+    runtime.access_log.store(Arc::new(access_log));
+    if prepared.config.cluster.source == ClusterSource::Static {
+        // Server::bind loaded the static node list.
+        runtime.metrics.membership_update("static", true);
+    }
+    life.swap_stats(&prepared, stats_socket);
+
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hangup = hangup;
+        // The MongoDB source keeps its own status; copy it into the metrics.
+        let mut membership_tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        loop {
+            #[cfg(unix)]
+            let hup = hangup.recv();
+            #[cfg(not(unix))]
+            let hup = std::future::pending::<Option<()>>();
+            tokio::select! {
+                _ = life.runtime.shutdown.cancelled() => break,
+                _ = hup => {
+                    info!(path = %life.path.display(), "SIGHUP: reloading the configuration");
+                    let _ = life.reload().await;
+                }
+                Some(reply) = rx.recv() => {
+                    let _ = reply.send(life.reload().await);
+                }
+                _ = membership_tick.tick() => {
+                    if let Some(status) = life.runtime.membership.get() {
+                        life.runtime.metrics.membership_status(
+                            "mongodb",
+                            status.is_connected(),
+                            status.last_success(),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(stats) = life.stats.take() {
+            stats.stop.cancel();
+        }
+    });
+    Ok(())
+}
+
+fn bind_stats(addr: SocketAddr) -> Result<tokio::net::TcpListener, ReloadError> {
+    bind_tcp(addr, 128).map_err(|source| ReloadError::StatsBind { addr, source })
+}
+
+async fn open_access_log(
+    runtime: &Runtime,
+    config: &Config,
+) -> Result<Option<AccessLog>, ReloadError> {
+    let Some(log) = &config.access_log else {
+        return Ok(None);
+    };
+    let dropped = runtime.metrics.access_log_dropped();
+    let (log, _writer) =
+        AccessLog::start(log, dropped)
+            .await
+            .map_err(|source| ReloadError::AccessLog {
+                path: log
+                    .path
+                    .as_ref()
+                    .map_or("stdout".into(), |p| p.display().to_string()),
+                source,
+            })?;
+    Ok(Some(log))
+}
+
+impl Lifecycle {
+    /// One reload attempt, logged and counted either way.
+    async fn reload(&mut self) -> Result<String, String> {
+        match self.try_reload().await {
+            Ok(summary) => {
+                self.runtime.metrics.reload_done(true);
+                info!(path = %self.path.display(), %summary, "configuration reloaded");
+                Ok(summary)
+            }
+            Err(e) => {
+                self.runtime.metrics.reload_done(false);
+                error!(path = %self.path.display(), error = %e, "reload refused, the running configuration stays");
+                Err(e.to_string())
+            }
+        }
+    }
+
+    async fn try_reload(&mut self) -> Result<String, ReloadError> {
+        let prepared = prepare(&self.path)?;
+        for warning in &prepared.warnings {
+            warn!("{}: {warning}", self.path.display());
+        }
+        let new = &prepared.config;
+        let old = self.runtime.config();
+
+        // Everything that can fail, before anything changes.
+        // UDP listeners (SRT) are not accept loops; they stay as started.
+        let wanted: HashSet<(Arc<str>, SocketAddr)> = new
+            .listeners
+            .iter()
+            .filter(|l| l.protocol != Protocol::Udp)
+            .flat_map(|l| {
+                let name: Arc<str> = l.name.as_str().into();
+                l.bind.iter().map(move |addr| (name.clone(), *addr))
+            })
+            .collect();
+        let running: HashSet<(Arc<str>, SocketAddr)> = self
+            .runtime
+            .accept_loops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        let mut fresh: Vec<BoundListener> = Vec::new();
+        for listener in &new.listeners {
+            for addr in &listener.bind {
+                let key: (Arc<str>, SocketAddr) = (listener.name.as_str().into(), *addr);
+                if running.contains(&key) || listener.protocol == Protocol::Udp {
+                    continue;
+                }
+                if matches!(listener.protocol, Protocol::Tcp | Protocol::Tls) {
+                    // Their relay is built at start from the whole config.
+                    warn!(listener = %listener.name, %addr, "a new tcp/tls listener starts on restart, not on reload");
+                    continue;
+                }
+                // SO_REUSEPORT lets a renamed listener bind an address the
+                // old name still holds; the old loop stops right after.
+                let bound = bind_listener(key.0, *addr, listener.backlog)
+                    .map_err(|e| ReloadError::Bind(e.to_string()))?;
+                fresh.push(bound);
+            }
+        }
+        let stats_socket = match (&new.stats, &self.stats) {
+            (Some(want), Some(have)) if want.bind == have.bind => None,
+            (Some(want), _) => Some(bind_stats(want.bind)?),
+            (None, _) => None,
+        };
+        let access_log = open_access_log(&self.runtime, new).await?;
+
+        // Commit.
+        if new.global.max_connections != old.global.max_connections {
+            warn!(
+                old = old.global.max_connections,
+                new = new.global.max_connections,
+                "global.max_connections only changes on restart"
+            );
+        }
+        self.runtime.set_config(new.clone());
+        if new.cluster.source == ClusterSource::Static {
+            self.runtime
+                .cluster
+                .update(static_source::specs(&new.cluster));
+            self.runtime.metrics.membership_update("static", true);
+        }
+        let added = fresh.len();
+        for bound in fresh {
+            spawn_accept_loop(&self.runtime, bound);
+        }
+        let mut removed = 0;
+        {
+            let mut loops = self
+                .runtime
+                .accept_loops
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            loops.retain(|key, stop| {
+                let keep = wanted.contains(key);
+                if !keep {
+                    info!(listener = %key.0, addr = %key.1, "listener removed by reload");
+                    stop.cancel();
+                    removed += 1;
+                }
+                keep
+            });
+        }
+        self.runtime
+            .metrics
+            .retain_listeners(|name| new.listeners.iter().any(|l| l.name == name));
+        self.runtime.access_log.store(Arc::new(access_log));
+        self.swap_stats(&prepared, stats_socket);
+        Ok(format!(
+            "{} listener address(es) added, {removed} removed, {} node(s) configured",
+            added,
+            new.cluster.nodes.len()
+        ))
+    }
+
+    /// Applies the `[stats]` of `prepared`: new rules for the running listener,
+    /// or a listener on `socket` (a new or moved bind), or none.
+    fn swap_stats(&mut self, prepared: &Prepared, socket: Option<tokio::net::TcpListener>) {
+        let access = prepared.stats_access.clone();
+        match (access, socket) {
+            (None, _) => {
+                if let Some(old) = self.stats.take() {
+                    info!(addr = %old.bind, "stats listener removed");
+                    old.stop.cancel();
+                }
+            }
+            (Some(access), None) => {
+                if let Some(running) = &self.stats {
+                    running.state.set_access(access);
+                }
+            }
+            (Some(access), Some(socket)) => {
+                let Some(bind) = prepared.config.stats.as_ref().map(|s| s.bind) else {
+                    return;
+                };
+                if let Some(old) = self.stats.take() {
+                    old.stop.cancel();
+                }
+                let state = Arc::new(StatsState::new(
+                    self.runtime.metrics.clone(),
+                    self.runtime.cluster.clone(),
+                    access,
+                    Arc::new(self.admin.clone()),
+                ));
+                let stop = self.runtime.shutdown.child_token();
+                if let Ok(local) = socket.local_addr() {
+                    info!(addr = %local, "stats listener (/metrics, status page, admin API)");
+                }
+                tokio::spawn(crate::stats::serve(socket, state.clone(), stop.clone()));
+                self.stats = Some(RunningStats { bind, stop, state });
+            }
+        }
+    }
+}
