@@ -12,6 +12,7 @@
 use crate::cluster::{Cluster, FULL_WEIGHT, Node};
 use crate::config::health::HealthConfig;
 use crate::config::{Config, Protocol};
+use crate::metrics::{Metrics, NodeMetrics};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -223,8 +224,9 @@ impl Health {
         self: &Arc<Self>,
         cluster: Arc<Cluster>,
         shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
     ) -> JoinHandle<()> {
-        tokio::spawn(self.clone().supervise(cluster, shutdown))
+        tokio::spawn(self.clone().supervise(cluster, shutdown, metrics))
     }
 
     /// The health state of `node`, created on first use.
@@ -340,7 +342,12 @@ impl Health {
         }
     }
 
-    async fn supervise(self: Arc<Self>, cluster: Arc<Cluster>, shutdown: CancellationToken) {
+    async fn supervise(
+        self: Arc<Self>,
+        cluster: Arc<Cluster>,
+        shutdown: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) {
         let mut watched: Vec<(Arc<Node>, CancellationToken)> = Vec::new();
         loop {
             let snapshot = cluster.snapshot();
@@ -356,7 +363,9 @@ impl Health {
             for node in snapshot.nodes() {
                 if !watched.iter().any(|(n, _)| Arc::ptr_eq(n, node)) {
                     let stop = shutdown.child_token();
-                    tokio::spawn(self.clone().watch(self.entry(node), stop.clone()));
+                    let node_metrics = metrics.node(node);
+                    let entry = self.entry(node);
+                    tokio::spawn(self.clone().watch(entry, stop.clone(), node_metrics));
                     watched.push((node.clone(), stop));
                 }
             }
@@ -373,7 +382,12 @@ impl Health {
 
     /// The probe loop of one node: one probe in flight at most, started every
     /// `interval` (±5 % jitter), first after a random part of an interval.
-    async fn watch(self: Arc<Self>, entry: Arc<NodeHealth>, stop: CancellationToken) {
+    async fn watch(
+        self: Arc<Self>,
+        entry: Arc<NodeHealth>,
+        stop: CancellationToken,
+        metrics: Arc<NodeMetrics>,
+    ) {
         let kind = if self.tcp_groups.contains(entry.node.group()) {
             CheckKind::Tcp
         } else {
@@ -404,6 +418,9 @@ impl Health {
                 Outcome::Assumed
             };
             let took = started.elapsed();
+            if self.config.enabled {
+                metrics.health_check(outcome.is_ok(), took);
+            }
             self.record(&entry, outcome, took);
             delay = interval
                 .mul_f64(rand::random_range(0.95..1.05))

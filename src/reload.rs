@@ -202,6 +202,13 @@ pub async fn start(
                             status.last_success(),
                         );
                     }
+                    // Certificates change by file watch and ACME renewal; the
+                    // gauge follows the served snapshot.
+                    if let Some(tls) = &life.runtime.tls {
+                        for entry in tls.certs.snapshot().entries() {
+                            life.runtime.metrics.certificate_expiry(&entry.name, entry.not_after);
+                        }
+                    }
                 }
             }
         }

@@ -181,9 +181,11 @@ impl Server {
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
         let runtime = self.runtime;
         start_membership_source(&runtime);
-        runtime
-            .health
-            .spawn(runtime.cluster.clone(), runtime.shutdown.clone());
+        runtime.health.spawn(
+            runtime.cluster.clone(),
+            runtime.shutdown.clone(),
+            runtime.metrics.clone(),
+        );
         let extra = crate::workers::count(runtime.config().global.workers).saturating_sub(1);
         let _ = runtime.workers.set(crate::workers::Workers::start(extra));
         for bound in self.bound {
@@ -197,7 +199,7 @@ impl Server {
             tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
         }
         if let Some(tls) = &runtime.tls {
-            tls.spawn_tasks(runtime.shutdown.clone());
+            tls.spawn_tasks(runtime.shutdown.clone(), runtime.metrics.clone());
         }
         stop.await;
         let grace = runtime.config().global.shutdown_grace;

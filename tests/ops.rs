@@ -461,3 +461,52 @@ async fn access_log_has_one_json_line_per_request_and_tunnel() {
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn health_checks_show_in_metrics() {
+    let good = sim_node("good").await;
+    let bad = sim_node("bad").await;
+    bad.set_liveness(503);
+    let (main, stats) = (listener_addr(18080), listener_addr(6080));
+    let health = "[health]\ninterval = \"100ms\"\ntimeout = \"500ms\"\n";
+    let text = config(main, stats, &[(&good, "origin"), (&bad, "origin")], health);
+    let _amslb = Amslb::start(&text, &[main, stats]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = scrape(stats).await;
+        let checks = |id: &str| {
+            metric(
+                &text,
+                "amslb_health_check_duration_seconds_count",
+                &[&format!("node=\"{id}\"")],
+            )
+            .unwrap_or(0.0)
+        };
+        let failures = |id: &str| {
+            metric(
+                &text,
+                "amslb_health_check_failures_total",
+                &[&format!("node=\"{id}\"")],
+            )
+            .unwrap_or(0.0)
+        };
+        if checks("good") >= 3.0 && checks("bad") >= 3.0 {
+            assert_eq!(failures("good"), 0.0, "{text}");
+            assert!(failures("bad") >= 3.0, "{text}");
+            assert_eq!(
+                metric(
+                    &text,
+                    "amslb_node_state",
+                    &["node=\"bad\"", "state=\"down\""]
+                ),
+                Some(1.0)
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no health check metrics:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -344,3 +344,49 @@ fn bad_pem_or_missing_key_is_refused_at_start_naming_the_file() {
         "{out}"
     );
 }
+
+#[tokio::test]
+async fn certificate_expiry_is_exported_as_a_metric() {
+    let ca = TestCa::new();
+    let tmp = tempdir("expiry");
+    let dir = tmp.path();
+    let (live, live_key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{live}{live_key}")).unwrap();
+    let stats = listener_addr(6080);
+    let extra = format!("[stats]\nbind = \"{stats}\"\nallow = [\"127.0.0.0/8\"]\n");
+    let (_amslb, _https, _node) = start(dir, &extra).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let text = support::get(stats, "/metrics").await.text();
+        let expiry = text
+            .lines()
+            .find(|l| {
+                l.starts_with("amslb_certificate_expiry_timestamp_seconds{certificate=\"live\"}")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        if let Some(expiry) = expiry {
+            assert!(
+                expiry > now,
+                "the test certificate is valid now: {expiry} <= {now}"
+            );
+            assert_eq!(expiry as i64, not_after(&live), "the leaf's notAfter");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no expiry metric:\n{text}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// The notAfter of a PEM certificate, in seconds since the epoch.
+fn not_after(pem: &str) -> i64 {
+    let der = leaf_der(pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    cert.validity().not_after.timestamp()
+}

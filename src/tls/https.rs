@@ -11,6 +11,7 @@ use crate::config::tls::AcmeConfig;
 use crate::config::{Config, Protocol};
 use crate::http::headers::ClientInfo;
 use crate::http::proxy::{self, ConnContext};
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use hyper::service::service_fn;
 use std::sync::Arc;
@@ -74,8 +75,8 @@ impl TlsState {
 
     /// Starts the background tasks: watching `certs_dir` (unless
     /// `watch_interval` is 0) and ACME renewal (if `[tls.acme]` is set). Both
-    /// end on `shutdown`.
-    pub fn spawn_tasks(&self, shutdown: CancellationToken) {
+    /// end on `shutdown`; ACME order results are counted in `metrics`.
+    pub fn spawn_tasks(&self, shutdown: CancellationToken, metrics: Arc<Metrics>) {
         if !self.watch_interval.is_zero() {
             tokio::spawn(watch(
                 self.certs.clone(),
@@ -86,7 +87,7 @@ impl TlsState {
         }
         if let Some(acme) = &self.acme {
             let manager = AcmeManager::new(acme.clone(), self.certs.clone());
-            tokio::spawn(manager.run(shutdown));
+            tokio::spawn(manager.run(shutdown, metrics));
         }
     }
 }

@@ -16,6 +16,7 @@ use super::certs::{CertEntry, CertError};
 use super::files::{create_private_dir, write_private};
 use super::resolver::Certificates;
 use crate::config::tls::AcmeConfig;
+use crate::metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -96,7 +97,8 @@ impl AcmeManager {
     }
 
     /// Runs until `shutdown`: sleeps until renewal is due, then renews.
-    pub async fn run(self, shutdown: CancellationToken) {
+    /// Each order's result is counted in `metrics` (`amslb_acme_orders_total`).
+    pub async fn run(self, shutdown: CancellationToken, metrics: Arc<Metrics>) {
         let mut failures = 0u32;
         loop {
             let wait = self.wait();
@@ -108,12 +110,14 @@ impl AcmeManager {
             }
             let pause = match self.renew_once().await {
                 Ok(true) => {
+                    metrics.acme_order("issued");
                     failures = 0;
                     continue;
                 }
                 // Another instance holds the lock: look again after a short while.
                 Ok(false) => self.config.retry_min,
                 Err(e) => {
+                    metrics.acme_order("failed");
                     failures += 1;
                     let pause =
                         schedule::backoff(failures, self.config.retry_min, self.config.retry_max);
