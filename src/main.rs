@@ -6,6 +6,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+/// mimalloc instead of glibc malloc: the keep-alive profile spent 6-10 % in
+/// malloc/free, and glibc's per-thread arenas grew and shrank (mprotect
+/// calls) under load.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Load balancer for Ant Media Server clusters.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]

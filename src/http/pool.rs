@@ -12,6 +12,7 @@ use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
 use std::sync::Mutex;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 
@@ -26,9 +27,21 @@ const MAX_IDLE: usize = 256;
 const MAX_IDLE_AGE: Duration = Duration::from_secs(15);
 
 /// Idle keep-alive connections to one node.
+///
+/// Each connection remembers the thread whose event loop drives it, and a
+/// request takes one of its own thread's connections: with one event loop
+/// per thread ([`crate::workers`]), a connection driven elsewhere would cost
+/// two cross-thread wakeups per request.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<Vec<(Sender, Instant)>>,
+    idle: Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: Sender,
+    since: Instant,
+    thread: ThreadId,
 }
 
 /// Why a new connection to a node could not be made.
@@ -47,11 +60,22 @@ pub enum ConnectError {
 
 impl Pool {
     /// An idle connection that still looks open, if there is one.
+    /// Connections of other threads are left for them.
     pub fn take(&self) -> Option<Sender> {
+        let here = std::thread::current().id();
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        while let Some((sender, since)) = idle.pop() {
-            if since.elapsed() < MAX_IDLE_AGE && sender.is_ready() {
-                return Some(sender);
+        // Entries are in the order they came back, oldest first: drop the
+        // ones too old to trust without touching the rest.
+        let expired = idle
+            .iter()
+            .take_while(|i| now.duration_since(i.since) >= MAX_IDLE_AGE)
+            .count();
+        idle.drain(..expired);
+        while let Some(position) = idle.iter().rposition(|i| i.thread == here) {
+            let candidate = idle.remove(position);
+            if candidate.sender.is_ready() {
+                return Some(candidate.sender);
             }
         }
         None
@@ -62,11 +86,17 @@ impl Pool {
     /// the whole response body, which may be much later.
     pub fn give_back_when_idle(self: &std::sync::Arc<Self>, mut sender: Sender) {
         let pool = self.clone();
+        // The connection task was spawned on this thread's event loop.
+        let thread = std::thread::current().id();
         tokio::spawn(async move {
             if sender.ready().await.is_ok() {
                 let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < MAX_IDLE {
-                    idle.push((sender, Instant::now()));
+                    idle.push(Idle {
+                        sender,
+                        since: Instant::now(),
+                        thread,
+                    });
                 }
             }
         });
