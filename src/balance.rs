@@ -80,16 +80,11 @@ pub(crate) mod tests {
         GroupMembers {
             nodes: (1..=n)
                 .map(|i| {
-                    Arc::new(Node::new(NodeSpec {
-                        id: format!("n{i}"),
-                        group: "edge".into(),
-                        addr: IpAddr::from([127, 0, 2, i]),
-                        http_port: 5080,
-                        rtmp_port: 1935,
-                        srt_port: 4200,
-                        drain: false,
-                        region: None,
-                    }))
+                    Arc::new(Node::new(NodeSpec::on_default_ports(
+                        &format!("n{i}"),
+                        "edge",
+                        IpAddr::from([127, 0, 2, i]),
+                    )))
                 })
                 .collect(),
             cursor: Default::default(),

@@ -643,16 +643,11 @@ name = "ingest-backup"
     }
 
     fn node(id: &str) -> Arc<Node> {
-        Arc::new(Node::new(NodeSpec {
-            id: id.into(),
-            group: "origin".into(),
-            addr: IpAddr::from([127, 0, 0, 1]),
-            http_port: 5080,
-            rtmp_port: 1935,
-            srt_port: 4200,
-            drain: false,
-            region: None,
-        }))
+        Arc::new(Node::new(NodeSpec::on_default_ports(
+            id,
+            "origin",
+            IpAddr::from([127, 0, 0, 1]),
+        )))
     }
 
     #[test]

@@ -860,16 +860,7 @@ pub(crate) mod fixtures {
 
     /// A node on 127.0.1.`octet`, AMS ports.
     pub(crate) fn spec(id: &str, group: &str, octet: u8) -> NodeSpec {
-        NodeSpec {
-            id: id.into(),
-            group: group.into(),
-            addr: [127, 0, 1, octet].into(),
-            http_port: 5080,
-            rtmp_port: 1935,
-            srt_port: 4200,
-            drain: false,
-            region: None,
-        }
+        NodeSpec::on_default_ports(id, group, [127, 0, 1, octet].into())
     }
 }
 

@@ -802,16 +802,11 @@ mod tests {
         let nodes: Vec<Arc<Node>> = ["n1", "n3"]
             .iter()
             .map(|id| {
-                Arc::new(Node::new(NodeSpec {
-                    id: id.to_string(),
-                    group: "origin".into(),
-                    addr: IpAddr::from([127, 0, 0, 1]),
-                    http_port: 5080,
-                    rtmp_port: 1935,
-                    srt_port: 4200,
-                    drain: false,
-                    region: None,
-                }))
+                Arc::new(Node::new(NodeSpec::on_default_ports(
+                    id,
+                    "origin",
+                    IpAddr::from([127, 0, 0, 1]),
+                )))
             })
             .collect();
         assert_eq!(s.find(&nodes, "ams1").unwrap().id(), "n1");
@@ -956,16 +951,11 @@ mod tests {
         ids.iter()
             .enumerate()
             .map(|(i, id)| {
-                Arc::new(Node::new(NodeSpec {
-                    id: id.to_string(),
-                    group: "origin".into(),
-                    addr: IpAddr::from([127, 0, 1, i as u8 + 1]),
-                    http_port: 5080,
-                    rtmp_port: 1935,
-                    srt_port: 4200,
-                    drain: false,
-                    region: None,
-                }))
+                Arc::new(Node::new(NodeSpec::on_default_ports(
+                    id,
+                    "origin",
+                    IpAddr::from([127, 0, 1, i as u8 + 1]),
+                )))
             })
             .collect()
     }

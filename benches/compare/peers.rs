@@ -40,7 +40,9 @@ impl Kind {
         match self {
             Kind::Haproxy => format!("`nbthread {threads}` (one process)"),
             Kind::Nginx => format!("`worker_processes {threads}` (+ master)"),
-            Kind::Amslb => format!("{threads} worker threads, one event loop each (`[global] workers`, one per core)"),
+            Kind::Amslb => format!(
+                "{threads} worker threads, one event loop each (`[global] workers`, one per core)"
+            ),
         }
     }
 }

@@ -112,16 +112,7 @@ mod tests {
     use std::net::IpAddr;
 
     fn spec(id: &str, group: &str, octet: u8) -> NodeSpec {
-        NodeSpec {
-            id: id.into(),
-            group: group.into(),
-            addr: IpAddr::from([127, 0, 1, octet]),
-            http_port: 5080,
-            rtmp_port: 1935,
-            srt_port: 4200,
-            drain: false,
-            region: None,
-        }
+        NodeSpec::on_default_ports(id, group, IpAddr::from([127, 0, 1, octet]))
     }
 
     #[test]

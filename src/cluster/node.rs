@@ -28,6 +28,23 @@ pub struct NodeSpec {
     pub region: Option<String>,
 }
 
+impl NodeSpec {
+    /// A node on the AMS default ports (HTTP 5080, RTMP 1935, SRT 4200), for tests.
+    #[cfg(test)]
+    pub(crate) fn on_default_ports(id: &str, group: &str, addr: IpAddr) -> Self {
+        Self {
+            id: id.into(),
+            group: group.into(),
+            addr,
+            http_port: 5080,
+            rtmp_port: 1935,
+            srt_port: 4200,
+            drain: false,
+            region: None,
+        }
+    }
+}
+
 /// A node with its live state. Shared (`Arc`) between membership snapshots, so
 /// counters and health survive membership updates that keep the node.
 #[derive(Debug)]
@@ -244,16 +261,7 @@ mod tests {
     use super::*;
 
     pub(crate) fn spec(id: &str, group: &str, last_octet: u8) -> NodeSpec {
-        NodeSpec {
-            id: id.into(),
-            group: group.into(),
-            addr: IpAddr::from([127, 0, 1, last_octet]),
-            http_port: 5080,
-            rtmp_port: 1935,
-            srt_port: 4200,
-            drain: false,
-            region: None,
-        }
+        NodeSpec::on_default_ports(id, group, IpAddr::from([127, 0, 1, last_octet]))
     }
 
     #[test]

@@ -155,14 +155,8 @@ mod tests {
 
     fn spec(id: &str, group: &str, port: u16) -> NodeSpec {
         NodeSpec {
-            id: id.into(),
-            group: group.into(),
-            addr: IpAddr::from([127, 0, 0, 1]),
-            http_port: 5080,
             rtmp_port: port,
-            srt_port: 4200,
-            drain: false,
-            region: None,
+            ..NodeSpec::on_default_ports(id, group, IpAddr::from([127, 0, 0, 1]))
         }
     }
 

@@ -134,14 +134,8 @@ balance = "stream-hash"
 
     fn spec(id: &str, group: &str, octet: u8) -> NodeSpec {
         NodeSpec {
-            id: id.into(),
-            group: group.into(),
-            addr: [127, 0, 5, octet].into(),
-            http_port: 5080,
-            rtmp_port: 1935,
-            srt_port: 4200,
-            drain: false,
             region: Some("eu".into()),
+            ..NodeSpec::on_default_ports(id, group, [127, 0, 5, octet].into())
         }
     }
 

@@ -226,14 +226,8 @@ backup = "origin"
                 .iter()
                 .enumerate()
                 .map(|(i, &(id, group, region))| NodeSpec {
-                    id: id.into(),
-                    group: group.into(),
-                    addr: IpAddr::from([127, 0, 3, i as u8 + 1]),
-                    http_port: 5080,
-                    rtmp_port: 1935,
-                    srt_port: 4200,
-                    drain: false,
                     region: region.map(str::to_string),
+                    ..NodeSpec::on_default_ports(id, group, IpAddr::from([127, 0, 3, i as u8 + 1]))
                 })
                 .collect(),
         );
