@@ -4,7 +4,9 @@
 //!
 //! One neutral backend (nginx on two loopback node addresses), then each
 //! balancer in turn, configured equivalently, measured with `wrk` and a
-//! WebSocket client. Prints a Markdown table and, for a full run, writes it
+//! WebSocket client; scenario 7 (amslb only) also starts SecantusDB, a
+//! MongoDB-compatible server (`pip install secantusdb==0.7.0b3`, else n/a).
+//! Prints a Markdown table and, for a full run, writes it
 //! to `benches/results/latest.md`. Loopback only; bounded to a few minutes.
 //! `BENCH_SECS` overrides the length of each measured run (default 5);
 //! `AMSLB_BIN` runs another amslb binary than the one built with the bench.
@@ -19,6 +21,8 @@ mod net;
 mod peers;
 #[path = "compare/procs.rs"]
 mod procs;
+#[path = "compare/registry.rs"]
+mod registry;
 #[path = "compare/report.rs"]
 mod report;
 #[path = "compare/scenarios.rs"]

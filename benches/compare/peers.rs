@@ -152,27 +152,41 @@ impl Peer {
                 start_nginx("proxy", &self.program, spec.dir, &conf)?
             }
             Kind::Amslb => {
-                let conf = write(spec.dir, "amslb.toml", &amslb_config(spec))?;
-                // `amslb check` is how amslb says it does not (yet) support a
-                // feature the scenario needs: a refusal there is n/a, not an error.
-                output(
-                    Command::new(&self.program)
-                        .arg("check")
-                        .arg("--config")
-                        .arg(&conf),
-                )
-                .map_err(|why| StartError::Refused(format!("amslb refused the config: {why}")))?;
-                Daemon::spawn(
-                    &name,
-                    Command::new(&self.program)
-                        .arg("--config")
-                        .arg(conf)
-                        .env("RUST_LOG", "warn"),
-                    &spec.dir.join("amslb.log"),
-                )?
+                return self.start_amslb(spec.dir, spec.listen, &amslb_config(spec), "warn");
             }
         };
         daemon.wait_listening(&[spec.listen])?;
+        Ok(daemon)
+    }
+
+    /// Starts amslb (this peer's program) with the configuration `text`,
+    /// logging at `rust_log`, and waits until it listens on `listen`.
+    pub fn start_amslb(
+        &self,
+        dir: &Path,
+        listen: SocketAddr,
+        text: &str,
+        rust_log: &str,
+    ) -> Result<Daemon, StartError> {
+        let conf = write(dir, "amslb.toml", text)?;
+        // `amslb check` is how amslb says it does not (yet) support a
+        // feature the scenario needs: a refusal there is n/a, not an error.
+        output(
+            Command::new(&self.program)
+                .arg("check")
+                .arg("--config")
+                .arg(&conf),
+        )
+        .map_err(|why| StartError::Refused(format!("amslb refused the config: {why}")))?;
+        let mut daemon = Daemon::spawn(
+            "amslb",
+            Command::new(&self.program)
+                .arg("--config")
+                .arg(conf)
+                .env("RUST_LOG", rust_log),
+            &dir.join("amslb.log"),
+        )?;
+        daemon.wait_listening(&[listen])?;
         Ok(daemon)
     }
 }

@@ -60,7 +60,16 @@ impl Daemon {
     /// Waits until every address accepts TCP connections. A daemon that exits
     /// first is `Refused` (with the end of its log); one that never listens is `Failed`.
     pub fn wait_listening(&mut self, addrs: &[SocketAddr]) -> Result<(), StartError> {
-        let deadline = Instant::now() + START_TIMEOUT;
+        self.wait_listening_within(addrs, START_TIMEOUT)
+    }
+
+    /// [`Daemon::wait_listening`] with another time limit (slow starters).
+    pub fn wait_listening_within(
+        &mut self,
+        addrs: &[SocketAddr],
+        limit: Duration,
+    ) -> Result<(), StartError> {
+        let deadline = Instant::now() + limit;
         for addr in addrs {
             loop {
                 if let Ok(Some(status)) = self.child.try_wait() {
@@ -75,7 +84,7 @@ impl Daemon {
                 }
                 if Instant::now() > deadline {
                     return Err(StartError::Failed(format!(
-                        "{} not listening on {addr} after {START_TIMEOUT:?}: {}",
+                        "{} not listening on {addr} after {limit:?}: {}",
                         self.name,
                         self.log_tail()
                     )));
@@ -88,7 +97,12 @@ impl Daemon {
 
     /// Last lines of the daemon's output, on one line, for error messages.
     pub fn log_tail(&self) -> String {
-        tail(&fs::read_to_string(&self.log).unwrap_or_default(), 3)
+        tail(&self.log_text(), 3)
+    }
+
+    /// The daemon's whole output so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// Memory of the daemon and all its descendants (nginx workers), summed.

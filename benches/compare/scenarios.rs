@@ -6,6 +6,7 @@ use crate::load::{Wrk, WrkResult, check_echo, http_get, open_tunnels};
 use crate::net::{Addrs, NODE_PORT};
 use crate::peers::{Front, Kind, Peer, Spec, TlsFiles};
 use crate::procs::{Daemon, StartError};
+use crate::registry::{self, Registry, Secantus};
 use crate::report::{Better, Cell, Column, Figure, Report};
 use std::fs;
 use std::net::{IpAddr, SocketAddr};
@@ -28,6 +29,20 @@ const TUNNEL_HEADROOM: usize = 50;
 const TUNNEL_PARALLEL: usize = 128;
 /// How many tunnels are checked for an echo (all of them would take long).
 const TUNNELS_ECHOED: usize = 100;
+/// Scenario 7: times node 2 joins per registry mode.
+const JOINS: usize = 5;
+/// Scenario 7: pause between requests while waiting for a membership change.
+const JOIN_POLL: Duration = Duration::from_millis(5);
+/// Scenario 7: longest wait for a join or a leave to show in routing.
+const JOIN_LIMIT: Duration = Duration::from_secs(5);
+/// Scenario 7: longest wait for node 1 after amslb starts (first full read).
+const FIRST_JOIN_LIMIT: Duration = Duration::from_secs(15);
+/// Scenario 7: requests in a row on node 1 that show node 2 has left.
+const LEFT_STREAK: usize = 10;
+/// Scenario 7: amslb's default `poll_interval`. Each write first waits a random
+/// part of it, so that it falls at a random point of the poll cycle (right
+/// after a leave was seen, it would always land just after a poll).
+const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// WebSocket path; the router classifies it as AMS signalling.
 const WS_PATH: &str = "/LiveApp/websocket";
 
@@ -240,25 +255,125 @@ impl Bench {
         );
     }
 
-    /// 7: membership change to routing; needs amslb's MongoDB source.
+    /// 7: membership change to routing: how long after the MongoDB write that
+    /// registers a node amslb routes a request to it. Node 1 is registered and
+    /// routed first; node 2 then joins [`JOINS`] times (under a fresh id each
+    /// time, after its previous document was deleted and amslb had dropped it),
+    /// with a request through amslb every [`JOIN_POLL`] from the write on. Each
+    /// write comes at a random moment (see [`POLL_INTERVAL`]).
+    /// Once against a replica set (change streams), once against a standalone
+    /// server (amslb polls every `poll_interval`, default 2 s). HAProxy and
+    /// nginx have no registry to follow (they reload a file): no cells.
     fn membership(&mut self) {
-        // Not measured yet: amslb has no MongoDB source, and HAProxy/nginx have no
-        // equivalent (they reload a file). The row keeps the scenario visible.
-        let results = vec![(
-            Column::Peer(Kind::Amslb),
-            Err(Cell::NotAvailable(
-                "amslb has no MongoDB membership source yet; not measured".into(),
-            )),
-        )];
-        self.add(
-            7,
-            results,
-            &[(
-                "7 MongoDB write → first routed request ms",
-                Better::Lower,
-                0,
-            )],
-        );
+        let modes = [
+            (false, "change stream (replica set)"),
+            (true, "polling (standalone, poll_interval 2 s)"),
+        ];
+        for (standalone, mode) in modes {
+            let figures = self.joins(standalone).map(|times| {
+                let list: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
+                println!("  amslb, {mode}: each join {} ms", list.join(", "));
+                let sorted = sorted(times);
+                vec![median(&sorted), sorted[sorted.len() - 1]]
+            });
+            println!("  amslb, {mode}: median / max: {}", show(&figures));
+            self.add(
+                7,
+                vec![(Column::Peer(Kind::Amslb), figures)],
+                &[
+                    (
+                        &format!("7 MongoDB write → first routed request, {mode}: median ms"),
+                        Better::Lower,
+                        1,
+                    ),
+                    (
+                        &format!(
+                            "7 MongoDB write → first routed request, {mode}: max of {JOINS} ms"
+                        ),
+                        Better::Lower,
+                        1,
+                    ),
+                ],
+            );
+        }
+        self.report.notes.push(format!(
+            "scenario 7: amslb only (HAProxy and nginx reload a file; no registry to follow). \
+             The clock starts as the registry write is sent (AMS's replace-with-upsert) and \
+             stops when a response from the new node arrives; requests go every \
+             {} ms on fresh connections; each write comes at a random moment, so \
+             polling gives 0 to 2 s plus the read, and 5 joins a rough median",
+            JOIN_POLL.as_millis()
+        ));
+    }
+
+    /// Scenario 7 against one SecantusDB: the join times in ms, or why not.
+    fn joins(&self, standalone: bool) -> Result<Vec<f64>, Cell> {
+        let amslb = self
+            .peers
+            .iter()
+            .find(|p| p.kind == Kind::Amslb)
+            .ok_or_else(|| Cell::Error("amslb not found".into()))?;
+        let dir = self.dir.join(if standalone {
+            "s7-standalone"
+        } else {
+            "s7-replset"
+        });
+        fs::create_dir_all(&dir).map_err(|e| Cell::Error(e.to_string()))?;
+        let db = Secantus::start(&dir, standalone).map_err(|e| match e {
+            StartError::Refused(why) => Cell::NotAvailable(why),
+            StartError::Failed(why) => Cell::Error(format!("SecantusDB: {why}")),
+        })?;
+        let ams = self
+            .rt
+            .block_on(Registry::connect(&db.uri))
+            .map_err(Cell::Error)?;
+        let [node1, node2] = [self.http_nodes[0], self.http_nodes[1]];
+        self.rt
+            .block_on(ams.register("bench-node-1", node1))
+            .map_err(Cell::Error)?;
+        let listen = self.addrs.front();
+        let cidr = format!("{}/24", self.addrs.host(0));
+        let daemon = amslb
+            .start_amslb(
+                &dir,
+                listen,
+                &registry::amslb_config(listen, &db.uri, &cidr),
+                // The source says at info level when it falls back to polling.
+                "warn,amslb::cluster=info",
+            )
+            .map_err(|e| match e {
+                StartError::Refused(why) => Cell::NotAvailable(why),
+                StartError::Failed(why) => Cell::Error(why),
+            })?;
+        let measure = || -> Result<Vec<f64>, String> {
+            routed_to(listen, node1, FIRST_JOIN_LIMIT)?;
+            let mut times = Vec::with_capacity(JOINS);
+            for i in 1..=JOINS {
+                let id = format!("bench-node-2-{i}");
+                std::thread::sleep(POLL_INTERVAL.mul_f64(rand::random_range(0.0..1.0)));
+                let t0 = Instant::now();
+                self.rt.block_on(ams.register(&id, node2))?;
+                routed_to(listen, node2, JOIN_LIMIT)?;
+                times.push(t0.elapsed().as_secs_f64() * 1000.0);
+                self.rt.block_on(ams.remove(&id))?;
+                only_routed_to(listen, node1, JOIN_LIMIT)?;
+            }
+            // Which way amslb followed the registry decides what the figures mean.
+            let polled = daemon.log_text().contains("change streams unavailable");
+            if polled != standalone {
+                return Err(format!(
+                    "amslb {} change streams against a {} server",
+                    if polled { "did not use" } else { "used" },
+                    if standalone {
+                        "standalone"
+                    } else {
+                        "replica-set"
+                    }
+                ));
+            }
+            Ok(times)
+        };
+        measure().map_err(|e| Cell::Error(format!("{e} (log: {})", daemon.log_tail())))
     }
 
     /// Runs `measure` against the first backend node directly.
@@ -419,6 +534,66 @@ fn show(result: &Result<Vec<f64>, Cell>) -> String {
         Err(Cell::NotAvailable(why)) => format!("n/a ({why})"),
         Err(Cell::Error(why)) => format!("error: {why}"),
         Err(other) => format!("{other:?}"),
+    }
+}
+
+/// Sends a request through `addr` every [`JOIN_POLL`] until one is answered by
+/// `node`; fails after `limit`.
+fn routed_to(addr: SocketAddr, node: IpAddr, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let want = node.to_string();
+    loop {
+        let last = match http_get(addr, SMALL_PATH) {
+            Ok(r) if r.header(NODE_HEADER) == Some(want.as_str()) => return Ok(()),
+            Ok(r) => format!(
+                "status {} from {}",
+                r.status,
+                r.header(NODE_HEADER).unwrap_or("no node")
+            ),
+            Err(e) => e,
+        };
+        if start.elapsed() > limit {
+            return Err(format!(
+                "no request reached {node} within {limit:?} (last: {last})"
+            ));
+        }
+        std::thread::sleep(JOIN_POLL);
+    }
+}
+
+/// Waits until [`LEFT_STREAK`] requests in a row through `addr` are answered by
+/// `node` (the other node has left the rotation); fails after `limit`.
+fn only_routed_to(addr: SocketAddr, node: IpAddr, limit: Duration) -> Result<(), String> {
+    let start = Instant::now();
+    let want = node.to_string();
+    let mut streak = 0;
+    while streak < LEFT_STREAK {
+        let answered = http_get(addr, SMALL_PATH)
+            .ok()
+            .is_some_and(|r| r.header(NODE_HEADER) == Some(want.as_str()));
+        streak = if answered { streak + 1 } else { 0 };
+        if start.elapsed() > limit {
+            return Err(format!(
+                "requests still went elsewhere than {node} after {limit:?}"
+            ));
+        }
+        std::thread::sleep(JOIN_POLL);
+    }
+    Ok(())
+}
+
+fn sorted(mut values: Vec<f64>) -> Vec<f64> {
+    values.sort_by(f64::total_cmp);
+    values
+}
+
+/// Median of sorted, non-empty `values`.
+fn median(values: &[f64]) -> f64 {
+    let n = values.len();
+    if n % 2 == 1 {
+        values[n / 2]
+    } else {
+        (values[n / 2 - 1] + values[n / 2]) / 2.0
     }
 }
 
