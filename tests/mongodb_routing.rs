@@ -5,7 +5,7 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::registry::{AMS_REFRESH, Registration};
 use support::secantus::{Secantus, cluster_toml, free_port};
@@ -27,19 +27,6 @@ impl Subnets {
             edge: [127, a, b.wrapping_add(1)],
         }
     }
-
-    fn cidr(net: [u8; 3]) -> String {
-        format!("{}.{}.{}.0/24", net[0], net[1], net[2])
-    }
-}
-
-/// A simulated node at `net.host`:5080.
-async fn node_in(net: [u8; 3], host: u8, id: &str) -> SimNode {
-    let addr = SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], host)),
-        5080,
-    );
-    SimNode::start(id, addr).await.unwrap()
 }
 
 /// amslb config: "publish" → origin, "play" → edge (no backup, so a wrong role
@@ -69,12 +56,7 @@ name = "origin"
 [[group]]
 name = "edge"
 {}"#,
-        cluster_toml(
-            uri,
-            &Subnets::cidr(nets.origin),
-            &Subnets::cidr(nets.edge),
-            extra
-        )
+        cluster_toml(uri, &cidr(nets.origin), &cidr(nets.edge), extra)
     )
 }
 
@@ -110,10 +92,10 @@ fn distinct(ids: &[String]) -> HashSet<&str> {
 async fn cidr_roles_route_origin_and_edge() {
     let db = Secantus::start(&[]);
     let nets = Subnets::new();
-    let origin = node_in(nets.origin, 1, "origin-1").await;
+    let origin = sim_node_in(nets.origin, 1, "origin-1").await;
     let edges = [
-        node_in(nets.edge, 1, "edge-1").await,
-        node_in(nets.edge, 2, "edge-2").await,
+        sim_node_in(nets.edge, 1, "edge-1").await,
+        sim_node_in(nets.edge, 2, "edge-2").await,
     ];
     let uri = db.uri(None);
     let _regs: Vec<Registration> = vec![
@@ -140,9 +122,9 @@ async fn silent_or_busy_node_gets_no_new_sessions() {
     let db = Secantus::start(&[]);
     let nets = Subnets::new();
     let edges = [
-        node_in(nets.edge, 1, "edge-1").await,
-        node_in(nets.edge, 2, "edge-2").await,
-        node_in(nets.edge, 3, "edge-3").await,
+        sim_node_in(nets.edge, 1, "edge-1").await,
+        sim_node_in(nets.edge, 2, "edge-2").await,
+        sim_node_in(nets.edge, 3, "edge-3").await,
     ];
     let uri = db.uri(None);
     // AMS refreshes every 5 s against a 20 s limit; scaled down here to 300 ms and 2 s.
@@ -198,8 +180,8 @@ async fn mongodb_outage_keeps_traffic_flowing_and_recovers() {
     let mut db = Secantus::start(&[]);
     let nets = Subnets::new();
     let edges = [
-        node_in(nets.edge, 1, "edge-1").await,
-        node_in(nets.edge, 2, "edge-2").await,
+        sim_node_in(nets.edge, 1, "edge-1").await,
+        sim_node_in(nets.edge, 2, "edge-2").await,
     ];
     let uri = db.uri(None);
     let every = Duration::from_millis(300);
@@ -236,8 +218,8 @@ async fn mongodb_outage_keeps_traffic_flowing_and_recovers() {
 #[tokio::test]
 async fn starts_while_mongodb_is_down_and_picks_up_nodes() {
     let nets = Subnets::new();
-    let origin = node_in(nets.origin, 1, "seed").await;
-    let edge = node_in(nets.edge, 1, "edge-1").await;
+    let origin = sim_node_in(nets.origin, 1, "seed").await;
+    let edge = sim_node_in(nets.edge, 1, "edge-1").await;
     let port = free_port();
     let uri = format!("mongodb://127.0.0.1:{port}/?directConnection=true");
     let (publish, play) = (listener_addr(18080), listener_addr(18081));
@@ -279,7 +261,7 @@ async fn scram_credentials_work_and_never_reach_the_log() {
     ])
     .await;
     let nets = Subnets::new();
-    let edge = node_in(nets.edge, 1, "edge-1").await;
+    let edge = sim_node_in(nets.edge, 1, "edge-1").await;
     let _reg = edge
         .register(&db.uri(Some(("ams", "s3cret-ams"))), AMS_REFRESH)
         .await;

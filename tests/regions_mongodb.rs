@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::registry::Registration;
 use support::secantus::Secantus;
@@ -39,19 +39,6 @@ impl Subnets {
             us: [127, a, b + 2],
         }
     }
-
-    fn cidr(net: [u8; 3]) -> String {
-        format!("{}.{}.{}.0/24", net[0], net[1], net[2])
-    }
-}
-
-/// A simulated node at `net.host`:5080.
-async fn node_in(net: [u8; 3], host: u8, id: &str) -> SimNode {
-    let addr = SocketAddr::new(
-        IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], host)),
-        5080,
-    );
-    SimNode::start(id, addr).await.unwrap()
 }
 
 /// One instance's config: home region `home`, the same preference list
@@ -102,9 +89,9 @@ group = "edge"
 region = "us"
 "#,
         STALE_AFTER.as_secs(),
-        Subnets::cidr(nets.origin),
-        Subnets::cidr(nets.eu),
-        Subnets::cidr(nets.us),
+        cidr(nets.origin),
+        cidr(nets.eu),
+        cidr(nets.us),
     )
 }
 
@@ -163,14 +150,14 @@ async fn each_instance_prefers_its_region_and_fails_over_to_the_other() {
     let db = Secantus::start(&[]);
     let uri = db.uri(None);
     let nets = Subnets::new();
-    let origin = node_in(nets.origin, 1, "origin-1").await;
+    let origin = sim_node_in(nets.origin, 1, "origin-1").await;
     let eu = [
-        node_in(nets.eu, 1, "eu-edge-1").await,
-        node_in(nets.eu, 2, "eu-edge-2").await,
+        sim_node_in(nets.eu, 1, "eu-edge-1").await,
+        sim_node_in(nets.eu, 2, "eu-edge-2").await,
     ];
     let us = [
-        node_in(nets.us, 1, "us-edge-1").await,
-        node_in(nets.us, 2, "us-edge-2").await,
+        sim_node_in(nets.us, 1, "us-edge-1").await,
+        sim_node_in(nets.us, 2, "us-edge-2").await,
     ];
     let _origin_reg = origin.register(&uri, REFRESH).await;
     let eu_regs: Vec<Registration> = vec![

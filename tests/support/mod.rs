@@ -99,6 +99,20 @@ pub fn origin_config(listener: SocketAddr, nodes: &[SimNode], extra: &str) -> St
     one_listener_config(listener, &nodes, extra)
 }
 
+/// The address block `net.0/24` as CIDR text, for `[[cluster.role]]` rules.
+pub fn cidr(net: [u8; 3]) -> String {
+    format!("{}.{}.{}.0/24", net[0], net[1], net[2])
+}
+
+/// A simulated node at `net.host`, port 5080: inside a block that a role rule maps.
+pub async fn sim_node_in(net: [u8; 3], host: u8, id: &str) -> SimNode {
+    let addr = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(net[0], net[1], net[2], host)),
+        5080,
+    );
+    SimNode::start(id, addr).await.unwrap()
+}
+
 /// A fresh loopback address with the given port, for an amslb listener.
 pub fn listener_addr(port: u16) -> SocketAddr {
     SocketAddr::new(unique_loopback(), port)
