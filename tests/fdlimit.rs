@@ -40,6 +40,21 @@ fn config(max_connections: usize) -> (std::net::SocketAddr, tempfile::TempDir) {
     (listen, dir)
 }
 
+/// `amslb check` under [`LIMITS`] on a config with `max_connections`:
+/// whether it exited 0, and what it printed.
+fn check(max_connections: usize) -> (bool, String) {
+    let (_, dir) = config(max_connections);
+    let out = prlimit()
+        .arg("check")
+        .arg("--config")
+        .arg(dir.path().join("lb.toml"))
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+    (out.status.success(), text)
+}
+
 /// The `Max open files` soft and hard limits of a running process.
 fn open_files_limits(pid: u32) -> (u64, u64) {
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
@@ -85,17 +100,9 @@ fn start_raises_the_soft_limit_to_the_hard_one_and_logs_it() {
 
 #[test]
 fn check_warns_when_the_hard_limit_is_too_low_for_max_connections() {
-    let (_, dir) = config(5000);
-    let out = prlimit()
-        .arg("check")
-        .arg("--config")
-        .arg(dir.path().join("lb.toml"))
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
+    let (ok, text) = check(5000);
     // A warning, not a refusal: the config itself is valid.
-    assert!(out.status.success(), "{text}");
+    assert!(ok, "{text}");
     assert!(
         text.contains(
             "open file limit 4096 is too low for [global] max_connections = 5000: \
@@ -110,16 +117,8 @@ fn check_warns_when_the_hard_limit_is_too_low_for_max_connections() {
 fn check_counts_the_raised_limit_not_the_soft_one() {
     // 1000 connections need about 2256 descriptors: more than the soft 256,
     // within the hard 4096 that amslb raises to.
-    let (_, dir) = config(1000);
-    let out = prlimit()
-        .arg("check")
-        .arg("--config")
-        .arg(dir.path().join("lb.toml"))
-        .env("NO_COLOR", "1")
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&[out.stdout, out.stderr].concat()).into_owned();
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = check(1000);
+    assert!(ok, "{text}");
     assert!(text.contains("configuration is valid"), "{text}");
     assert!(text.contains("open file limit 4096"), "{text}");
     assert!(!text.contains("too low"), "{text}");

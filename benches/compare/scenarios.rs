@@ -254,14 +254,8 @@ impl Bench {
 
     /// 5: full TLS handshakes per second (a new connection per request, no resumption).
     fn tls_handshakes(&mut self) {
-        let tls = match &self.tls {
-            Ok(tls) => tls,
-            Err(e) => {
-                self.report
-                    .notes
-                    .push(format!("scenario 5 skipped: certificate: {e}"));
-                return;
-            }
+        let Some(tls) = certificate(&self.tls, &mut self.report.notes, 5) else {
+            return;
         };
         let front = Front::Https(tls);
         let results = self.each_peer(5, &front, &self.http_nodes, |daemon, addr| {
@@ -379,14 +373,8 @@ impl Bench {
             );
             return;
         };
-        let tls = match &self.tls {
-            Ok(tls) => tls,
-            Err(e) => {
-                self.report
-                    .notes
-                    .push(format!("scenario 8 skipped: certificate: {e}"));
-                return;
-            }
+        let Some(tls) = certificate(&self.tls, &mut self.report.notes, 8) else {
+            return;
         };
         let front = Front::Https2(tls);
         let results = self.each_peer(8, &front, &self.http_nodes, |daemon, addr| {
@@ -697,6 +685,21 @@ fn per_gb(cpu_s: f64, bytes: u64) -> f64 {
         return f64::NAN;
     }
     cpu_s / (bytes as f64 / 1e9)
+}
+
+/// The bench's certificate, or `None` with a note that `scenario` is skipped.
+fn certificate<'a>(
+    tls: &'a Result<TlsFiles, String>,
+    notes: &mut Vec<String>,
+    scenario: u8,
+) -> Option<&'a TlsFiles> {
+    match tls {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            notes.push(format!("scenario {scenario} skipped: certificate: {e}"));
+            None
+        }
+    }
 }
 
 /// A wrk result, or an error when its errors make the figures doubtful.
