@@ -9,6 +9,7 @@ pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod failover;
 pub mod health;
 pub mod http;
 pub mod l4;

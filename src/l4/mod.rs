@@ -6,15 +6,10 @@
 //! [`L4Stats`]. The optional RTMP inspector reads, without changing them, the
 //! first bytes a client sends to learn app and stream key.
 
-pub mod affinity;
 pub mod meter;
 pub mod rtmp;
 #[cfg(target_os = "linux")]
 pub mod splice;
-pub mod stats;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
-pub mod upstream;
-
-pub use stats::{L4Stats, L4StatsSnapshot};

@@ -8,10 +8,11 @@
 //! dropped, which bounds sockets and memory under a spoofed-source flood.
 
 use super::meter::SessionMeter;
-use super::stats::{ActiveGuard, L4Stats};
-use super::upstream::GroupRoute;
-use crate::cluster::{Cluster, NodeLease};
-use crate::config::{Config, ListenerConfig};
+use crate::cluster::NodeLease;
+use crate::config::ListenerConfig;
+use crate::metrics::{L4Metrics, OpenGuard};
+use crate::runtime::{ListenerView, Runtime};
+use crate::streaming::select::{self, Wanted};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -29,34 +30,26 @@ const SEND_WAIT: Duration = Duration::from_millis(10);
 /// Largest datagram relayed (the UDP maximum); SRT uses about 1500 bytes.
 const MAX_DATAGRAM: usize = 65_535;
 
-/// Settings of one `udp` listener, resolved from the config at start.
-#[derive(Debug, Clone)]
-pub struct UdpSettings {
-    /// Listener name, for logs.
-    pub name: String,
-    /// Where sessions go.
-    pub route: GroupRoute,
-    /// A session ends after this long without a datagram either way.
-    pub idle: Duration,
-    /// Most sessions open at once.
-    pub max_sessions: usize,
-}
-
 /// One client's session: its socket towards the node, and what it holds open.
 #[derive(Debug)]
 struct Session {
     to_node: UdpSocket,
     meter: SessionMeter,
     lease: NodeLease,
-    _active: ActiveGuard,
+    /// `session_idle` as configured when the session opened.
+    idle: Duration,
+    _open: OpenGuard,
+    _connection: OpenGuard,
 }
 
-/// A running `udp` listener's shared state.
+/// A running `udp` listener's shared state. Group, balancing, backup,
+/// `session_idle` and `max_sessions` are read from the live config when a
+/// session opens, so a reload applies to new sessions.
 #[derive(Debug)]
 pub struct UdpProxy {
-    settings: UdpSettings,
-    cluster: Arc<Cluster>,
-    stats: Arc<L4Stats>,
+    runtime: Arc<Runtime>,
+    name: Arc<str>,
+    metrics: Arc<L4Metrics>,
     /// Open sessions by client address. The lock is held for map operations
     /// only, never across I/O.
     sessions: Mutex<HashMap<SocketAddr, Arc<Session>>>,
@@ -64,28 +57,18 @@ pub struct UdpProxy {
 
 impl UdpProxy {
     /// Builds the proxy of `listener`.
-    pub fn new(config: &Config, listener: &ListenerConfig, cluster: Arc<Cluster>) -> Self {
+    pub fn new(runtime: &Arc<Runtime>, listener: &ListenerConfig) -> Self {
         Self {
-            settings: UdpSettings {
-                name: listener.name.clone(),
-                route: GroupRoute::new(config, &listener.default_group),
-                idle: listener.l4.session_idle,
-                max_sessions: listener.l4.max_sessions,
-            },
-            cluster,
-            stats: Arc::new(L4Stats::default()),
+            runtime: runtime.clone(),
+            name: listener.name.as_str().into(),
+            metrics: runtime.metrics.l4(&listener.name, "srt"),
             sessions: Mutex::new(HashMap::new()),
         }
     }
 
     /// The listener's name.
     pub fn name(&self) -> &str {
-        &self.settings.name
-    }
-
-    /// The listener's counters.
-    pub fn stats(&self) -> &Arc<L4Stats> {
-        &self.stats
+        &self.name
     }
 
     /// Sessions open now.
@@ -109,7 +92,7 @@ impl UdpProxy {
             let (n, peer) = match received {
                 Ok(got) => got,
                 Err(e) => {
-                    tracing::debug!(listener = %self.settings.name, error = %e, "udp receive failed");
+                    tracing::debug!(listener = %self.name, error = %e, "udp receive failed");
                     continue;
                 }
             };
@@ -124,7 +107,7 @@ impl UdpProxy {
             match send_bounded(&session.to_node, &buf[..n]).await {
                 Ok(sent) => session.meter.add_in(sent),
                 Err(e) => {
-                    tracing::debug!(listener = %self.settings.name, %peer, error = %e, "datagram to node dropped")
+                    tracing::debug!(listener = %self.name, %peer, error = %e, "datagram to node dropped")
                 }
             }
         }
@@ -137,16 +120,20 @@ impl UdpProxy {
         listener: &Arc<UdpSocket>,
         shutdown: &CancellationToken,
     ) -> Option<Arc<Session>> {
-        let s = &self.settings;
-        if self.session_count() >= s.max_sessions {
-            self.stats.count_rejected();
-            tracing::debug!(listener = %s.name, %peer, "udp session cap reached, datagram dropped");
+        let name = &self.name;
+        // A reload that removed the listener: no new sessions.
+        let view = ListenerView::current(&self.runtime, name)?;
+        let l4 = &view.listener().l4;
+        if self.session_count() >= l4.max_sessions {
+            self.metrics.rejected();
+            tracing::debug!(listener = %name, %peer, "udp session cap reached, datagram dropped");
             return None;
         }
-        let snapshot = self.cluster.snapshot();
-        let Some(node) = s.route.pick(&snapshot, &[], None) else {
-            self.stats.count_no_node();
-            tracing::warn!(listener = %s.name, %peer, "no usable node for udp session");
+        let snapshot = self.runtime.cluster.snapshot();
+        let wanted = Wanted::for_session(&view.config, view.listener(), None, false);
+        let Some(node) = select::pick(&view.config, &snapshot, &wanted, &[]) else {
+            self.metrics.listener().no_node(&wanted.group);
+            tracing::warn!(listener = %name, %peer, group = wanted.group, "no usable node for udp session");
             return None;
         };
         let target = node.srt_addr();
@@ -159,29 +146,35 @@ impl UdpProxy {
             Ok(sock) => match sock.connect(target).await {
                 Ok(()) => sock,
                 Err(e) => {
-                    tracing::warn!(listener = %s.name, node = node.id(), %target, error = %e, "udp connect failed");
+                    tracing::warn!(listener = %name, node = node.id(), %target, error = %e, "udp connect failed");
+                    self.runtime
+                        .metrics
+                        .with_node(&node, |m| m.connect_failed());
                     return None;
                 }
             },
             Err(e) => {
-                tracing::warn!(listener = %s.name, error = %e, "udp socket for session failed");
+                tracing::warn!(listener = %name, error = %e, "udp socket for session failed");
                 return None;
             }
         };
+        let listener_metrics = self.metrics.listener();
         let session = Arc::new(Session {
             to_node,
-            meter: SessionMeter::new(self.stats.clone()),
+            meter: SessionMeter::new(listener_metrics.clone(), self.runtime.metrics.node(&node)),
             lease: node.lease(),
-            _active: self.stats.open(),
+            idle: l4.session_idle,
+            _open: self.metrics.session_opened(node.id()),
+            _connection: listener_metrics.connection_opened(),
         });
         self.sessions().insert(peer, session.clone());
-        tracing::info!(listener = %s.name, %peer, node = node.id(), "udp session opened");
+        tracing::info!(listener = %name, %peer, node = node.id(), "udp session opened");
         let this = self.clone();
         let (listener, shutdown, run) = (listener.clone(), shutdown.clone(), session.clone());
         tokio::spawn(async move {
             let why = tokio::select! {
                 () = shutdown.cancelled() => "shutdown".to_string(),
-                () = run.meter.idle(this.settings.idle) => "idle".to_string(),
+                () = run.meter.idle(run.idle) => "idle".to_string(),
                 e = this.node_to_client(&run, &listener, peer) => format!("error: {e}"),
             };
             this.close(peer, &run, &why);
@@ -220,7 +213,7 @@ impl UdpProxy {
         drop(sessions);
         let (bytes_in, bytes_out) = session.meter.totals();
         tracing::info!(
-            listener = %self.settings.name, %peer, node = session.lease.node().id(),
+            listener = %self.name, %peer, node = session.lease.node().id(),
             bytes_in, bytes_out, secs = session.meter.age().as_secs_f64(), why, "udp session ended"
         );
     }
