@@ -329,10 +329,7 @@ pub(crate) async fn forward(
             conn: (mut sender, reused),
             lease,
         } = connected
-            .map_err(|e| {
-                ctx.metrics.no_node(&wanted.group);
-                e
-            })
+            .inspect_err(|_| ctx.metrics.no_node(&wanted.group))
             .map_err(|e| match e {
                 Failure::NoNode => ProxyError::NoUsableNode(
                     wanted.group.clone(),

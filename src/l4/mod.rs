@@ -10,6 +10,7 @@ pub mod meter;
 pub mod rtmp;
 #[cfg(target_os = "linux")]
 pub mod splice;
+pub mod srt;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
