@@ -78,6 +78,8 @@ impl Server {
     /// sockets are bound before any traffic is accepted, so a port conflict
     /// stops start-up instead of leaving a half-started balancer.
     pub fn bind(config: Config) -> Result<Self, StartError> {
+        // A `tls` listener with its own cert builds a rustls config below.
+        crate::tls::install_crypto_provider();
         let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));

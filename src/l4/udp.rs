@@ -54,6 +54,8 @@ struct Session {
     srt: bool,
     /// The node's SYN cookie, once its induction answer arrived.
     node_cookie: OnceLock<u32>,
+    /// Cancelled when a new caller on the same address replaces the session.
+    replaced: CancellationToken,
     _open: OpenGuard,
     _connection: OpenGuard,
 }
@@ -130,7 +132,18 @@ impl UdpProxy {
                     continue;
                 }
             };
-            let existing = self.sessions().get(&peer).cloned();
+            let mut existing = self.sessions().get(&peer).cloned();
+            if let Some(old) = existing.take_if(|s| s.srt && srt::is_induction(&buf[..n])) {
+                // A new SRT caller on the address of an old one (a restarted
+                // encoder, a reused port): the old session is over, at once,
+                // so the new caller's next datagram cannot reach the old node.
+                let mut sessions = self.sessions();
+                if sessions.get(&peer).is_some_and(|s| Arc::ptr_eq(s, &old)) {
+                    sessions.remove(&peer);
+                }
+                drop(sessions);
+                old.replaced.cancel();
+            }
             let session = match existing {
                 Some(s) => s,
                 None => {
@@ -234,6 +247,7 @@ impl UdpProxy {
             idle: l4.session_idle,
             srt: conclusion.is_some(),
             node_cookie: OnceLock::new(),
+            replaced: CancellationToken::new(),
             _open: self.metrics.session_opened(node.id()),
             _connection: listener_metrics.connection_opened(),
         });
@@ -255,6 +269,7 @@ impl UdpProxy {
             let why = tokio::select! {
                 () = shutdown.cancelled() => "shutdown".to_string(),
                 () = run.meter.idle(run.idle) => "idle".to_string(),
+                () = run.replaced.cancelled() => "replaced by a new caller".to_string(),
                 Err(e) = relay => format!("error: {e}"),
             };
             this.close(peer, &run, &why);
