@@ -50,6 +50,8 @@ pub struct Runtime {
     pub sticky: Sticky,
     /// Node health checks (`[health]`); the proxy reports passive failures here.
     pub health: Arc<Health>,
+    /// Per-client-address limit tables (`[[limit]]`).
+    pub limits: crate::policy::limits::Limits,
 }
 
 impl Runtime {
@@ -78,12 +80,31 @@ impl Runtime {
             workers: OnceLock::new(),
             membership: OnceLock::new(),
             tls,
+            limits: Default::default(),
         })
     }
 
     /// The current config snapshot.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Whether a new publish session of `kind` from `client` on `listener` may
+    /// start under the `per_minute` limits; a refusal is counted and logged.
+    pub fn admit_publish(
+        &self,
+        listener: &str,
+        kind: crate::config::rules::RouteName,
+        client: std::net::IpAddr,
+    ) -> bool {
+        let config = self.config();
+        match self.limits.publish(&config, listener, client, kind) {
+            Ok(()) => true,
+            Err(over) => {
+                (self.limits).refused(&self.metrics, listener, &over, client, "publish");
+                false
+            }
+        }
     }
 
     /// Replaces the config for everything that starts from now on.

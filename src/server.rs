@@ -1,8 +1,10 @@
 //! Starting listeners, accepting connections, and shutting down gracefully.
 
 use crate::cluster::{Cluster, mongodb, static_source};
+use crate::config::rules::{RouteName, in_any};
 use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
+use crate::l4::udp::Admission;
 use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
 use crate::listener::{bind_tcp, bind_udp, tune_stream};
 use crate::metrics::ListenerMetrics;
@@ -103,7 +105,10 @@ impl Server {
                 source,
             };
             if listener.protocol == Protocol::Udp {
-                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
+                let proxy = UdpProxy::new(&config, listener, cluster.clone()).with_admission(
+                    Admission(publish_gate(&runtime, name.clone(), RouteName::SrtPublish)),
+                );
+                let proxy = Arc::new(proxy);
                 for &addr in &listener.bind {
                     let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
                     let proxy = proxy.clone();
@@ -369,9 +374,15 @@ async fn handle_stream(
             }
         }
     }
+    let Some(_held) = hold_connection(&runtime, settings, &mut stream, client.addr).await else {
+        return;
+    };
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
         Protocol::Tcp | Protocol::Tls => {
+            if !runtime.admit_publish(&listener, RouteName::RtmpPublish, client.addr.ip()) {
+                return;
+            }
             if let Some(l4) = l4 {
                 // Relays survive the shutdown grace period (a publisher keeps
                 // streaming while in-flight work drains), then are cut.
@@ -388,4 +399,52 @@ async fn handle_stream(
         // UDP listeners accept no streams; see `BoundUdp`.
         Protocol::Udp => {}
     }
+}
+
+/// Counts the connection against the `max_connections` limits of its client
+/// (a trusted proxy's connections carry many clients and are not counted;
+/// their requests are limited by the client each names). Over a limit, a
+/// plain HTTP client gets a 429 before the close, others just the close.
+async fn hold_connection(
+    runtime: &Runtime,
+    settings: &crate::config::ListenerConfig,
+    stream: &mut TcpStream,
+    client: SocketAddr,
+) -> Option<crate::policy::limits::ConnectionHold> {
+    if in_any(&settings.trusted_proxies, client.ip()) {
+        return Some(Default::default());
+    }
+    let config = runtime.config();
+    match runtime
+        .limits
+        .open_connection(&config, &settings.name, client.ip())
+    {
+        Ok(hold) => Some(hold),
+        Err(over) => {
+            (runtime.limits).refused(
+                &runtime.metrics,
+                &settings.name,
+                &over,
+                client.ip(),
+                "connection",
+            );
+            if settings.protocol == Protocol::Http {
+                use tokio::io::AsyncWriteExt;
+                const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                let write = stream.write_all(TOO_MANY);
+                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+            }
+            None
+        }
+    }
+}
+
+/// [`Runtime::admit_publish`] for the sessions of a `udp` listener.
+fn publish_gate(
+    runtime: &Arc<Runtime>,
+    listener: Arc<str>,
+    kind: RouteName,
+) -> Box<dyn Fn(SocketAddr) -> bool + Send + Sync> {
+    let runtime = runtime.clone();
+    Box::new(move |client| runtime.admit_publish(&listener, kind, client.ip()))
 }

@@ -1,6 +1,7 @@
 //! The request handler: classify, pick a node, forward, stream the answer back.
 
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
+use super::edge;
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
 use super::record::Exchange;
@@ -62,7 +63,7 @@ impl ProxyError {
 /// with the right status and a log line with the reason.
 pub async fn handle(
     ctx: Arc<ConnContext>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let Some(view) = ListenerView::current(&ctx.runtime, &ctx.listener) else {
         // A reload removed the listener; its open connections answer until they close.
@@ -71,6 +72,7 @@ pub async fn handle(
             "listener is gone",
         ));
     };
+    let ctx = edge::client_context(&ctx, view.listener(), request.headers_mut());
     // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
     let uri = request.uri().clone();
@@ -135,11 +137,20 @@ async fn proxy(
             headers,
         ));
     }
-    if sniff::applies(listener, &route, request.headers()) {
+    let policy = match edge::admit(ctx, view, &route, &mut request) {
+        Ok(admitted) => admitted,
+        Err(answer) => return Ok(answer),
+    };
+    if !policy.chose_group() && sniff::applies(listener, &route, request.headers()) {
         prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
         return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
     }
-    let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
+    let wanted = policy.steer(Wanted::for_route(
+        &view.config,
+        listener,
+        &route,
+        request.headers(),
+    ));
     let snapshot = ctx.runtime.cluster.snapshot();
     let affinity = sticky_affinity(
         ctx,
@@ -184,6 +195,7 @@ async fn proxy(
         ctx.client.tls,
     );
 
+    policy.on_response(response.headers_mut());
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {

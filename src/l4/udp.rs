@@ -51,9 +51,21 @@ struct Session {
     _active: ActiveGuard,
 }
 
+/// Whether a client address may start a new session (publish limits); the
+/// server supplies it, so the relay needs no policy of its own.
+pub struct Admission(pub Box<dyn Fn(SocketAddr) -> bool + Send + Sync>);
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Admission")
+    }
+}
+
 /// A running `udp` listener's shared state.
 #[derive(Debug)]
 pub struct UdpProxy {
+    /// Asked before a new session opens; none: every session may.
+    admission: Option<Admission>,
     settings: UdpSettings,
     cluster: Arc<Cluster>,
     stats: Arc<L4Stats>,
@@ -75,7 +87,14 @@ impl UdpProxy {
             cluster,
             stats: Arc::new(L4Stats::default()),
             sessions: Mutex::new(HashMap::new()),
+            admission: None,
         }
+    }
+
+    /// Asks `admission` before each new session.
+    pub fn with_admission(mut self, admission: Admission) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     /// The listener's name.
@@ -141,6 +160,14 @@ impl UdpProxy {
         if self.session_count() >= s.max_sessions {
             self.stats.count_rejected();
             tracing::debug!(listener = %s.name, %peer, "udp session cap reached, datagram dropped");
+            return None;
+        }
+        if self
+            .admission
+            .as_ref()
+            .is_some_and(|admit| !(admit.0)(peer))
+        {
+            self.stats.count_rejected();
             return None;
         }
         let snapshot = self.cluster.snapshot();
