@@ -37,6 +37,9 @@ pub enum StartError {
     /// The stats listener, access log or reload handling could not start.
     #[error(transparent)]
     Ops(#[from] crate::reload::ReloadError),
+    /// A `node_tls` table's CA file is unusable.
+    #[error("TLS to nodes: {0}")]
+    NodeTls(#[from] crate::node_tls::NodeTlsError),
     /// A `tls` listener's own `cert`/`key` could not be loaded.
     #[error("listener {listener:?}: {source}")]
     ListenerCert {
@@ -83,7 +86,8 @@ impl Server {
         let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
-        let runtime = Runtime::new(config, cluster.clone(), tls);
+        let node_tls = crate::node_tls::NodeTlsSet::from_config(&config)?;
+        let runtime = Runtime::new(config, cluster.clone(), tls, node_tls);
         let config = runtime.config();
         // RTMPS listeners without their own cert/key share the [tls] store.
         let shared_tls = match &runtime.tls {

@@ -13,6 +13,7 @@ use http::Request;
 use http_body_util::Empty;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
+use support::tls_node;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -553,4 +554,120 @@ burst = 3
             "forger request {i}: XFF must not give it a new bucket"
         );
     }
+}
+
+/// A config whose only node (group origin) is reached over TLS with `node_tls`.
+fn tls_node_config(web: SocketAddr, node: SocketAddr, node_tls: &str) -> String {
+    format!(
+        r#"
+[timeouts]
+connect = "2s"
+server = "3s"
+
+[health]
+interval = "200ms"
+
+[[listener]]
+name = "web"
+bind = ["{web}"]
+protocol = "http"
+default_group = "origin"
+
+[[group]]
+name = "origin"
+
+[cluster]
+[cluster.node_tls]
+{node_tls}
+https_port = {}
+
+[[cluster.node]]
+id = "tls-node"
+address = "{}"
+group = "origin"
+"#,
+        node.port(),
+        node.ip()
+    )
+}
+
+#[tokio::test]
+async fn https_to_a_node_with_a_private_ca_is_verified() {
+    let ca = tls_support::TestCa::new();
+    let dir = tls_support::tempdir("node-ca");
+    let ca_file = dir.path().join("nodes-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (cert, key) = ca.leaf(&["node.example.test"]);
+    let node = tls_node::TlsNode::start(
+        "tls-node",
+        SocketAddr::new(unique_loopback(), 5443),
+        &cert,
+        &key,
+    )
+    .await;
+    let web = listener_addr(18480);
+    let good = format!(
+        "ca_file = \"{}\"\nserver_name = \"node.example.test\"",
+        ca_file.display()
+    );
+    let lb = Amslb::start(&tls_node_config(web, node.addr, &good), &[web]);
+    let answer = send(web, get_req("/LiveApp/play.html", "live.test")).await;
+    assert_eq!(
+        (answer.status, answer.node().as_str()),
+        (200, "tls-node"),
+        "{}",
+        lb.log()
+    );
+    assert!(
+        node.requests
+            .lock()
+            .unwrap()
+            .contains(&"/LiveApp/play.html".to_string())
+    );
+    // Health checks go over TLS too, each on a new connection that resumes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (checks, resumed) = {
+            let asked = node.requests.lock().unwrap();
+            let shakes = node.handshakes.lock().unwrap();
+            (
+                asked
+                    .iter()
+                    .filter(|p| p.as_str() == "/rest/v2/liveness")
+                    .count(),
+                shakes.iter().filter(|&&r| r).count(),
+            )
+        };
+        if checks >= 2 && resumed >= 1 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{checks} health checks, {resumed} resumed handshakes:\n{}",
+            lb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(lb);
+
+    // A certificate that does not carry the expected name is refused, and the log says why.
+    let web = listener_addr(18480);
+    let wrong = format!(
+        "ca_file = \"{}\"\nserver_name = \"other.example.test\"",
+        ca_file.display()
+    );
+    let lb = Amslb::start(&tls_node_config(web, node.addr, &wrong), &[web]);
+    let before = node.requests.lock().unwrap().len();
+    let answer = send(web, get_req("/LiveApp/play.html", "live.test")).await;
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(
+        node.requests.lock().unwrap().len(),
+        before,
+        "nothing sent to an unverified node"
+    );
+    let log = lb.log();
+    assert!(
+        log.contains("TLS handshake with node") && log.contains("certificate not valid for name"),
+        "{log}"
+    );
 }

@@ -777,8 +777,8 @@ pub fn validate_listener(config: &Config, index: usize) -> Result<(), (String, S
     Ok(())
 }
 
-/// `[cluster.node_tls]` / `[[group]] node_tls`: speak TLS to nodes (HTTPS to
-/// their `https_port`, RTMPS to their `rtmps_port`), verifying their certificate.
+/// `[cluster.node_tls]` / `[[group]] node_tls`: speak HTTPS to the nodes'
+/// `https_port` (requests, WebSockets, health checks), verifying their certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeTlsConfig {
@@ -795,9 +795,6 @@ pub struct NodeTlsConfig {
     /// Node port for HTTPS (AMS: 5443).
     #[serde(default = "default_https_port")]
     pub https_port: u16,
-    /// Node port for RTMPS (a TLS terminator in front of the node's RTMP).
-    #[serde(default = "default_rtmps_port")]
-    pub rtmps_port: u16,
 }
 
 fn default_verify() -> bool {
@@ -806,10 +803,6 @@ fn default_verify() -> bool {
 
 fn default_https_port() -> u16 {
     5443
-}
-
-fn default_rtmps_port() -> u16 {
-    1936
 }
 
 /// Checks every `node_tls` table: a usable server name.
@@ -831,8 +824,8 @@ pub fn validate_node_tls(config: &Config) -> Result<(), (String, String)> {
                 format!("{name:?} is not a DNS name or an address"),
             ));
         }
-        if tls.https_port == 0 || tls.rtmps_port == 0 {
-            return Err((key, "ports must not be 0".into()));
+        if tls.https_port == 0 {
+            return Err((format!("{key}.https_port"), "must not be 0".into()));
         }
     }
     Ok(())

@@ -9,6 +9,7 @@ use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
 use crate::metrics::ListenerMetrics;
+use crate::node_tls::NodeTlsSet;
 use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
@@ -338,26 +339,27 @@ pub(crate) async fn forward(
             });
         };
         let lease = node.lease();
-        let (mut sender, reused) = match checkout(&node, config.timeouts.connect).await {
-            Ok(checked_out) => checked_out,
-            Err(e) => {
-                warn!(node = node.id(), error = %e, "connect failed, trying another node");
-                health.report_failure(&node, &format!("connect failed: {e}"));
-                ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
-                if is_sticky {
-                    ctx.runtime.sticky.count_redispatch();
-                    ctx.metrics.redispatch();
+        let (mut sender, reused) =
+            match checkout(&node, &ctx.runtime.node_tls, config.timeouts.connect).await {
+                Ok(checked_out) => checked_out,
+                Err(e) => {
+                    warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                    health.report_failure(&node, &format!("connect failed: {e}"));
+                    ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
+                    if is_sticky {
+                        ctx.runtime.sticky.count_redispatch();
+                        ctx.metrics.redispatch();
+                    }
+                    tried.push(node);
+                    attempts_left -= 1;
+                    if attempts_left == 0 {
+                        return Err(ProxyError::AllNodesFailed(e));
+                    }
+                    ctx.metrics.retry();
+                    last_error = Some(e);
+                    continue;
                 }
-                tried.push(node);
-                attempts_left -= 1;
-                if attempts_left == 0 {
-                    return Err(ProxyError::AllNodesFailed(e));
-                }
-                ctx.metrics.retry();
-                last_error = Some(e);
-                continue;
-            }
-        };
+            };
         // A reused keep-alive connection may die under the request (the node
         // closed it, or the node itself died). A bodiless idempotent request
         // can then be sent again safely, as HAProxy and nginx do; keep what
@@ -416,13 +418,20 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
 }
 
 /// A connection to `node`, and whether it is a reused keep-alive one.
-async fn checkout(node: &Node, connect_timeout: Duration) -> Result<(Sender, bool), ConnectError> {
+async fn checkout(
+    node: &Node,
+    tls: &NodeTlsSet,
+    connect_timeout: Duration,
+) -> Result<(Sender, bool), ConnectError> {
     match node.pool().take() {
         Some(sender) => Ok((sender, true)),
-        None => Ok((
-            pool::connect(node.http_addr(), connect_timeout).await?,
-            false,
-        )),
+        None => {
+            let (addr, tls) = tls.http(node);
+            Ok((
+                pool::connect(addr, tls.map(|t| &**t), connect_timeout).await?,
+                false,
+            ))
+        }
     }
 }
 

@@ -7,6 +7,7 @@ pub mod haproxy;
 pub mod registry;
 pub mod secantus;
 pub mod sim;
+pub mod tls_node;
 
 use bytes::Bytes;
 use http::{Request, Response};
