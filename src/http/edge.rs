@@ -109,7 +109,7 @@ pub(crate) fn admit<B>(
     view: &ListenerView,
     route: &Route,
     request: &mut Request<B>,
-) -> Result<Admitted, Response<ResponseBody>> {
+) -> Result<Admitted, Box<Response<ResponseBody>>> {
     let config = &view.config;
     let listener = view.listener();
     let client = ctx.client.addr.ip();
@@ -135,14 +135,14 @@ pub(crate) fn admit<B>(
         match verdict.outcome {
             Outcome::Deny { status, body } => {
                 info!(listener = %listener.name, %client, path = request.uri().path(), rule = label(verdict.rule), status, "request denied by rule");
-                return Err(answer(status, body));
+                return Err(Box::new(answer(status, body)));
             }
             Outcome::Redirect { status, location } => {
                 let mut response = answer(status, Some(location));
                 if let Ok(value) = HeaderValue::from_str(location) {
                     response.headers_mut().insert(header::LOCATION, value);
                 }
-                return Err(response);
+                return Err(Box::new(response));
             }
             Outcome::Forward(group) => admitted.group = group.map(str::to_string),
         }
@@ -167,10 +167,10 @@ pub(crate) fn admit<B>(
             client,
             "request",
         );
-        return Err(local_response(
+        return Err(Box::new(local_response(
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests",
-        ));
+        )));
     }
     if admitted.group.is_none()
         && let Some(host) = &host

@@ -141,7 +141,7 @@ async fn proxy(
     }
     let policy = match edge::admit(ctx, view, &route, &mut request) {
         Ok(admitted) => admitted,
-        Err(answer) => return Ok(answer),
+        Err(answer) => return Ok(*answer),
     };
     if !policy.chose_group() && sniff::applies(listener, &route, request.headers()) {
         prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
