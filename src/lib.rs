@@ -13,6 +13,7 @@ pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod listeners;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod reload;

@@ -13,6 +13,9 @@ pub struct Loaded {
     pub config: Config,
     /// Non-fatal findings, e.g. a group that has no node yet.
     pub warnings: Vec<String>,
+    /// The file's settings as written, for telling what a reload changes
+    /// (see [`super::diff`]).
+    pub settings: toml::Table,
 }
 
 /// Why a config was refused: always names the file, and the key where one is to blame.
@@ -57,13 +60,19 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parses and validates config text; `file` is only used in error messages.
 pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
     let config = deserialize(text, file)?;
+    // It parsed as a Config, so it parses as a table.
+    let settings = text.parse::<toml::Table>().unwrap_or_default();
     let warnings = config.validate().map_err(|(key, reason)| ConfigError {
         file: file.to_path_buf(),
         key,
         line: None,
         reason,
     })?;
-    Ok(Loaded { config, warnings })
+    Ok(Loaded {
+        config,
+        warnings,
+        settings,
+    })
 }
 
 fn deserialize(text: &str, file: &Path) -> Result<Config, ConfigError> {

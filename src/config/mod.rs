@@ -6,6 +6,7 @@
 //! (groups named by listeners and nodes, duplicate binds) and is what both
 //! `amslb check` and a reload run.
 
+pub mod diff;
 pub mod duration;
 pub mod health;
 pub mod l4;

@@ -107,7 +107,7 @@ async fn proxy(
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
-    if let Some(answer) = crate::tls::http01::answer(&ctx.runtime, request.uri().path()) {
+    if let Some(answer) = super::http01::answer(&ctx.runtime, request.uri().path()) {
         return Ok(answer);
     }
     if listener.redirect_https && !crate::tls::is_http01_path(request.uri().path()) {
@@ -177,7 +177,7 @@ async fn proxy(
         }
         record
     });
-    ctx.runtime.sticky.on_response(
+    ctx.runtime.sticky().on_response(
         &affinity,
         lease.node(),
         response.headers_mut(),
@@ -232,7 +232,7 @@ pub(crate) fn sticky_affinity(
     let mut uri = std::mem::take(request.uri_mut());
     let affinity =
         ctx.runtime
-            .sticky
+            .sticky()
             .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
     *request.uri_mut() = uri;
     affinity
@@ -333,7 +333,7 @@ pub(crate) async fn forward(
                 health.report_failure(&node, &format!("connect failed: {e}"));
                 ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
                 if is_sticky {
-                    ctx.runtime.sticky.count_redispatch();
+                    ctx.runtime.sticky().count_redispatch();
                     ctx.metrics.redispatch();
                 }
                 tried.push(node);

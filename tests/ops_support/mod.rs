@@ -229,7 +229,9 @@ pub fn promtool_check(text: &str) -> (bool, String) {
 struct FixedGroups(Vec<String>);
 
 impl amslb::stats::Control for FixedGroups {
-    fn reload(&self) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+    fn reload(
+        &self,
+    ) -> futures_util::future::BoxFuture<'static, Result<amslb::stats::ReloadReport, String>> {
         Box::pin(async { Err("reload is not wired in this test".into()) })
     }
     fn groups(&self) -> Vec<String> {
