@@ -24,6 +24,7 @@ pub mod stats;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
 pub mod workers;
 

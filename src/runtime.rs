@@ -49,6 +49,8 @@ pub struct Runtime {
     pub tls: ArcSwapOption<crate::tls::TlsState>,
     /// Cookie and WHIP/WHEP affinity (`[sticky]`), rebuilt on reload.
     sticky: ArcSwap<Sticky>,
+    /// Keep-alive connections to nodes, by node address.
+    pub pools: crate::transport::Pools,
     /// Node health checks (`[health]`); the proxy reports passive failures
     /// here, and a reload reconfigures it in place.
     pub health: Arc<Health>,
@@ -69,6 +71,7 @@ impl Runtime {
             sticky: ArcSwap::from_pointee(Sticky::from_config(&config)),
             health: Health::new(&config),
             config: ArcSwap::from_pointee(config),
+            pools: crate::transport::Pools::new(cluster.clone()),
             cluster,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),

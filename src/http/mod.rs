@@ -4,7 +4,6 @@
 pub mod body;
 pub mod headers;
 pub mod http01;
-pub mod pool;
 pub mod proxy;
 pub mod record;
 pub mod serve;

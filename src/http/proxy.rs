@@ -2,7 +2,6 @@
 
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
-use super::pool::{self, ConnectError, Sender};
 use super::record::Exchange;
 use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
@@ -13,6 +12,7 @@ use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
 use crate::streaming::select::{self, Wanted};
 use crate::streaming::{assign, sniff};
+use crate::transport::{self, ConnectError, Pools, Sender};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Body;
@@ -326,26 +326,27 @@ pub(crate) async fn forward(
             });
         };
         let lease = node.lease();
-        let (mut sender, reused) = match checkout(&node, config.timeouts.connect).await {
-            Ok(checked_out) => checked_out,
-            Err(e) => {
-                warn!(node = node.id(), error = %e, "connect failed, trying another node");
-                health.report_failure(&node, &format!("connect failed: {e}"));
-                ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
-                if is_sticky {
-                    ctx.runtime.sticky().count_redispatch();
-                    ctx.metrics.redispatch();
+        let (mut sender, reused) =
+            match checkout(&ctx.runtime.pools, &node, config.timeouts.connect).await {
+                Ok(checked_out) => checked_out,
+                Err(e) => {
+                    warn!(node = node.id(), error = %e, "connect failed, trying another node");
+                    health.report_failure(&node, &format!("connect failed: {e}"));
+                    ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
+                    if is_sticky {
+                        ctx.runtime.sticky().count_redispatch();
+                        ctx.metrics.redispatch();
+                    }
+                    tried.push(node);
+                    attempts_left -= 1;
+                    if attempts_left == 0 {
+                        return Err(ProxyError::AllNodesFailed(e));
+                    }
+                    ctx.metrics.retry();
+                    last_error = Some(e);
+                    continue;
                 }
-                tried.push(node);
-                attempts_left -= 1;
-                if attempts_left == 0 {
-                    return Err(ProxyError::AllNodesFailed(e));
-                }
-                ctx.metrics.retry();
-                last_error = Some(e);
-                continue;
-            }
-        };
+            };
         // A reused keep-alive connection may die under the request (the node
         // closed it, or the node itself died). A bodiless idempotent request
         // can then be sent again safely, as HAProxy and nginx do; keep what
@@ -359,7 +360,7 @@ pub(crate) async fn forward(
             }
             Ok(Ok(response)) => {
                 health.report_status(&node, response.status().as_u16());
-                node.pool().give_back_when_idle(sender);
+                ctx.runtime.pools.of(&node).give_back_when_idle(sender);
                 return Ok((response, lease));
             }
             Ok(Err(mut failed)) => match (failed.take_message(), replay) {
@@ -404,11 +405,15 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
 }
 
 /// A connection to `node`, and whether it is a reused keep-alive one.
-async fn checkout(node: &Node, connect_timeout: Duration) -> Result<(Sender, bool), ConnectError> {
-    match node.pool().take() {
+async fn checkout(
+    pools: &Pools,
+    node: &Node,
+    connect_timeout: Duration,
+) -> Result<(Sender, bool), ConnectError> {
+    match pools.of(node).take() {
         Some(sender) => Ok((sender, true)),
         None => Ok((
-            pool::connect(node.http_addr(), connect_timeout).await?,
+            transport::connect(node.http_addr(), connect_timeout).await?,
             false,
         )),
     }
