@@ -1,9 +1,39 @@
 //! amslb: a load balancer for Ant Media Server clusters.
 //!
-//! Data flows one way: [`listener`] → connection ([`server`]) → classify
-//! ([`route`]) → pick a node ([`balance`] over a [`cluster`] snapshot) →
-//! forward ([`http`]). [`run`] is the one place that wires them together.
+//! # Module map
+//!
+//! Modules are layered; each uses only its own layer and the ones above it
+//! in this list (`.ci/layers` checks it and lists what still points up).
+//!
+//! 1. Plain settings and helpers: [`config`] (the file, its validation, and
+//!    [`config::diff`]: what a reload changes and what only a restart
+//!    applies), [`route`] (classify a request line), [`listener`] (socket
+//!    options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`].
+//! 2. Cluster data: [`cluster`]: nodes, groups and the membership snapshot,
+//!    and the membership sources behind [`cluster::MembershipSource`]
+//!    (static list, MongoDB registry).
+//! 3. [`metrics`]: the Prometheus families, fed by everything below.
+//! 4. Pure decisions: [`balance`] (pick a node), [`sticky`] (cookie and
+//!    WHIP/WHEP affinity).
+//! 5. Background state: [`health`] (probes, passive checks), [`access_log`],
+//!    [`tls`] (certificates, ACME, the handshake).
+//! 6. [`transport`]: connections to nodes, pooled per node address.
+//! 7. [`runtime`]: the state shared by every connection (config snapshot,
+//!    membership, health, pools, TLS, affinity), one `Arc`.
+//! 8. Proxies: [`http`] (h1/h2 serving for plain and HTTPS listeners, the
+//!    request handler), [`l4`] (RTMP/RTMPS/SRT relays), [`streaming`]
+//!    (stream placement, WebSocket sniffing, the assign API).
+//! 9. [`stats`]: `/metrics`, the status page and the admin API.
+//! 10. [`listeners`]: the listener registry (accept loops by name and address).
+//! 11. [`server`] (start and shut down) and [`reload`] (the config lifetime
+//!     after start); [`run`] is the one place that wires them together.
+//!
+//! Data flows one way: listener → connection → classify → pick a node over
+//! a membership snapshot → forward. Config and membership are snapshots read
+//! without locks; a reload or a membership update builds a new one and swaps
+//! it in, and nodes that stay keep their state.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod access_log;
 pub mod balance;

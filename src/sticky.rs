@@ -2,7 +2,8 @@
 //! that carry that tie (pure functions; the proxy applies them).
 //!
 //! Two cookie modes, both HAProxy's:
-//! - **prefix** (`cookie JSESSIONID prefix nocache`, seeds/004): the node's own
+//! - **prefix** (`cookie JSESSIONID prefix nocache`, as the AMS cluster
+//!   guide's HAProxy config has it): the node's own
 //!   session cookie `JSESSIONID=v` leaves as `JSESSIONID=<node>~v`; on the way
 //!   back the prefix picks the node and is cut off, so AMS never sees it. The
 //!   byte-level details (whitespace around `=` dropped, `;` and `,` both

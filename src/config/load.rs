@@ -271,7 +271,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    /// The core issue's example, which must be accepted exactly as written.
+    /// A complete origin/edge setup, which must be accepted exactly as written.
     pub(crate) const CORE_EXAMPLE: &str = r#"
 [global]
 max_connections = 20000
@@ -432,7 +432,7 @@ default_group = "origin"
             "{CORE_EXAMPLE}{listener}{}",
             crate::config::tls::tests::ISSUE_EXAMPLE
         );
-        let loaded = parse(&text).expect("issue 8 example must parse");
+        let loaded = parse(&text).expect("the TLS example must parse");
         assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
         let acme = loaded.config.tls.acme.as_ref().unwrap();
         assert_eq!(acme.domains, ["live.amslb.test"]);

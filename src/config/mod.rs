@@ -161,7 +161,7 @@ pub struct ListenerConfig {
     /// Group that receives traffic the router does not send elsewhere.
     #[serde(default = "default_group_name")]
     pub default_group: String,
-    /// Answer every plain-HTTP request with a redirect to https (seeds/004 `redirect scheme https`).
+    /// Answer every plain-HTTP request with a redirect to https (HAProxy's `redirect scheme https`).
     #[serde(default)]
     pub redirect_https: bool,
     /// Expect a PROXY protocol v1/v2 header first on every connection.
