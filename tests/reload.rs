@@ -9,13 +9,13 @@ mod ops_support;
 mod support;
 
 use futures_util::{SinkExt, StreamExt};
-use ops_support::{Answer, http, wait_for};
+use ops_support::{http, metric, wait_for};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use support::registry::Registration;
-use support::secantus::Secantus;
+use support::secantus::{Secantus, cluster_toml};
 use support::*;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -96,14 +96,6 @@ async fn scrape(stats: SocketAddr) -> String {
     page.body
 }
 
-/// The value of the first series of `name` whose labels contain all `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 async fn checks_of(stats: SocketAddr, node: &str) -> f64 {
     let text = scrape(stats).await;
     metric(
@@ -118,6 +110,18 @@ async fn status(stats: SocketAddr) -> serde_json::Value {
     let page = http("GET", &format!("http://{stats}/api/v1/status"), Some(CREDS)).await;
     assert_eq!(page.status, 200, "{}", page.body);
     serde_json::from_str(&page.body).unwrap()
+}
+
+/// Reloads through the admin API; the JSON answer.
+async fn reload(stats: SocketAddr) -> serde_json::Value {
+    let answer = http(
+        "POST",
+        &format!("http://{stats}/api/v1/reload"),
+        Some(CREDS),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    serde_json::from_str(&answer.body).unwrap()
 }
 
 /// The status-page entry of node `id`.
@@ -163,33 +167,15 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
         play,
         stats,
         &format!(
-            r#"
-[global]
-max_connections = 5000
-
-[health]
-interval = "200ms"
-rise = 2
-fall = 2
-
-[sticky]
-mode = "insert"
-
-[cluster]
-source = "mongodb"
-uri = "{uri}"
-stale_after = "10s"
-
-[[cluster.role]]
-cidr = "{}"
-group = "origin"
-
-[[cluster.role]]
-cidr = "{}"
-group = "edge"
-"#,
-            cidr(origin_net),
-            cidr(edge_net)
+            "[global]\nmax_connections = 5000\n\n\
+             [health]\ninterval = \"200ms\"\nrise = 2\nfall = 2\n\n\
+             [sticky]\nmode = \"insert\"\n{}",
+            cluster_toml(
+                &uri,
+                &cidr(origin_net),
+                &cidr(edge_net),
+                "stale_after = \"10s\""
+            )
         ),
     );
     let amslb = Amslb::start(&before, &[play, stats]);
@@ -231,14 +217,7 @@ group = "edge"
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     std::fs::write(amslb.config_path(), &after).unwrap();
-    let answer: Answer = http(
-        "POST",
-        &format!("http://{stats}/api/v1/reload"),
-        Some(CREDS),
-    )
-    .await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    let report: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let report = reload(stats).await;
     assert_eq!(report["reloaded"], true, "{report}");
     assert_eq!(
         report["pending_restart"],
@@ -361,14 +340,7 @@ group = "edge"
 
     // Back to the file it started with: nothing is pending any more.
     std::fs::write(amslb.config_path(), &before).unwrap();
-    let answer = http(
-        "POST",
-        &format!("http://{stats}/api/v1/reload"),
-        Some(CREDS),
-    )
-    .await;
-    assert_eq!(answer.status, 200, "{}", answer.body);
-    let report: serde_json::Value = serde_json::from_str(&answer.body).unwrap();
+    let report = reload(stats).await;
     assert_eq!(report["pending_restart"], serde_json::json!([]), "{report}");
     let text = scrape(stats).await;
     assert_eq!(
