@@ -22,14 +22,18 @@
 //!    membership, health, pools, TLS, affinity), one `Arc`.
 //! 8. Proxies: [`http`] (h1/h2 serving for plain and HTTPS listeners, the
 //!    request handler), [`l4`] (RTMP/RTMPS/SRT relays), [`streaming`]
-//!    (stream placement, WebSocket sniffing, the assign API).
+//!    ([`streaming::select`], the one placement for every protocol;
+//!    WebSocket sniffing; the assign API), [`failover`] (the connect and
+//!    retry loop HTTP and L4 share).
 //! 9. [`stats`]: `/metrics`, the status page and the admin API.
 //! 10. [`listeners`]: the listener registry (accept loops by name and address).
 //! 11. [`server`] (start and shut down) and [`reload`] (the config lifetime
 //!     after start); [`run`] is the one place that wires them together.
 //!
-//! Data flows one way: listener → connection → classify → pick a node over
-//! a membership snapshot → forward. Config and membership are snapshots read
+//! Data flows one way: listener → connection ([`listeners`]) → classify
+//! ([`route`]) → pick a node ([`streaming::select`] with [`balance`] over a
+//! [`cluster`] snapshot) → connect with failover ([`failover`]) → forward
+//! ([`http`], [`l4`]). Config and membership are snapshots read
 //! without locks; a reload or a membership update builds a new one and swaps
 //! it in, and nodes that stay keep their state.
 #![forbid(unsafe_code)]
@@ -39,6 +43,7 @@ pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod failover;
 pub mod health;
 pub mod http;
 pub mod l4;
