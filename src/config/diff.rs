@@ -83,7 +83,16 @@ fn restart_reason(
         return Some("a listener's protocol is fixed while it runs");
     }
     if l4(&was) || l4(&is) {
-        return Some("tcp/tls/udp listeners are built at start");
+        // Their relays read the live config per session (group, backup,
+        // balance, timeouts, affinity, limits); their sockets and a `tls`
+        // listener's own certificate are set up at start.
+        return match field {
+            None => Some("tcp/tls/udp listeners are bound at start"),
+            Some("bind") => Some("tcp/tls/udp sockets are bound at start"),
+            Some("cert" | "key") => Some("a tls listener's own certificate is loaded at start"),
+            Some("backlog") => Some("the listen backlog is set when a socket is bound"),
+            _ => None,
+        };
     }
     match field {
         Some("backlog") if was.is_some() => {
@@ -253,6 +262,23 @@ address = "127.0.0.1"
                 ("listener.web2".to_string(), false),
             ]
         );
+    }
+
+    #[test]
+    fn l4_settings_apply_live_but_binds_and_own_certs_do_not() {
+        let new = BASE.replace(
+            "protocol = \"tcp\"",
+            "protocol = \"tcp\"\ndefault_group = \"edge\"\nrtmp_affinity = true",
+        );
+        assert_eq!(
+            keys(BASE, &new),
+            [
+                ("listener.rtmp.default_group".to_string(), false),
+                ("listener.rtmp.rtmp_affinity".to_string(), false),
+            ]
+        );
+        let new = BASE.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ncert = \"a.pem\"");
+        assert_eq!(keys(BASE, &new), [("listener.rtmp.cert".to_string(), true)]);
     }
 
     #[test]
