@@ -14,6 +14,7 @@ use crate::config::health::HealthConfig;
 use crate::config::{Config, Protocol};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::node_tls::NodeTlsSet;
+use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -21,6 +22,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -77,6 +79,12 @@ impl RiseFall {
         self.up = ok;
         self.streak = 0;
         Some(ok)
+    }
+
+    /// New thresholds (a reload); the current state and streak stay.
+    pub fn set_thresholds(&mut self, rise: u32, fall: u32) {
+        self.rise = rise.max(1);
+        self.fall = fall.max(1);
     }
 
     /// Goes down at once (passive failures); returns whether the node was up.
@@ -204,11 +212,49 @@ impl NodeHealth {
 /// passive reports from the proxy.
 #[derive(Debug)]
 pub struct Health {
-    config: HealthConfig,
-    tcp_groups: HashSet<String>,
+    settings: ArcSwap<Settings>,
+    /// Wakes the supervisor when a reload changed the settings.
+    changed: Notify,
     nodes: RwLock<HashMap<String, Arc<NodeHealth>>>,
     /// Probes reach nodes the way the proxy does (HTTPS under `node_tls`).
     node_tls: Arc<NodeTlsSet>,
+}
+
+/// The `[health]` settings and the groups that get TCP checks, swapped whole on reload.
+#[derive(Debug)]
+struct Settings {
+    config: HealthConfig,
+    tcp_groups: HashSet<String>,
+}
+
+impl Settings {
+    fn of(config: &Config) -> Self {
+        Self {
+            config: config.health.clone(),
+            tcp_groups: tcp_only_groups(config),
+        }
+    }
+
+    /// How `node` is probed under these settings; a probe task runs one plan
+    /// and is restarted when its node's plan changes.
+    fn plan(&self, node: &Node) -> Plan {
+        let kind = if self.tcp_groups.contains(node.group()) {
+            CheckKind::Tcp
+        } else {
+            CheckKind::Http
+        };
+        Plan {
+            kind,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// What one probe task does: the check kind and the settings it runs with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    kind: CheckKind,
+    config: HealthConfig,
 }
 
 impl Health {
@@ -220,11 +266,34 @@ impl Health {
     /// [`Health::new`], probing nodes with `node_tls` over TLS as the proxy reaches them.
     pub fn with_node_tls(config: &Config, node_tls: Arc<NodeTlsSet>) -> Arc<Self> {
         Arc::new(Self {
-            config: config.health.clone(),
-            tcp_groups: tcp_only_groups(config),
+            settings: ArcSwap::from_pointee(Settings::of(config)),
+            changed: Notify::new(),
             nodes: RwLock::default(),
             node_tls,
         })
+    }
+
+    /// Applies the `[health]` (and listener → group) settings of a reloaded
+    /// `config`. Every node keeps its state and history; the probe tasks of
+    /// nodes whose checks changed (interval, path, kind, ...) are restarted
+    /// with the new settings right away, the others keep their clock.
+    pub fn reconfigure(&self, config: &Config) {
+        let settings = Settings::of(config);
+        let (rise, fall) = (settings.config.rise, settings.config.fall);
+        for entry in self
+            .nodes
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+        {
+            entry.inner().rise_fall.set_thresholds(rise, fall);
+        }
+        self.settings.store(Arc::new(settings));
+        self.changed.notify_one();
+    }
+
+    fn config(&self) -> HealthConfig {
+        self.settings.load().config.clone()
     }
 
     /// Starts probing the nodes of `cluster`, following membership changes,
@@ -263,7 +332,11 @@ impl Health {
             node: node.clone(),
             passive_streak: AtomicU32::new(0),
             inner: Mutex::new(Inner {
-                rise_fall: RiseFall::new(self.config.rise, self.config.fall, node.is_healthy()),
+                rise_fall: RiseFall::new(
+                    self.settings.load().config.rise,
+                    self.settings.load().config.fall,
+                    node.is_healthy(),
+                ),
                 history: VecDeque::with_capacity(HISTORY_LEN),
                 probe_after: None,
             }),
@@ -291,7 +364,8 @@ impl Health {
     }
 
     fn passive(&self, node: &Arc<Node>, failure: Option<String>) {
-        let threshold = self.config.passive_failures;
+        let settings = self.settings.load();
+        let threshold = settings.config.passive_failures;
         if threshold == 0 {
             return;
         }
@@ -310,7 +384,7 @@ impl Health {
         if !inner.rise_fall.force_down() {
             return;
         }
-        inner.probe_after = Some(Instant::now() + self.config.passive_backoff);
+        inner.probe_after = Some(Instant::now() + settings.config.passive_backoff);
         let reason = format!("{threshold} consecutive failures on traffic, last: {reason}");
         NodeHealth::push(&mut inner, Outcome::Passive(reason.clone()), Duration::ZERO);
         drop(inner);
@@ -323,9 +397,10 @@ impl Health {
         node.set_healthy(up);
         if up {
             tracing::info!(node = node.id(), group = node.group(), reason, "node up");
-            if !self.config.slow_start.is_zero() {
+            let slow_start = self.settings.load().config.slow_start;
+            if !slow_start.is_zero() {
                 node.set_weight(FULL_WEIGHT / RAMP_STEPS);
-                tokio::spawn(ramp(node.clone(), self.config.slow_start));
+                tokio::spawn(ramp(node.clone(), slow_start));
             }
         } else {
             tracing::warn!(node = node.id(), group = node.group(), reason, "node down");
@@ -337,10 +412,11 @@ impl Health {
         let mut inner = entry.inner();
         let change = inner.rise_fall.record(outcome.is_ok());
         let reason = change.map(|up| {
+            let config = self.config();
             let (count, word) = if up {
-                (self.config.rise, "good")
+                (config.rise, "good")
             } else {
-                (self.config.fall, "failed")
+                (config.fall, "failed")
             };
             format!("{count} consecutive {word} checks, last: {outcome}")
         });
@@ -357,33 +433,46 @@ impl Health {
         shutdown: CancellationToken,
         metrics: Arc<Metrics>,
     ) {
-        let mut watched: Vec<(Arc<Node>, CancellationToken)> = Vec::new();
+        let mut watched: Vec<Watched> = Vec::new();
         loop {
             let snapshot = cluster.snapshot();
-            watched.retain(|(node, stop)| {
+            let settings = self.settings.load_full();
+            watched.retain(|w| {
                 let kept = snapshot
-                    .node(node.id())
-                    .is_some_and(|n| Arc::ptr_eq(n, node));
+                    .node(w.node.id())
+                    .is_some_and(|n| Arc::ptr_eq(n, &w.node))
+                    && settings.plan(&w.node) == w.plan;
                 if !kept {
-                    stop.cancel();
+                    w.stop.cancel();
                 }
                 kept
             });
             for node in snapshot.nodes() {
-                if !watched.iter().any(|(n, _)| Arc::ptr_eq(n, node)) {
+                if !watched.iter().any(|w| Arc::ptr_eq(&w.node, node)) {
                     let stop = shutdown.child_token();
+                    let plan = settings.plan(node);
                     let node_metrics = metrics.node(node);
                     let entry = self.entry(node);
-                    tokio::spawn(self.clone().watch(entry, stop.clone(), node_metrics));
-                    watched.push((node.clone(), stop));
+                    tokio::spawn(self.clone().watch(
+                        entry,
+                        plan.clone(),
+                        stop.clone(),
+                        node_metrics,
+                    ));
+                    watched.push(Watched {
+                        node: node.clone(),
+                        plan,
+                        stop,
+                    });
                 }
             }
             self.nodes
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .retain(|_, e| watched.iter().any(|(n, _)| Arc::ptr_eq(n, &e.node)));
+                .retain(|_, e| watched.iter().any(|w| Arc::ptr_eq(&w.node, &e.node)));
             tokio::select! {
                 _ = shutdown.cancelled() => return,
+                _ = self.changed.notified() => {}
                 _ = tokio::time::sleep(RECONCILE_EVERY) => {}
             }
         }
@@ -394,15 +483,12 @@ impl Health {
     async fn watch(
         self: Arc<Self>,
         entry: Arc<NodeHealth>,
+        plan: Plan,
         stop: CancellationToken,
         metrics: Arc<NodeMetrics>,
     ) {
-        let kind = if self.tcp_groups.contains(entry.node.group()) {
-            CheckKind::Tcp
-        } else {
-            CheckKind::Http
-        };
-        let interval = self.config.interval;
+        let Plan { kind, config } = plan;
+        let interval = config.interval;
         let mut delay = interval.mul_f64(rand::random_range(0.0..1.0));
         loop {
             tokio::select! {
@@ -418,16 +504,16 @@ impl Health {
                 continue;
             }
             let started = Instant::now();
-            let outcome = if self.config.enabled {
+            let outcome = if config.enabled {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    outcome = probe(kind, &entry.node, &self.config, &self.node_tls) => outcome,
+                    outcome = probe(kind, &entry.node, &config, &self.node_tls) => outcome,
                 }
             } else {
                 Outcome::Assumed
             };
             let took = started.elapsed();
-            if self.config.enabled {
+            if config.enabled {
                 metrics.health_check(outcome.is_ok(), took);
             }
             self.record(&entry, outcome, took);
@@ -436,6 +522,14 @@ impl Health {
                 .saturating_sub(took);
         }
     }
+}
+
+/// A probe task the supervisor started: for which node, with which plan.
+#[derive(Debug)]
+struct Watched {
+    node: Arc<Node>,
+    plan: Plan,
+    stop: CancellationToken,
 }
 
 /// Slow start: raises the node's weight from 1/[`RAMP_STEPS`] to full over

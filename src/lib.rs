@@ -1,11 +1,43 @@
 //! amslb: a load balancer for Ant Media Server clusters.
 //!
-//! Data flows one way: [`listener`] → connection ([`server`]) → classify
-//! ([`route`]) → pick a node ([`streaming::select`], the one placement for
-//! every protocol, with [`balance`] over a [`cluster`] snapshot) → connect
-//! with failover ([`failover`], shared by HTTP and L4) → forward ([`http`],
-//! [`l4`]). [`run`] is the one place that wires them together.
+//! # Module map
+//!
+//! Modules are layered; each uses only its own layer and the ones above it
+//! in this list (`.ci/layers` checks it and lists what still points up).
+//!
+//! 1. Plain settings and helpers: [`config`] (the file, its validation, and
+//!    [`config::diff`]: what a reload changes and what only a restart
+//!    applies), [`route`] (classify a request line), [`listener`] (socket
+//!    options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`].
+//! 2. Cluster data: [`cluster`]: nodes, groups and the membership snapshot,
+//!    and the membership sources behind [`cluster::MembershipSource`]
+//!    (static list, MongoDB registry).
+//! 3. [`metrics`]: the Prometheus families, fed by everything below.
+//! 4. Pure decisions: [`balance`] (pick a node), [`sticky`] (cookie and
+//!    WHIP/WHEP affinity).
+//! 5. Background state: [`health`] (probes, passive checks), [`access_log`],
+//!    [`tls`] (certificates, ACME, the handshake).
+//! 6. [`transport`]: connections to nodes, pooled per node address.
+//! 7. [`runtime`]: the state shared by every connection (config snapshot,
+//!    membership, health, pools, TLS, affinity), one `Arc`.
+//! 8. Proxies: [`http`] (h1/h2 serving for plain and HTTPS listeners, the
+//!    request handler), [`l4`] (RTMP/RTMPS/SRT relays), [`streaming`]
+//!    ([`streaming::select`], the one placement for every protocol;
+//!    WebSocket sniffing; the assign API), [`failover`] (the connect and
+//!    retry loop HTTP and L4 share).
+//! 9. [`stats`]: `/metrics`, the status page and the admin API.
+//! 10. [`listeners`]: the listener registry (accept loops by name and address).
+//! 11. [`server`] (start and shut down) and [`reload`] (the config lifetime
+//!     after start); [`run`] is the one place that wires them together.
+//!
+//! Data flows one way: listener → connection ([`listeners`]) → classify
+//! ([`route`]) → pick a node ([`streaming::select`] with [`balance`] over a
+//! [`cluster`] snapshot) → connect with failover ([`failover`]) → forward
+//! ([`http`], [`l4`]). Config and membership are snapshots read
+//! without locks; a reload or a membership update builds a new one and swaps
+//! it in, and nodes that stay keep their state.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
 
 pub mod access_log;
 pub mod balance;
@@ -16,6 +48,7 @@ pub mod health;
 pub mod http;
 pub mod l4;
 pub mod listener;
+pub mod listeners;
 pub mod metrics;
 pub mod node_tls;
 pub mod policy;
@@ -28,6 +61,7 @@ pub mod stats;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
+pub mod transport;
 pub mod tunnel;
 pub mod workers;
 

@@ -33,7 +33,13 @@ struct Cli {
 enum Command {
     /// Validate the configuration and exit 0 if it is valid, 1 if not
     /// (like `haproxy -c` or `nginx -t`).
-    Check,
+    Check {
+        /// Also print what reloading from this (running) config file to the
+        /// checked one would change, setting by setting, and which of those
+        /// changes need a restart.
+        #[arg(long, value_name = "FILE")]
+        against: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,9 +61,12 @@ fn main() -> ExitCode {
         tracing::warn!("{}: {warning}", path.display());
     }
     fdlimit::raise(loaded.config.global.max_connections);
-    if let Some(Command::Check) = cli.command {
+    if let Some(Command::Check { against }) = cli.command {
         println!("{}: configuration is valid", path.display());
-        return ExitCode::SUCCESS;
+        return match against {
+            Some(running) => print_changes(&running, &loaded),
+            None => ExitCode::SUCCESS,
+        };
     }
     match serve(path, loaded) {
         Ok(()) => ExitCode::SUCCESS,
@@ -66,6 +75,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints what a reload from the config at `running` to `new` would change.
+fn print_changes(running: &std::path::Path, new: &amslb::reload::Prepared) -> ExitCode {
+    let old = match amslb::reload::prepare(running) {
+        Ok(old) => old,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let changes = amslb::config::diff::changes(&old.settings, &new.settings);
+    if changes.is_empty() {
+        println!("a reload from {} would change nothing", running.display());
+        return ExitCode::SUCCESS;
+    }
+    let restart = changes.iter().filter(|c| c.restart.is_some()).count();
+    println!(
+        "a reload from {} would change {} setting(s), {restart} of them only on restart:",
+        running.display(),
+        changes.len()
+    );
+    for change in &changes {
+        match change.restart {
+            Some(why) => println!("  {}  (needs a restart: {why})", change.key),
+            None => println!("  {}", change.key),
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn serve(path: PathBuf, prepared: amslb::reload::Prepared) -> anyhow::Result<()> {

@@ -98,6 +98,7 @@ struct Families {
     acme_orders: IntCounterVec,
     limited: IntCounterVec,
     reloads: IntCounterVec,
+    pending_restart: IntGaugeVec,
     last_reload_success: Gauge,
     last_reload_ok: IntGauge,
     access_log_dropped: IntCounter,
@@ -241,6 +242,11 @@ impl Families {
                 "amslb_config_reloads_total",
                 "Configuration reloads, by result (success, failure).",
                 &["result"],
+            )?,
+            pending_restart: gauge(
+                "amslb_config_reload_pending_restart",
+                "1 per setting the loaded config file changes but only a restart applies.",
+                &["setting"],
             )?,
             last_reload_success: reg(
                 registry,
@@ -502,6 +508,23 @@ impl Metrics {
         }
     }
 
+    /// Drops the series of a membership source that a reload replaced.
+    pub fn forget_membership_source(&self, source: &str) {
+        let f = &self.families;
+        let _ = f.membership_up.remove_label_values(&[source]);
+        let _ = f.membership_last_update.remove_label_values(&[source]);
+    }
+
+    /// Publishes the settings that differ from the loaded file until a
+    /// restart (empty: the process runs what the file says).
+    pub fn set_pending_restart(&self, settings: &[String]) {
+        let f = &self.families;
+        f.pending_restart.reset();
+        for setting in settings {
+            f.pending_restart.with_label_values(&[setting]).set(1);
+        }
+    }
+
     /// Publishes when the certificate `name` (its main domain) expires.
     pub fn certificate_expiry(&self, name: &str, expires: SystemTime) {
         let secs = expires
@@ -546,6 +569,10 @@ impl Metrics {
             membership_up: gauge_values(&f.membership_up.collect()),
             membership_last_update: gauge_values(&f.membership_last_update.collect()),
             access_log_dropped: f.access_log_dropped.get(),
+            pending_restart: gauge_values(&f.pending_restart.collect())
+                .into_iter()
+                .map(|(setting, _)| setting)
+                .collect(),
         }
     }
 
@@ -586,6 +613,8 @@ pub struct Overview {
     pub membership_last_update: Vec<(String, f64)>,
     /// Access log lines dropped.
     pub access_log_dropped: u64,
+    /// Settings of the loaded file that wait for a restart.
+    pub pending_restart: Vec<String>,
 }
 
 /// (only label value, value) of every series of a one-label gauge family.

@@ -2,21 +2,35 @@
 //! and hot reload on SIGHUP or the admin action.
 //!
 //! A reload prepares everything that can fail first (parse and validate the
-//! file, read the stats password file, bind new sockets, open the access log)
-//! and only then commits: swap the config snapshot (new connections and
-//! requests see it; open ones keep what they had), update static membership,
-//! start the new accept loops and stop the removed ones. Listeners present in
-//! both configs keep their sockets, so nothing queued on them is lost. Any
-//! failure leaves the running config untouched.
+//! file, read the stats password file, bind new sockets, open the access log,
+//! load a changed `[tls]` store) and only then commits:
+//! - the config snapshot is swapped (new connections and requests see it;
+//!   open ones keep what they had), and `[sticky]` is rebuilt with it;
+//! - `[health]` is applied in place: every node keeps its state, probe tasks
+//!   whose settings changed restart;
+//! - a changed `[tls]` points the certificates at the new store and restarts
+//!   the directory watch and ACME tasks; open TLS connections keep their keys;
+//! - a changed `[cluster]` stops the membership source and starts the one the
+//!   new file names (nodes that stay keep their state);
+//! - new accept loops start and removed ones stop. Listeners present in both
+//!   configs keep their sockets, so nothing queued on them is lost.
+//!
+//! Any failure leaves the running config untouched. What a reload cannot
+//! apply (the list is in [`crate::config::diff`]) is never dropped silently:
+//! it is named in the log line, in the `/api/v1/reload` answer, in the
+//! `amslb_config_reload_pending_restart` gauge and on the status page, for as
+//! long as the file and the running process disagree.
 
 use crate::access_log::AccessLog;
-use crate::cluster::static_source;
-use crate::config::{self, ClusterSource, Config, ConfigError, Protocol};
+use crate::cluster::source;
+use crate::config::diff::{self, Change};
+use crate::config::{self, Config, ConfigError, Protocol};
 use crate::listener::bind_tcp;
+use crate::listeners::{BoundListener, bind_listener, spawn_accept_loop};
 use crate::runtime::Runtime;
-use crate::server::{BoundListener, bind_listener, spawn_accept_loop};
 use crate::stats::auth::{Access, AccessError};
-use crate::stats::{Control, StatsState};
+use crate::stats::{Control, ReloadReport, StatsState};
+use crate::tls::{CertError, Staged, TlsState};
 use futures_util::future::BoxFuture;
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -54,6 +68,9 @@ pub enum ReloadError {
         /// What the OS said.
         source: std::io::Error,
     },
+    /// The certificates of a changed `[tls]` could not be loaded.
+    #[error("[tls]: {0}")]
+    Tls(#[from] CertError),
 }
 
 /// A config that passed every check a reload makes before touching sockets.
@@ -63,6 +80,8 @@ pub struct Prepared {
     pub config: Config,
     /// Non-fatal findings worth logging.
     pub warnings: Vec<String>,
+    /// The file's settings as written, for telling what a reload changes.
+    pub settings: toml::Table,
     stats_access: Option<Access>,
 }
 
@@ -79,11 +98,12 @@ pub fn prepare(path: &Path) -> Result<Prepared, ReloadError> {
     Ok(Prepared {
         config: loaded.config,
         warnings: loaded.warnings,
+        settings: loaded.settings,
         stats_access,
     })
 }
 
-type ReloadReply = oneshot::Sender<Result<String, String>>;
+type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
 
 /// What the stats listener calls for admin actions: a channel to the reload task.
 #[derive(Debug, Clone)]
@@ -93,7 +113,7 @@ struct AdminHandle {
 }
 
 impl Control for AdminHandle {
-    fn reload(&self) -> BoxFuture<'static, Result<String, String>> {
+    fn reload(&self) -> BoxFuture<'static, Result<ReloadReport, String>> {
         let requests = self.requests.clone();
         Box::pin(async move {
             let (tx, rx) = oneshot::channel();
@@ -139,6 +159,24 @@ struct Lifecycle {
     runtime: Arc<Runtime>,
     admin: AdminHandle,
     stats: Option<RunningStats>,
+    /// The settings of the file the process started with: what the
+    /// restart-only settings still run with.
+    started: toml::Table,
+    /// The settings of the file last applied.
+    applied: toml::Table,
+}
+
+/// What a reload does with `[tls]`, decided before anything changes.
+#[derive(Debug)]
+enum TlsPlan {
+    /// Nothing to do.
+    Keep,
+    /// Serve a new store and restart the tasks with new settings.
+    Apply(Box<Staged>),
+    /// TLS was off and is needed now.
+    Start(Arc<TlsState>),
+    /// TLS was on and is needed no more.
+    Stop,
 }
 
 /// Starts the stats listener and the access log of the initial config, and the
@@ -162,6 +200,8 @@ pub async fn start(
             requests: tx,
         },
         stats: None,
+        started: prepared.settings.clone(),
+        applied: prepared.settings.clone(),
     };
     let stats_socket = match &prepared.config.stats {
         Some(stats) => Some(bind_stats(stats.bind)?),
@@ -169,16 +209,13 @@ pub async fn start(
     };
     let access_log = open_access_log(runtime, &prepared.config).await?;
     runtime.access_log.store(Arc::new(access_log));
-    if prepared.config.cluster.source == ClusterSource::Static {
-        // Server::bind loaded the static node list.
-        runtime.metrics.membership_update("static", true);
-    }
+    runtime.metrics.set_pending_restart(&[]);
     life.swap_stats(&prepared, stats_socket);
 
     tokio::spawn(async move {
         #[cfg(unix)]
         let mut hangup = hangup;
-        // The MongoDB source keeps its own status; copy it into the metrics.
+        // Membership sources keep their own status; copy it into the metrics.
         let mut membership_tick = tokio::time::interval(std::time::Duration::from_secs(1));
         loop {
             #[cfg(unix)]
@@ -195,16 +232,23 @@ pub async fn start(
                     let _ = reply.send(life.reload().await);
                 }
                 _ = membership_tick.tick() => {
-                    if let Some(status) = life.runtime.membership.get() {
+                    let source = life
+                        .runtime
+                        .membership
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .as_ref()
+                        .map(|s| (s.name(), s.state()));
+                    if let Some((name, state)) = source {
                         life.runtime.metrics.membership_status(
-                            "mongodb",
-                            status.is_connected(),
-                            status.last_success(),
+                            name,
+                            state.connected,
+                            state.last_success,
                         );
                     }
                     // Certificates change by file watch and ACME renewal; the
                     // gauge follows the served snapshot.
-                    if let Some(tls) = &life.runtime.tls {
+                    if let Some(tls) = life.runtime.tls() {
                         for entry in tls.certs.snapshot().entries() {
                             life.runtime.metrics.certificate_expiry(&entry.name, entry.not_after);
                         }
@@ -217,6 +261,14 @@ pub async fn start(
         }
     });
     Ok(())
+}
+
+/// Whether `change` is a setting of `[section]` (or the section as a whole).
+fn in_section(change: &Change, section: &str) -> bool {
+    change
+        .key
+        .strip_prefix(section)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
 }
 
 fn bind_stats(addr: SocketAddr) -> Result<tokio::net::TcpListener, ReloadError> {
@@ -246,12 +298,18 @@ async fn open_access_log(
 
 impl Lifecycle {
     /// One reload attempt, logged and counted either way.
-    async fn reload(&mut self) -> Result<String, String> {
+    async fn reload(&mut self) -> Result<ReloadReport, String> {
         match self.try_reload().await {
-            Ok(summary) => {
+            Ok(report) => {
                 self.runtime.metrics.reload_done(true);
-                info!(path = %self.path.display(), %summary, "configuration reloaded");
-                Ok(summary)
+                let summary = &report.summary;
+                if report.pending_restart.is_empty() {
+                    info!(path = %self.path.display(), %summary, "configuration reloaded");
+                } else {
+                    let pending_restart = report.pending_restart.join(", ");
+                    warn!(path = %self.path.display(), %summary, %pending_restart, "configuration reloaded, but some settings only apply on restart");
+                }
+                Ok(report)
             }
             Err(e) => {
                 self.runtime.metrics.reload_done(false);
@@ -261,13 +319,19 @@ impl Lifecycle {
         }
     }
 
-    async fn try_reload(&mut self) -> Result<String, ReloadError> {
+    async fn try_reload(&mut self) -> Result<ReloadReport, ReloadError> {
         let prepared = prepare(&self.path)?;
         for warning in &prepared.warnings {
             warn!("{}: {warning}", self.path.display());
         }
         let new = &prepared.config;
-        let old = self.runtime.config();
+        let changed = diff::changes(&self.applied, &prepared.settings);
+        let pending: Vec<String> =
+            diff::pending_restart(&diff::changes(&self.started, &prepared.settings))
+                .into_iter()
+                .map(|c| c.key.clone())
+                .collect();
+        let touches = |section: &str| changed.iter().any(|c| in_section(c, section));
 
         // Everything that can fail, before anything changes.
         // UDP listeners (SRT) are not accept loops; they stay as started.
@@ -296,8 +360,8 @@ impl Lifecycle {
                     continue;
                 }
                 if matches!(listener.protocol, Protocol::Tcp | Protocol::Tls) {
-                    // Their relay is built at start from the whole config.
-                    warn!(listener = %listener.name, %addr, "a new tcp/tls listener starts on restart, not on reload");
+                    // Their relay is built at start from the whole config;
+                    // `pending` names them.
                     continue;
                 }
                 // SO_REUSEPORT lets a renamed listener bind an address the
@@ -313,21 +377,19 @@ impl Lifecycle {
             (None, _) => None,
         };
         let access_log = open_access_log(&self.runtime, new).await?;
+        let tls = match (self.runtime.tls(), TlsState::needed(new)) {
+            (Some(_), true) if touches("tls") => TlsPlan::Apply(Box::new(Staged::load(&new.tls)?)),
+            (None, true) => TlsState::start(new)?.map_or(TlsPlan::Keep, TlsPlan::Start),
+            (Some(_), false) => TlsPlan::Stop,
+            _ => TlsPlan::Keep,
+        };
 
         // Commit.
-        if new.global.max_connections != old.global.max_connections {
-            warn!(
-                old = old.global.max_connections,
-                new = new.global.max_connections,
-                "global.max_connections only changes on restart"
-            );
-        }
         self.runtime.set_config(new.clone());
-        if new.cluster.source == ClusterSource::Static {
-            self.runtime
-                .cluster
-                .update(static_source::specs(&new.cluster));
-            self.runtime.metrics.membership_update("static", true);
+        self.runtime.health.reconfigure(new);
+        self.apply_tls(tls, new);
+        if touches("cluster") {
+            self.replace_membership_source(new).await;
         }
         let added = fresh.len();
         for bound in fresh {
@@ -355,11 +417,78 @@ impl Lifecycle {
             .retain_listeners(|name| new.listeners.iter().any(|l| l.name == name));
         self.runtime.access_log.store(Arc::new(access_log));
         self.swap_stats(&prepared, stats_socket);
-        Ok(format!(
-            "{} listener address(es) added, {removed} removed, {} node(s) configured",
+        self.runtime.metrics.set_pending_restart(&pending);
+        self.applied = prepared.settings;
+        let mut summary = format!(
+            "{} setting(s) changed, {} listener address(es) added, {removed} removed, {} node(s) configured",
+            changed.len(),
             added,
             new.cluster.nodes.len()
-        ))
+        );
+        if !pending.is_empty() {
+            summary.push_str(&format!("; restart needed for: {}", pending.join(", ")));
+        }
+        Ok(ReloadReport {
+            summary,
+            changed: changed.into_iter().map(|c| c.key).collect(),
+            pending_restart: pending,
+        })
+    }
+
+    /// Carries out what [`TlsPlan`] decided.
+    fn apply_tls(&self, plan: TlsPlan, config: &Config) {
+        let runtime = &self.runtime;
+        match plan {
+            TlsPlan::Keep => {}
+            TlsPlan::Apply(staged) => {
+                if let Some(tls) = runtime.tls() {
+                    tls.apply(*staged, &runtime.shutdown, runtime.metrics.clone());
+                }
+            }
+            TlsPlan::Start(tls) => {
+                tls.spawn_tasks(&config.tls, &runtime.shutdown, runtime.metrics.clone());
+                runtime.tls.store(Some(tls));
+            }
+            TlsPlan::Stop => {
+                if let Some(tls) = runtime.tls.swap(None) {
+                    tls.stop_tasks();
+                }
+            }
+        }
+    }
+
+    /// Stops the running membership source and starts the one `config`
+    /// names. The old one is stopped first, so it cannot overwrite the new
+    /// one's membership; until the new one answers, the nodes stay as they are.
+    async fn replace_membership_source(&self, config: &Config) {
+        let runtime = &self.runtime;
+        let old = runtime
+            .membership
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(old) = old {
+            let name = old.name();
+            old.stop().await;
+            runtime.metrics.forget_membership_source(name);
+        }
+        // Validation made sure the source has what it needs to start.
+        let new = match source::start(&config.cluster, runtime.cluster.clone(), &runtime.shutdown) {
+            Ok(new) => new,
+            Err(e) => {
+                error!("membership source not started: {e}");
+                return;
+            }
+        };
+        info!(
+            source = new.name(),
+            "membership source (re)started by reload"
+        );
+        let state = new.state();
+        runtime
+            .metrics
+            .membership_status(new.name(), state.connected, state.last_success);
+        *runtime.membership.lock().unwrap_or_else(|e| e.into_inner()) = Some(new);
     }
 
     /// Applies the `[stats]` of `prepared`: new rules for the running listener,

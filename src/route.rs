@@ -1,6 +1,7 @@
 //! The streaming-aware router: which group a request belongs to, and which
-//! stream it concerns. A pure function of the request line, so every rule of
-//! DESIGN.md §2 is pinned down by the table of cases below.
+//! stream it concerns. A pure function of the request line, so every rule
+//! (AMS's URL layout: publish and REST to origins, play to edges) is pinned
+//! down by the table of cases below.
 
 /// The group a request is sent to, before group names are resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

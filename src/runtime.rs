@@ -1,13 +1,12 @@
 //! State shared by every listener and connection of a running amslb.
 
 use crate::access_log::AccessLog;
-use crate::cluster::Cluster;
-use crate::cluster::mongodb::SourceStatus;
+use crate::cluster::{Cluster, MembershipSource};
 use crate::config::{Config, ListenerConfig};
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::sticky::Sticky;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -42,13 +41,18 @@ pub struct Runtime {
     pub accept_loops: Mutex<HashMap<(Arc<str>, SocketAddr), CancellationToken>>,
     /// Extra serving threads, started when the server runs.
     pub workers: OnceLock<crate::workers::Workers>,
-    /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
-    pub membership: OnceLock<Arc<SourceStatus>>,
-    /// Certificates and ACME, when some listener terminates TLS.
-    pub tls: Option<Arc<crate::tls::TlsState>>,
-    /// Cookie and WHIP/WHEP affinity (`[sticky]`).
-    pub sticky: Sticky,
-    /// Node health checks (`[health]`); the proxy reports passive failures here.
+    /// The running membership source (`[cluster] source`), once the server
+    /// runs; a reload that changes `[cluster]` replaces it.
+    pub membership: Mutex<Option<Box<dyn MembershipSource>>>,
+    /// Certificates and ACME, when some listener terminates TLS or ACME is
+    /// configured; a reload may start, retarget or stop it.
+    pub tls: ArcSwapOption<crate::tls::TlsState>,
+    /// Cookie and WHIP/WHEP affinity (`[sticky]`), rebuilt on reload.
+    sticky: ArcSwap<Sticky>,
+    /// Keep-alive connections to nodes, by node address.
+    pub pools: crate::transport::Pools,
+    /// Node health checks (`[health]`); the proxy reports passive failures
+    /// here, and a reload reconfigures it in place.
     pub health: Arc<Health>,
     /// TLS to nodes (`node_tls`), shared by the pools and the health checks.
     pub node_tls: Arc<crate::node_tls::NodeTlsSet>,
@@ -70,10 +74,11 @@ impl Runtime {
         // in metrics.rs proves they register, so this cannot fail at run time.
         let metrics = Metrics::new(cluster.clone()).expect("metric families are valid");
         Arc::new(Self {
-            sticky: Sticky::from_config(&config),
+            sticky: ArcSwap::from_pointee(Sticky::from_config(&config)),
             health: Health::with_node_tls(&config, node_tls.clone()),
             node_tls,
             config: ArcSwap::from_pointee(config),
+            pools: crate::transport::Pools::new(cluster.clone()),
             cluster,
             shutdown: CancellationToken::new(),
             hard_stop: CancellationToken::new(),
@@ -83,8 +88,8 @@ impl Runtime {
             access_log: ArcSwap::from_pointee(None),
             accept_loops: Mutex::default(),
             workers: OnceLock::new(),
-            membership: OnceLock::new(),
-            tls,
+            membership: Mutex::default(),
+            tls: ArcSwapOption::new(tls),
             limits: Default::default(),
         })
     }
@@ -112,9 +117,22 @@ impl Runtime {
         }
     }
 
-    /// Replaces the config for everything that starts from now on.
+    /// Replaces the config for everything that starts from now on, with the
+    /// affinity settings built from it (a request reads both once).
     pub fn set_config(&self, config: Config) {
+        let sticky = Sticky::reloaded(&config, &self.sticky.load());
+        self.sticky.store(Arc::new(sticky));
         self.config.store(Arc::new(config));
+    }
+
+    /// The affinity settings in effect.
+    pub fn sticky(&self) -> Arc<Sticky> {
+        self.sticky.load_full()
+    }
+
+    /// The TLS state, when TLS is in use.
+    pub fn tls(&self) -> Option<Arc<crate::tls::TlsState>> {
+        self.tls.load_full()
     }
 }
 

@@ -2,7 +2,8 @@
 //! that carry that tie (pure functions; the proxy applies them).
 //!
 //! Two cookie modes, both HAProxy's:
-//! - **prefix** (`cookie JSESSIONID prefix nocache`, seeds/004): the node's own
+//! - **prefix** (`cookie JSESSIONID prefix nocache`, as the AMS cluster
+//!   guide's HAProxy config has it): the node's own
 //!   session cookie `JSESSIONID=v` leaves as `JSESSIONID=<node>~v`; on the way
 //!   back the prefix picks the node and is cut off, so AMS never sees it. The
 //!   byte-level details (whitespace around `=` dropped, `;` and `,` both
@@ -75,7 +76,8 @@ pub struct Sticky {
     configured: HashMap<String, Arc<str>>,
     /// Node id → derived key, cached so the data path hashes each id once.
     derived: RwLock<HashMap<String, Arc<str>>>,
-    redispatches: AtomicU64,
+    /// Shared with the `Sticky` a reload builds, so the count spans reloads.
+    redispatches: Arc<AtomicU64>,
 }
 
 /// What the request's cookies say about affinity.
@@ -110,7 +112,15 @@ impl Sticky {
             always_secure: config.secure,
             nocache: config.nocache(),
             hmac_key: hmac::Key::new(hmac::HMAC_SHA256, secret),
-            redispatches: AtomicU64::new(0),
+            redispatches: Arc::default(),
+        }
+    }
+
+    /// The settings of a reloaded config, counting on where `old` left off.
+    pub fn reloaded(config: &Config, old: &Sticky) -> Self {
+        Self {
+            redispatches: old.redispatches.clone(),
+            ..Self::from_config(config)
         }
     }
 

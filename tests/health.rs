@@ -273,7 +273,7 @@ async fn a_draining_node_keeps_its_tunnels_and_sticky_clients_but_gets_no_new_on
         "no new tunnels"
     );
     assert_eq!(
-        lb.runtime.sticky.redispatches(),
+        lb.runtime.sticky().redispatches(),
         0,
         "draining is not a redispatch"
     );

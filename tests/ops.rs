@@ -29,14 +29,6 @@ fn config(main: SocketAddr, stats: SocketAddr, nodes: &[(&SimNode, &str)], extra
     one_listener_config(main, &nodes, &format!("{stats}\n{extra}"))
 }
 
-/// Value of the first series of `name` whose label text contains all `labels`.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-        .find(|l| labels.iter().all(|want| l.contains(want)))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
 async fn scrape(stats: SocketAddr) -> String {
     let page = http("GET", &format!("http://{stats}/metrics"), Some(CREDS)).await;
     assert_eq!(page.status, 200, "{}", page.body);

@@ -390,3 +390,73 @@ fn not_after(pem: &str) -> i64 {
     let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
     cert.validity().not_after.timestamp()
 }
+
+#[tokio::test]
+async fn reload_to_another_certs_dir_serves_its_store_and_open_connection_survives() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let (tmp_a, tmp_b) = (tempdir("reload-a"), tempdir("reload-b"));
+    let (a, b) = (tmp_a.path(), tmp_b.path());
+    let (cert_a, key_a) = ca.leaf(&["live.amslb.test"]);
+    let (cert_b, key_b) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(a.join("live.pem"), format!("{cert_a}{key_a}")).unwrap();
+    std::fs::write(b.join("live.pem"), format!("{cert_b}{key_b}")).unwrap();
+    let node = sim_node("origin-1").await;
+    let https = listener_addr(18443);
+    let tls = |dir: &Path| {
+        format!(
+            "[tls]\ncerts_dir = \"{}\"\nwatch_interval = \"100ms\"\n",
+            dir.display()
+        )
+    };
+    let amslb = Amslb::start(&lb_config(https, None, node.addr, &tls(a)), &[https]);
+    let roots = [ca.der.clone()];
+
+    let (mut send, leaf) = open_h1(https, "live.amslb.test", &roots).await;
+    assert_eq!(leaf, leaf_der(&cert_a));
+    assert_eq!(
+        send.send_request(kept_request("live.amslb.test"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+
+    std::fs::write(
+        amslb.config_path(),
+        lb_config(https, None, node.addr, &tls(b)),
+    )
+    .unwrap();
+    amslb.signal("HUP");
+    wait_for_leaf(https, &roots, &cert_b).await;
+    let response = send
+        .send_request(kept_request("live.amslb.test"))
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        200,
+        "open connection survives the reload"
+    );
+
+    // The directory watch follows the new directory.
+    let (cert_b2, key_b2) = ca.leaf(&["live.amslb.test"]);
+    install(b, "live.pem", &format!("{cert_b2}{key_b2}"));
+    wait_for_leaf(https, &roots, &cert_b2).await;
+
+    // A reload to a directory with a bad file is refused; the store stays.
+    let tmp_c = tempdir("reload-c");
+    std::fs::write(tmp_c.path().join("live.pem"), "not a pem").unwrap();
+    std::fs::write(
+        amslb.config_path(),
+        lb_config(https, None, node.addr, &tls(tmp_c.path())),
+    )
+    .unwrap();
+    amslb.signal("HUP");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !amslb.log().contains("reload refused") {
+        assert!(std::time::Instant::now() < deadline, "{}", amslb.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    wait_for_leaf(https, &roots, &cert_b2).await;
+}

@@ -8,9 +8,11 @@
 
 pub mod mongodb;
 mod node;
+pub mod source;
 pub mod static_source;
 
 pub use node::{FULL_WEIGHT, Node, NodeLease, NodeSpec, ReportedLoad};
+pub use source::{MembershipSource, SourceState};
 
 use arc_swap::ArcSwap;
 use std::collections::HashMap;

@@ -2,7 +2,6 @@
 //! its live state (health, draining, open sessions), kept in atomics so the data
 //! path reads it without locks.
 
-use crate::http::pool::Pool;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -67,8 +66,6 @@ pub struct Node {
     /// Share of new sessions offered, in thousandths: below [`FULL_WEIGHT`]
     /// while the node slow-starts after coming back (see `health`).
     weight: AtomicU32,
-    /// Idle keep-alive HTTP connections to the node.
-    pool: Arc<Pool>,
 }
 
 /// Load figures a node reports about itself (AMS writes them to MongoDB).
@@ -114,13 +111,7 @@ impl Node {
             memory: AtomicU32::new(f32::NAN.to_bits()),
             overloaded: AtomicBool::new(false),
             weight: AtomicU32::new(FULL_WEIGHT),
-            pool: Arc::default(),
         }
-    }
-
-    /// Idle keep-alive HTTP connections to the node.
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
     }
 
     /// The description this node was built from.

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::time::Duration;
 
 /// `[health]`; the defaults are HAProxy's `check inter 2000 rise 2 fall 3`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HealthConfig {
     /// Run active probes at all; when off, only passive failures mark nodes down.

@@ -110,7 +110,7 @@ mod tests {
     use crate::config::{Protocol, parse_str};
     use std::path::Path;
 
-    /// The L4 issue's example, which must be accepted exactly as written.
+    /// A complete RTMP/RTMPS/SRT listener setup, which must be accepted exactly as written.
     const L4_EXAMPLE: &str = r#"
 [[listener]]
 name = "rtmp"

@@ -13,6 +13,9 @@ pub struct Loaded {
     pub config: Config,
     /// Non-fatal findings, e.g. a group that has no node yet.
     pub warnings: Vec<String>,
+    /// The file's settings as written, for telling what a reload changes
+    /// (see [`super::diff`]).
+    pub settings: toml::Table,
 }
 
 /// Why a config was refused: always names the file, and the key where one is to blame.
@@ -57,13 +60,19 @@ pub fn load(path: &Path) -> Result<Loaded, ConfigError> {
 /// Parses and validates config text; `file` is only used in error messages.
 pub fn parse_str(text: &str, file: &Path) -> Result<Loaded, ConfigError> {
     let config = deserialize(text, file)?;
+    // It parsed as a Config, so it parses as a table.
+    let settings = text.parse::<toml::Table>().unwrap_or_default();
     let warnings = config.validate().map_err(|(key, reason)| ConfigError {
         file: file.to_path_buf(),
         key,
         line: None,
         reason,
     })?;
-    Ok(Loaded { config, warnings })
+    Ok(Loaded {
+        config,
+        warnings,
+        settings,
+    })
 }
 
 fn deserialize(text: &str, file: &Path) -> Result<Config, ConfigError> {
@@ -264,7 +273,7 @@ impl Config {
 mod tests {
     use super::*;
 
-    /// The core issue's example, which must be accepted exactly as written.
+    /// A complete origin/edge setup, which must be accepted exactly as written.
     pub(crate) const CORE_EXAMPLE: &str = r#"
 [global]
 max_connections = 20000
@@ -425,7 +434,7 @@ default_group = "origin"
             "{CORE_EXAMPLE}{listener}{}",
             crate::config::tls::tests::ISSUE_EXAMPLE
         );
-        let loaded = parse(&text).expect("issue 8 example must parse");
+        let loaded = parse(&text).expect("the TLS example must parse");
         assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
         let acme = loaded.config.tls.acme.as_ref().unwrap();
         assert_eq!(acme.domains, ["live.amslb.test"]);

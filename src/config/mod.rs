@@ -6,6 +6,7 @@
 //! (groups named by listeners and nodes, duplicate binds) and is what both
 //! `amslb check` and a reload run.
 
+pub mod diff;
 pub mod duration;
 pub mod health;
 pub mod l4;
@@ -167,7 +168,7 @@ pub struct ListenerConfig {
     /// Group that receives traffic the router does not send elsewhere.
     #[serde(default = "default_group_name")]
     pub default_group: String,
-    /// Answer every plain-HTTP request with a redirect to https (seeds/004 `redirect scheme https`).
+    /// Answer every plain-HTTP request with a redirect to https (HAProxy's `redirect scheme https`).
     #[serde(default)]
     pub redirect_https: bool,
     /// Expect a PROXY protocol v1/v2 header first on every connection.

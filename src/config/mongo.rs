@@ -1,7 +1,7 @@
 //! The `[cluster]` keys of the MongoDB membership source (`source = "mongodb"`):
 //! types, defaults and the validation that serde cannot do.
 //!
-//! The keys themselves live in [`ClusterConfig`] because the issue's config puts
+//! The keys themselves live in [`ClusterConfig`] because the documented config puts
 //! them straight under `[cluster]`, and `deny_unknown_fields` rules out
 //! flattening a sub-struct into it.
 
@@ -185,7 +185,7 @@ name = "edge"
 backup = "origin"
 "#;
 
-    /// The issue's example, which must be accepted exactly as written.
+    /// The README's `[cluster]` example, which must be accepted exactly as written.
     pub const ISSUE_CLUSTER: &str = r#"
 [cluster]
 source = "mongodb"
@@ -207,7 +207,7 @@ group = "edge"
         parse_str(&format!("{BASE}{cluster}"), Path::new("lb.toml"))
     }
 
-    /// The issue's `[cluster]` with `keys` added to the table and `tables`
+    /// That `[cluster]` with `keys` added to the table and `tables`
     /// (more `[[cluster.role]]`, `[[cluster.node]]`) after its two roles.
     pub fn cluster(keys: &str, tables: &str) -> ClusterConfig {
         let text = ISSUE_CLUSTER.replace(
@@ -225,8 +225,8 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn accepts_the_issue_example() {
-        let loaded = parse(ISSUE_CLUSTER).expect("issue example must parse");
+    fn accepts_the_documented_example() {
+        let loaded = parse(ISSUE_CLUSTER).expect("documented example must parse");
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         let c = &loaded.config.cluster;
         assert_eq!(c.source, ClusterSource::Mongodb);

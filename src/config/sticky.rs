@@ -172,9 +172,9 @@ group = "origin"
         parse_str(&format!("{BASE}{extra}"), Path::new("lb.toml"))
     }
 
-    /// The issue's example, which must be accepted exactly as written.
+    /// The README's `[sticky]` example, which must be accepted exactly as written.
     #[test]
-    fn accepts_the_issue_example() {
+    fn accepts_the_documented_example() {
         let loaded = parse(
             r#"
 [sticky]

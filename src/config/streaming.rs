@@ -100,7 +100,7 @@ mod tests {
     use crate::config::{BalanceMode, parse_str};
     use std::path::Path;
 
-    /// The streaming issue's example, on top of the core example's clusters.
+    /// A complete `[streaming]` setup as an operator writes it, on top of the basic clusters.
     const STREAMING_EXAMPLE: &str = r#"
 [[listener]]
 name = "one-url"

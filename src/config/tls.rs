@@ -213,7 +213,7 @@ pub(crate) mod tests {
         tls: TlsConfig,
     }
 
-    /// The `[tls]` part of issue 8's example, which must be accepted exactly as written.
+    /// A complete `[tls]` setup with ACME, which must be accepted exactly as written.
     pub(crate) const ISSUE_EXAMPLE: &str = r#"
 [tls]
 certs_dir = "/var/lib/amslb/certs"
@@ -250,7 +250,7 @@ protocol = "https"
     }
 
     #[test]
-    fn accepts_the_issue_example() {
+    fn accepts_the_documented_example() {
         let tls = parse(ISSUE_EXAMPLE);
         assert_eq!(tls.certs_dir, PathBuf::from("/var/lib/amslb/certs"));
         let acme = tls.acme.as_ref().unwrap();

@@ -106,41 +106,4 @@ pub fn redirect(location: &str) -> Response<ResponseBody> {
     response
 }
 
-/// The body amslb sends to a node: the client's, streamed, or none at all
-/// when a bodiless request is sent again after a reused connection died.
-#[derive(Debug)]
-pub enum UpstreamBody {
-    /// The client's request body, passed through as it arrives.
-    Client(Incoming),
-    /// No body.
-    Empty,
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
-            UpstreamBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Client(body) => body.is_end_stream(),
-            UpstreamBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Client(body) => body.size_hint(),
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
+pub use crate::transport::UpstreamBody;

@@ -1,25 +1,28 @@
-//! The HTTP side: serving client connections with hyper and proxying their
-//! requests to nodes.
+//! The HTTP side: serving client connections (plain and HTTPS, h1 and h2)
+//! with hyper and proxying their requests to nodes.
 
 pub mod body;
 mod edge;
 pub mod headers;
-pub mod pool;
+pub mod http01;
 pub mod proxy;
 pub mod record;
+pub mod serve;
 
 use crate::runtime::Runtime;
+use crate::tls::TlsState;
+use crate::tls::serve::handshake;
 use headers::ClientInfo;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
 use proxy::ConnContext;
+use serve::{HttpLimits, Versions, serve_http};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tracing::{debug, info};
 
-/// Serves one client connection until it closes, or until shutdown lets its
-/// in-flight requests finish.
+/// Serves one plain HTTP client connection until it closes, or until
+/// shutdown lets its in-flight requests finish.
 ///
 /// The header-read timeout (`timeouts.client`) bounds both a slow request
 /// head (slowloris) and how long an idle keep-alive connection is kept;
@@ -33,7 +36,51 @@ pub async fn serve_connection<I>(
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    serve(runtime, listener, io, Versions::Http1, client).await;
+}
+
+/// Serves one `https` client connection: handshake (bounded by
+/// `timeouts.client`), then the proxy with `X-Forwarded-Proto: https`, over
+/// h2 or HTTP/1.1 as ALPN decided.
+pub async fn serve_tls_connection(
+    runtime: Arc<Runtime>,
+    tls: Arc<TlsState>,
+    listener: Arc<str>,
+    stream: TcpStream,
+    client: ClientInfo,
+) {
+    let timeout = runtime.config().timeouts.client;
+    let stream = match handshake(tls.acceptor(), stream, timeout).await {
+        Ok(Some(stream)) => stream,
+        Ok(None) => return,
+        Err(e) => {
+            // Scanners and clients that distrust the certificate: not worth more than debug.
+            debug!(%listener, client = %client.addr, error = %e, "TLS handshake failed");
+            return;
+        }
+    };
+    let versions = Versions::from_alpn(stream.get_ref().1.alpn_protocol());
+    let client = ClientInfo {
+        tls: true,
+        ..client
+    };
+    serve(runtime, listener, stream, versions, client).await;
+}
+
+async fn serve<I>(
+    runtime: Arc<Runtime>,
+    listener: Arc<str>,
+    io: I,
+    versions: Versions,
+    client: ClientInfo,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let config = runtime.config();
+    let limits = HttpLimits {
+        header_read_timeout: config.timeouts.client,
+        max_header_bytes: config.global.max_header_bytes,
+    };
     let ctx = Arc::new(ConnContext {
         runtime: runtime.clone(),
         listener: listener.clone(),
@@ -41,25 +88,12 @@ pub async fn serve_connection<I>(
         metrics: runtime.metrics.listener(&listener),
     });
     let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(config.timeouts.client)
-        .max_buf_size(config.global.max_header_bytes.max(8192))
-        .keep_alive(true);
-    let connection = builder
-        .serve_connection(TokioIo::new(io), service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        _ = runtime.shutdown.cancelled() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
+    let result = serve_http(io, versions, service, limits, runtime.shutdown.clone()).await;
     if let Err(e) = result {
-        if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
+        let refused = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|e| e.is_parse() || e.is_parse_too_large() || e.is_timeout());
+        if refused {
             info!(%listener, client = %client.addr, error = %e, "client connection refused");
         } else {
             debug!(%listener, client = %client.addr, error = %e, "client connection ended");

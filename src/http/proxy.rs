@@ -3,7 +3,6 @@
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
 use super::edge;
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
-use super::pool::{self, ConnectError, Sender};
 use super::record::Exchange;
 use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
@@ -16,6 +15,7 @@ use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
 use crate::streaming::select::Wanted;
 use crate::streaming::{assign, sniff};
+use crate::transport::{self, ConnectError, Pools, Sender};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Body;
@@ -111,7 +111,7 @@ async fn proxy(
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
     let host = request_host(&request);
-    if let Some(answer) = crate::tls::http01::answer(&ctx.runtime, request.uri().path()) {
+    if let Some(answer) = super::http01::answer(&ctx.runtime, request.uri().path()) {
         return Ok(answer);
     }
     if listener.redirect_https && !crate::tls::is_http01_path(request.uri().path()) {
@@ -190,7 +190,7 @@ async fn proxy(
         }
         record
     });
-    ctx.runtime.sticky.on_response(
+    ctx.runtime.sticky().on_response(
         &affinity,
         lease.node(),
         response.headers_mut(),
@@ -246,7 +246,7 @@ pub(crate) fn sticky_affinity(
     let mut uri = std::mem::take(request.uri_mut());
     let affinity =
         ctx.runtime
-            .sticky
+            .sticky()
             .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
     *request.uri_mut() = uri;
     affinity
@@ -330,13 +330,14 @@ pub(crate) async fn forward(
     let mut failover = Failover::new(config, snapshot, wanted, report).first(affinity.node.clone());
     let connect_timeout = config.timeouts.connect;
     let node_tls = &*ctx.runtime.node_tls;
+    let pools = &ctx.runtime.pools;
     let mut redispatch_counted = false;
     loop {
         let connected = failover
-            .connect(|node| async move { checkout(&node, node_tls, connect_timeout).await })
+            .connect(|node| async move { checkout(pools, &node, node_tls, connect_timeout).await })
             .await;
         if failover.first_failed() && !std::mem::replace(&mut redispatch_counted, true) {
-            ctx.runtime.sticky.count_redispatch();
+            ctx.runtime.sticky().count_redispatch();
             ctx.metrics.redispatch();
         }
         let Connected {
@@ -365,7 +366,7 @@ pub(crate) async fn forward(
             }
             Ok(Ok(response)) => {
                 health.report_status(&node, response.status().as_u16());
-                node.pool().give_back_when_idle(sender);
+                ctx.runtime.pools.of(&node).give_back_when_idle(sender);
                 return Ok((response, lease));
             }
             Ok(Err(mut failed)) => match (failed.take_message(), replay) {
@@ -411,16 +412,17 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
 
 /// A connection to `node`, and whether it is a reused keep-alive one.
 async fn checkout(
+    pools: &Pools,
     node: &Node,
     tls: &NodeTlsSet,
     connect_timeout: Duration,
 ) -> Result<(Sender, bool), ConnectError> {
-    match node.pool().take() {
+    match pools.of(node).take() {
         Some(sender) => Ok((sender, true)),
         None => {
             let (addr, tls) = tls.http(node);
             Ok((
-                pool::connect(addr, tls.map(|t| &**t), connect_timeout).await?,
+                transport::connect(addr, tls.map(|t| &**t), connect_timeout).await?,
                 false,
             ))
         }

@@ -28,11 +28,24 @@ use tracing::{debug, info, warn};
 /// The status page: one self-contained file (HTML, CSS, JS), no external assets.
 const PAGE: &str = include_str!("page.html");
 
+/// What a reload that went through did, as `/api/v1/reload` answers it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ReloadReport {
+    /// One line for the log and the answer.
+    pub summary: String,
+    /// Settings of the file that differ from the previous one.
+    pub changed: Vec<String>,
+    /// Settings of the file the running process does not run with until a
+    /// restart (never applied silently).
+    pub pending_restart: Vec<String>,
+}
+
 /// What the stats listener asks of the rest of the process.
 pub trait Control: Send + Sync {
-    /// Re-reads and applies the config file, exactly like SIGHUP; `Ok` carries
-    /// a one-line summary, `Err` the reason the new config was refused.
-    fn reload(&self) -> BoxFuture<'static, Result<String, String>>;
+    /// Re-reads and applies the config file, exactly like SIGHUP; `Ok` says
+    /// what changed and what waits for a restart, `Err` why the new config
+    /// was refused.
+    fn reload(&self) -> BoxFuture<'static, Result<ReloadReport, String>>;
     /// Names of the configured groups, so the page shows groups with no node.
     fn groups(&self) -> Vec<String>;
     /// Recent health check results of a node, oldest first (true = passed).
@@ -181,9 +194,14 @@ pub async fn handle<B>(state: &StatsState, peer: IpAddr, req: Request<B>) -> Rep
             }
             info!(%peer, "config reload requested through the admin API");
             match state.control.reload().await {
-                Ok(summary) => json_reply(
+                Ok(report) => json_reply(
                     StatusCode::OK,
-                    &serde_json::json!({ "reloaded": true, "summary": summary }),
+                    &serde_json::json!({
+                        "reloaded": true,
+                        "summary": report.summary,
+                        "changed": report.changed,
+                        "pending_restart": report.pending_restart,
+                    }),
                 ),
                 Err(reason) => json_reply(
                     StatusCode::UNPROCESSABLE_ENTITY,
@@ -307,7 +325,7 @@ mod tests {
     pub(super) struct Fixed;
 
     impl Control for Fixed {
-        fn reload(&self) -> BoxFuture<'static, Result<String, String>> {
+        fn reload(&self) -> BoxFuture<'static, Result<ReloadReport, String>> {
             Box::pin(async { Err("config.toml:3: bad".to_string()) })
         }
         fn groups(&self) -> Vec<String> {

@@ -122,6 +122,8 @@ pub fn status(metrics: &Metrics, cluster: &Cluster, control: &dyn Control) -> Va
             "loaded_at": o.last_reload_success,
             "reloads_ok": o.reloads_ok,
             "reloads_failed": o.reloads_failed,
+            // Settings the file changes that only a restart applies.
+            "pending_restart": o.pending_restart,
         },
         "listeners": listeners,
         "groups": groups,
@@ -176,5 +178,9 @@ mod tests {
         assert_eq!(doc["listeners"][0]["name"], "play");
         assert_eq!(doc["listeners"][0]["requests"]["2xx"], 1);
         assert_eq!(doc["config"]["last_reload_ok"], true);
+        assert_eq!(doc["config"]["pending_restart"], json!([]));
+        metrics.set_pending_restart(&["global.workers".to_string()]);
+        let doc = status(&metrics, &cluster, &super::super::tests::Fixed);
+        assert_eq!(doc["config"]["pending_restart"], json!(["global.workers"]));
     }
 }

@@ -1,8 +1,8 @@
 //! Reading certificates and keys from PEM files into rustls `CertifiedKey`s.
 //!
 //! Two layouts are accepted, both found in the wild next to HAProxy and nginx:
-//! a combined `name.pem` (chain first, then the key, as seeds/004 builds it for
-//! HAProxy) and a `name.crt` + `name.key` pair. Every error names the file.
+//! a combined `name.pem` (chain first, then the key, as HAProxy's `crt` wants
+//! it) and a `name.crt` + `name.key` pair. Every error names the file.
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;

@@ -87,7 +87,7 @@ fn tls_alpn01_cert(domain: &str, digest: &[u8]) -> Result<CertifiedKey, CertErro
         .custom_extensions
         .push(rcgen::CustomExtension::new_acme_identifier(digest));
     let cert = params.self_signed(&key).map_err(fail)?;
-    // Through the provider's key loader (DESIGN.md §6): a DER shortcut gives a
+    // Through the provider's key loader: a DER shortcut gives a
     // key rustls cannot sign with for every scheme the validator offers.
     let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
     certified_key(

@@ -7,7 +7,7 @@ use crate::config::tls::TlsConfig;
 use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -26,22 +26,45 @@ const NO_CERT_WARN_EVERY_SECS: u64 = 10;
 /// tls-alpn-01 validation.
 #[derive(Debug)]
 pub struct Certificates {
-    dir: PathBuf,
-    default_cert: Option<String>,
+    /// Where the certificates come from; a reload may point it elsewhere.
+    location: ArcSwap<Location>,
     store: ArcSwap<CertStore>,
     challenges: ChallengeStore,
     last_warning: AtomicU64,
+}
+
+/// `[tls] certs_dir` and `default_cert`: what a store is loaded from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    dir: PathBuf,
+    default_cert: Option<String>,
+}
+
+impl Location {
+    /// The location `config` names.
+    pub fn of(config: &TlsConfig) -> Self {
+        Self {
+            dir: config.certs_dir.clone(),
+            default_cert: config.default_cert.clone(),
+        }
+    }
+
+    /// Creates the directory (mode 0700) if it is missing and loads it. A bad
+    /// file is an error naming it: refusing to serve beats serving the wrong site.
+    pub fn load(&self) -> Result<CertStore, CertError> {
+        super::files::create_private_dir(&self.dir)?;
+        CertStore::load_dir(&self.dir, self.default_cert.as_deref())
+    }
 }
 
 impl Certificates {
     /// Creates `certs_dir` (mode 0700) if it is missing and loads it. A bad file
     /// is an error naming it: refusing to start beats serving the wrong site.
     pub fn open(config: &TlsConfig) -> Result<Arc<Self>, CertError> {
-        super::files::create_private_dir(&config.certs_dir)?;
-        let store = CertStore::load_dir(&config.certs_dir, config.default_cert.as_deref())?;
+        let location = Location::of(config);
+        let store = location.load()?;
         Ok(Arc::new(Self {
-            dir: config.certs_dir.clone(),
-            default_cert: config.default_cert.clone(),
+            location: ArcSwap::from_pointee(location),
             store: ArcSwap::from_pointee(store),
             challenges: ChallengeStore::default(),
             last_warning: AtomicU64::new(0),
@@ -51,18 +74,34 @@ impl Certificates {
     /// Re-reads `certs_dir` and swaps the new snapshot in; returns how many
     /// certificates are now served. On error the old snapshot keeps serving.
     pub fn reload(&self) -> Result<usize, CertError> {
-        let store = CertStore::load_dir(&self.dir, self.default_cert.as_deref())?;
+        let location = self.location.load_full();
+        let store = location.load()?;
         let count = store.entries().len();
         self.store.store(Arc::new(store));
-        tracing::info!(dir = %self.dir.display(), count, "certificates loaded");
+        tracing::info!(dir = %location.dir.display(), count, "certificates loaded");
         Ok(count)
+    }
+
+    /// Serves `store`, loaded from `location`, from now on (a reload moved
+    /// `certs_dir` or `default_cert`). Handshakes already done keep their key.
+    pub fn switch_to(&self, location: Location, store: CertStore) {
+        let count = store.entries().len();
+        tracing::info!(dir = %location.dir.display(), count, "certificates loaded");
+        self.store.store(Arc::new(store));
+        self.location.store(Arc::new(location));
+    }
+
+    /// Where the certificates come from now.
+    pub fn location(&self) -> Arc<Location> {
+        self.location.load_full()
     }
 
     /// Serves `entry` from now on, replacing the certificate loaded from the
     /// same file name; the rest of the snapshot is kept as is (a bad unrelated
     /// file in the directory must not block a renewal from going live).
     pub fn install(&self, entry: CertEntry) {
-        let default = self.default_cert.as_deref();
+        let location = self.location.load();
+        let default = location.default_cert.as_deref();
         self.store.rcu(|old| {
             let mut entries: Vec<CertEntry> = old
                 .entries()
@@ -86,8 +125,8 @@ impl Certificates {
     }
 
     /// The certificate directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    pub fn dir(&self) -> PathBuf {
+        self.location.load().dir.clone()
     }
 
     /// Pending ACME challenge answers; the HTTP proxy asks
@@ -110,7 +149,7 @@ impl Certificates {
         {
             tracing::warn!(
                 sni = sni.unwrap_or("-"),
-                dir = %self.dir.display(),
+                dir = %self.dir().display(),
                 "TLS handshake refused: no certificate loaded yet (add one to the directory, or wait for ACME)"
             );
         }

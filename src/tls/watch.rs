@@ -55,7 +55,7 @@ pub async fn watch(
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
         }
-        let now = fingerprint(certs.dir());
+        let now = fingerprint(&certs.dir());
         if now == last {
             continue;
         }

@@ -225,11 +225,21 @@ pub fn promtool_check(text: &str) -> (bool, String) {
     (out.status.success(), all)
 }
 
+/// Value of the first series of `name` whose label text contains all `labels`.
+pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// Group names for an in-process stats listener; reload is not wired there.
 struct FixedGroups(Vec<String>);
 
 impl amslb::stats::Control for FixedGroups {
-    fn reload(&self) -> futures_util::future::BoxFuture<'static, Result<String, String>> {
+    fn reload(
+        &self,
+    ) -> futures_util::future::BoxFuture<'static, Result<amslb::stats::ReloadReport, String>> {
         Box::pin(async { Err("reload is not wired in this test".into()) })
     }
     fn groups(&self) -> Vec<String> {

@@ -370,11 +370,14 @@ impl Front {
                             http_body_util::Full::new(Bytes::from_static(b"ok")),
                         ))
                     });
-                    let limits = amslb::tls::serve::HttpLimits {
+                    let versions =
+                        amslb::http::serve::Versions::from_alpn(tls.get_ref().1.alpn_protocol());
+                    let limits = amslb::http::serve::HttpLimits {
                         header_read_timeout: Duration::from_secs(5),
                         max_header_bytes: 16 * 1024,
                     };
-                    let _ = amslb::tls::serve::serve_http(tls, service, limits, stop).await;
+                    let _ =
+                        amslb::http::serve::serve_http(tls, versions, service, limits, stop).await;
                 });
             }
         });

@@ -7,7 +7,7 @@
 //! snapshot in line through [`tracker::Tracker`]. The data path never waits on
 //! MongoDB: it only reads the snapshot and the nodes' atomics.
 //!
-//! Failure handling, in order of the demands:
+//! Failure handling:
 //! - start-up never blocks: the driver gets short server-selection and connect
 //!   timeouts, and amslb serves its static (or empty) membership until MongoDB
 //!   first answers;

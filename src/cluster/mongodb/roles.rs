@@ -60,7 +60,7 @@ mod tests {
     use super::*;
     use crate::config::mongo::fixtures;
 
-    /// The roles, then a wider edge block, IPv6, and one pinned address.
+    /// The documented roles, then a wider edge block, IPv6, and one pinned address.
     fn cluster(keys: &str) -> ClusterConfig {
         fixtures::cluster(
             &format!("http_port = 5081\n{keys}"),

@@ -1,12 +1,12 @@
 //! Keep-alive connections to one node, reused across client requests.
 //!
-//! Each [`Node`](crate::cluster::Node) owns a pool. A connection is taken out
+//! [`super::Pools`] keeps one pool per node address. A connection is taken out
 //! for one request and comes back once its response body has been read to the
 //! end (hyper reports that through `SendRequest::ready`), so a pooled
 //! connection is always idle. The lock is held only to push or pop, never
 //! across I/O.
 
-use super::body::UpstreamBody;
+use super::UpstreamBody;
 use crate::listener::tune_stream;
 use crate::node_tls::NodeTls;
 use hyper::client::conn::http1::{self, SendRequest};

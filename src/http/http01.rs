@@ -1,6 +1,7 @@
-//! Answering ACME http-01 challenges on the plain HTTP listeners.
+//! Answering ACME http-01 challenges on the plain HTTP listeners, from the
+//! tokens the ACME manager (`tls::acme`) has pending.
 
-use crate::http::body::ResponseBody;
+use super::body::ResponseBody;
 use crate::runtime::Runtime;
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
@@ -13,6 +14,7 @@ use http_body_util::Full;
 pub fn answer(runtime: &Runtime, path: &str) -> Option<Response<ResponseBody>> {
     let key_authorization = runtime
         .tls
+        .load()
         .as_ref()?
         .certs
         .challenges()

@@ -1,0 +1,97 @@
+//! The transport layer: connections from amslb to nodes, kept per node
+//! outside [`Node`] so cluster data stays plain data.
+//!
+//! [`Pools`] holds one [`Pool`] of idle keep-alive HTTP connections per node
+//! address; the HTTP proxy takes a connection from it and gives it back.
+
+pub mod pool;
+
+pub use pool::{ConnectError, Pool, Sender, connect};
+
+use crate::cluster::{Cluster, Node};
+use bytes::Bytes;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::task::{Context, Poll};
+
+/// Connection pools by node address.
+///
+/// Keyed by the node's HTTP address rather than its identity: a connection
+/// is only good for the address it was opened to, and two entries with one
+/// address are one server. Pools of addresses no longer in the membership
+/// are dropped when a new address first gets a pool (rare: membership
+/// changes), so their idle connections close.
+#[derive(Debug)]
+pub struct Pools {
+    cluster: Arc<Cluster>,
+    by_addr: RwLock<HashMap<SocketAddr, Arc<Pool>>>,
+}
+
+impl Pools {
+    /// No pool yet, for the nodes of `cluster`.
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        Self {
+            cluster,
+            by_addr: RwLock::default(),
+        }
+    }
+
+    /// The pool of `node`, created on first use.
+    pub fn of(&self, node: &Node) -> Arc<Pool> {
+        let addr = node.http_addr();
+        if let Some(pool) = self
+            .by_addr
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&addr)
+        {
+            return pool.clone();
+        }
+        let snapshot = self.cluster.snapshot();
+        let mut by_addr = self.by_addr.write().unwrap_or_else(PoisonError::into_inner);
+        by_addr.retain(|a, _| *a == addr || snapshot.nodes().any(|n| n.http_addr() == *a));
+        by_addr.entry(addr).or_default().clone()
+    }
+}
+
+/// The body amslb sends to a node: the client's, streamed, or none at all
+/// when a bodiless request is sent again after a reused connection died.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// The client's request body, passed through as it arrives.
+    Client(Incoming),
+    /// No body.
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client(body) => body.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client(body) => body.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
