@@ -11,6 +11,7 @@ pub mod cluster;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod import;
 pub mod l4;
 pub mod listener;
 pub mod metrics;
