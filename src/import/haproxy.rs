@@ -208,10 +208,12 @@ pub fn haproxy(text: &str, source: &str) -> Imported {
                         continue;
                     };
                     let ssl = rest.contains(&"ssl");
-                    if let Some(i) = rest.iter().position(|w| *w == "crt") {
-                        if let Some(crt) = rest.get(i + 1) {
-                            set_certs_dir(&mut draft, crt, line);
-                        }
+                    if let Some(crt) = rest
+                        .iter()
+                        .position(|w| *w == "crt")
+                        .and_then(|i| rest.get(i + 1))
+                    {
+                        set_certs_dir(&mut draft, crt, line);
                     }
                     binds.push((bind, ssl, rest.contains(&"accept-proxy")));
                 }

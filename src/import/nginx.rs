@@ -134,6 +134,9 @@ fn seconds(text: &str) -> Option<f64> {
     super::duration(text, "s").map(|(_, seconds)| seconds)
 }
 
+/// `map $arg_target $var { ... }` by variable: (line, default, entries).
+type Maps = BTreeMap<String, (usize, String, Vec<(String, String)>)>;
+
 #[derive(Debug, Default)]
 struct Upstream {
     line: usize,
@@ -386,7 +389,7 @@ pub fn nginx(text: &str, source: &str) -> Imported {
             }
         }
 
-        let mut maps: BTreeMap<String, (usize, String, Vec<(String, String)>)> = BTreeMap::new();
+        let mut maps: Maps = BTreeMap::new();
         let mut http_read: Option<(String, usize)> = None;
         for d in http.children() {
             match d.name.as_str() {
@@ -428,24 +431,23 @@ pub fn nginx(text: &str, source: &str) -> Imported {
             .and_then(|(t, line)| Some((seconds(t)?, t.clone(), *line)));
         for server in http.children().iter().filter(|d| d.name == "server") {
             let read = http_server(&mut draft, server, &maps, &group_of_upstream);
-            if let Some((text, line)) = read {
-                if let Some(s) = seconds(&text) {
-                    if longest_read.as_ref().is_none_or(|(l, _, _)| s > *l) {
-                        longest_read = Some((s, text, line));
-                    }
-                }
+            if let Some((s, text, line)) =
+                read.and_then(|(text, line)| Some((seconds(&text)?, text, line)))
+                && longest_read.as_ref().is_none_or(|(l, _, _)| s > *l)
+            {
+                longest_read = Some((s, text, line));
             }
         }
-        if let Some((_, text, line)) = longest_read {
-            if let Some(d) = duration(&text) {
-                draft.timeouts.set(
-                    "tunnel",
-                    d,
-                    Some(format!(
-                        "the longest proxy_read_timeout, line {line}: WebSocket idle time"
-                    )),
-                );
-            }
+        if let Some((_, text, line)) = longest_read
+            && let Some(d) = duration(&text)
+        {
+            draft.timeouts.set(
+                "tunnel",
+                d,
+                Some(format!(
+                    "the longest proxy_read_timeout, line {line}: WebSocket idle time"
+                )),
+            );
         }
     }
 
@@ -470,7 +472,7 @@ fn set_timeout(draft: &mut Draft, key: &str, d: &Directive) {
 fn http_server(
     draft: &mut Draft,
     server: &Directive,
-    maps: &BTreeMap<String, (usize, String, Vec<(String, String)>)>,
+    maps: &Maps,
     group_of_upstream: &BTreeMap<String, String>,
 ) -> Option<(String, usize)> {
     let mut listener = Section::new("[[listener]]");

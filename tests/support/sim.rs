@@ -273,10 +273,8 @@ async fn echo_websocket(upgrade: hyper::upgrade::OnUpgrade, state: Arc<State>) {
         if message.is_close() {
             break;
         }
-        if let Ok(text) = message.to_text() {
-            if message.is_text() {
-                state.messages.lock().unwrap().push(text.to_string());
-            }
+        if let (true, Ok(text)) = (message.is_text(), message.to_text()) {
+            state.messages.lock().unwrap().push(text.to_string());
         }
         if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
             break;
