@@ -24,11 +24,20 @@ fn demo_binary() -> PathBuf {
         "{} is missing: run `cargo test` (which builds the examples) or `cargo build --example demo`",
         demo.display()
     );
-    // `cargo test --test demo` rebuilds amslb but not the examples.
-    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).unwrap();
+    // `cargo test --test demo` rebuilds the library but not the examples.
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let library = std::fs::read_dir(profile_dir.join("deps"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("libamslb-") && name.ends_with(".rlib")
+        })
+        .filter_map(|p| modified(&p))
+        .max();
     assert!(
-        modified(&demo) >= modified(std::path::Path::new(env!("CARGO_BIN_EXE_amslb"))),
-        "{} is older than amslb: run `cargo build --example demo` (plain `cargo test` builds it)",
+        modified(&demo) >= library,
+        "{} is older than the amslb library: run `cargo build --example demo` (plain `cargo test` builds it)",
         demo.display()
     );
     demo
