@@ -46,6 +46,7 @@ pub mod config;
 pub mod failover;
 pub mod health;
 pub mod http;
+pub mod import;
 pub mod l4;
 pub mod listener;
 pub mod listeners;

@@ -40,11 +40,33 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         against: Option<PathBuf>,
     },
+    /// Translate an HAProxy or nginx config into a commented lb.toml on
+    /// stdout; what could not be translated goes to stderr, with why. Exits 0
+    /// when the result passes `amslb check`.
+    Import {
+        /// Which balancer wrote FILE.
+        #[arg(value_enum)]
+        format: ImportFormat,
+        /// The config to translate (e.g. /etc/haproxy/haproxy.cfg, /etc/nginx/nginx.conf).
+        file: PathBuf,
+    },
+}
+
+/// Config dialects `amslb import` reads.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ImportFormat {
+    /// HAProxy (`global`, `defaults`, `frontend`, `backend`, `listen`).
+    Haproxy,
+    /// nginx (`http {}` upstreams and servers, `stream {}`).
+    Nginx,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
+    if let Some(Command::Import { format, file }) = &cli.command {
+        return import(*format, file);
+    }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see amslb --help)");
         return ExitCode::from(2);
@@ -104,6 +126,50 @@ fn print_changes(running: &std::path::Path, new: &amslb::reload::Prepared) -> Ex
         }
     }
     ExitCode::SUCCESS
+}
+
+fn import(format: ImportFormat, file: &std::path::Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("error: {}: {e}", file.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    let source = file.display().to_string();
+    let imported = match format {
+        ImportFormat::Haproxy => amslb::import::haproxy(&text, &source),
+        ImportFormat::Nginx => amslb::import::nginx(&text, &source),
+    };
+    print!("{}", imported.toml);
+    for note in &imported.notes {
+        eprintln!(
+            "{source}:{}: not translated: {}: {}",
+            note.line, note.item, note.why
+        );
+    }
+    // What `amslb check` would say about the result (it has no file yet).
+    let checked = amslb::config::parse_str(&imported.toml, std::path::Path::new("<imported>"))
+        .map_err(|e| e.to_string())
+        .and_then(|loaded| match &loaded.config.stats {
+            Some(stats) => amslb::stats::auth::Access::from_config(stats)
+                .map(drop)
+                .map_err(|e| e.to_string()),
+            None => Ok(()),
+        });
+    match checked {
+        Ok(()) => {
+            eprintln!(
+                "{source}: imported; the result passes amslb check ({} items not translated)",
+                imported.notes.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: the imported config does not pass amslb check: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn serve(path: PathBuf, prepared: amslb::reload::Prepared) -> anyhow::Result<()> {

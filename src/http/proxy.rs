@@ -126,9 +126,9 @@ async fn proxy(
         record.set_route(route.kind.as_str());
         record.add_bytes_in(request.body().size_hint().exact().unwrap_or(0));
     }
-    if listener.assign_api && request.uri().path() == assign::PATH {
+    if listener.assign_api && assign::handles(request.uri().path()) {
         let snapshot = ctx.runtime.cluster.snapshot();
-        let (method, query) = (request.method(), request.uri().query());
+        let (method, query) = (request.method(), request.uri());
         let headers = request.headers();
         return Ok(assign::answer(
             &snapshot,

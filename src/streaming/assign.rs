@@ -2,6 +2,11 @@
 //! balancer would give this stream, for players and publishers that connect
 //! to a node directly. Answers from the same picker as the proxy, so a client
 //! that asks and then connects through the balancer lands on the same node.
+//!
+//! `GET /amslb/v1/endpoint?app=..[&stream=..][&role=..]` answers the same
+//! choice in the schema of the AMS JavaScript SDK's `httpEndpointUrl`
+//! (`{fqdn, websocket_url, http_url}`): the SDK fetches it (adding
+//! `source=sdk`), checks `http_url` with a HEAD, then opens `websocket_url`.
 
 use super::select::{self, Wanted};
 use crate::config::{Config, ListenerConfig};
@@ -15,15 +20,25 @@ use serde_json::json;
 /// The path the API answers on.
 pub const PATH: &str = "/amslb/v1/assign";
 
-/// Answers one assignment request.
+/// The path answering in the AMS SDK's `httpEndpointUrl` schema.
+pub const SDK_PATH: &str = "/amslb/v1/endpoint";
+
+/// Whether `path` is one of the API's paths.
+pub fn handles(path: &str) -> bool {
+    path == PATH || path == SDK_PATH
+}
+
+/// Answers one assignment request on [`PATH`] or [`SDK_PATH`].
 pub fn answer(
     snapshot: &crate::cluster::Membership,
     config: &Config,
     listener: &ListenerConfig,
     method: &Method,
-    query: Option<&str>,
+    uri: &http::Uri,
     headers: &HeaderMap,
 ) -> Response<ResponseBody> {
+    let sdk = uri.path() == SDK_PATH;
+    let query = uri.query();
     if method != Method::GET && method != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use GET"}));
     }
@@ -38,14 +53,17 @@ pub fn answer(
             _ => {}
         }
     }
-    let (Some(app), Some(stream)) = (
-        app.filter(|a| !a.is_empty()),
-        stream.filter(|s| !s.is_empty()),
-    ) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "app and stream are required"}),
-        );
+    let app = app.filter(|a| !a.is_empty());
+    let stream = stream.filter(|s| !s.is_empty());
+    // The SDK asks before it knows a stream: the app alone picks like a
+    // request without a stream (least-conn).
+    let Some(app) = app.filter(|_| sdk || stream.is_some()) else {
+        let error = if sdk {
+            "app is required"
+        } else {
+            "app and stream are required"
+        };
+        return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
     };
     let (target, publish) = match role.as_str() {
         "play" => (Target::Edge, false),
@@ -57,9 +75,23 @@ pub fn answer(
             );
         }
     };
-    let key = format!("{app}/{stream}");
-    let wanted = Wanted::for_target(config, listener, target, Some(key), publish, headers);
+    let key = stream.map(|stream| format!("{app}/{stream}"));
+    let wanted = Wanted::for_target(config, listener, target, key, publish, headers);
     match select::pick(config, snapshot, &wanted, &[]) {
+        Some(node) if sdk => {
+            // Nodes are reached over plain HTTP, as amslb itself reaches them.
+            let at = std::net::SocketAddr::new(node.spec().addr, node.spec().http_port);
+            reply(
+                StatusCode::OK,
+                json!({
+                    "fqdn": node.spec().addr.to_string(),
+                    "websocket_url": format!("ws://{at}/{app}/websocket"),
+                    "http_url": format!("http://{at}/{app}"),
+                    "node": node.id(),
+                    "group": node.group(),
+                }),
+            )
+        }
         Some(node) => reply(
             StatusCode::OK,
             json!({
@@ -89,6 +121,12 @@ fn reply(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> 
     );
     // The answer changes with load and health: never cache it.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Player pages are served from elsewhere than the balancer; the answer
+    // holds nothing a page of another origin must not read.
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
     response
 }
 
@@ -124,7 +162,7 @@ balance = "stream-hash"
             &config,
             &config.listeners[0],
             &Method::GET,
-            Some(query),
+            &query.parse().unwrap(),
             &HeaderMap::new(),
         );
         let status = response.status().as_u16();
@@ -143,19 +181,54 @@ balance = "stream-hash"
     async fn answers_node_for_role_and_errors_as_json() {
         let cluster = Cluster::new();
         cluster.update(vec![spec("o1", "origin", 1), spec("e1", "edge", 2)]);
-        let (status, body) = call(&cluster, "app=LiveApp&stream=s%201&role=play").await;
+        let (status, body) = call(
+            &cluster,
+            "/amslb/v1/assign?app=LiveApp&stream=s%201&role=play",
+        )
+        .await;
         assert_eq!(status, 200);
         assert_eq!(
             body,
             json!({"node": "e1", "address": "127.0.5.2", "http_port": 5080, "group": "edge", "region": "eu"})
         );
-        let (_, body) = call(&cluster, "app=LiveApp&stream=s1&role=publish").await;
+        let (_, body) = call(
+            &cluster,
+            "/amslb/v1/assign?app=LiveApp&stream=s1&role=publish",
+        )
+        .await;
         assert_eq!(body["node"], "o1");
-        assert_eq!(call(&cluster, "app=LiveApp").await.0, 400);
-        assert_eq!(call(&cluster, "app=a&stream=b&role=watch").await.0, 400);
+        assert_eq!(call(&cluster, "/amslb/v1/assign?app=LiveApp").await.0, 400);
+        assert_eq!(
+            call(&cluster, "/amslb/v1/assign?app=a&stream=b&role=watch")
+                .await
+                .0,
+            400
+        );
         cluster.update(vec![spec("o1", "origin", 1)]);
-        let (status, body) = call(&cluster, "app=a&stream=b").await;
+        let (status, body) = call(&cluster, "/amslb/v1/assign?app=a&stream=b").await;
         assert_eq!(status, 503);
         assert_eq!(body["group"], "edge");
+    }
+
+    #[tokio::test]
+    async fn sdk_endpoint_answers_the_sdk_schema_without_a_stream() {
+        let cluster = Cluster::new();
+        cluster.update(vec![spec("o1", "origin", 1), spec("e1", "edge", 2)]);
+        // As the SDK calls it: the configured URL plus source=sdk.
+        let (status, body) = call(&cluster, "/amslb/v1/endpoint?app=LiveApp&source=sdk").await;
+        assert_eq!(status, 200);
+        assert_eq!(body["fqdn"], "127.0.5.2");
+        assert_eq!(
+            body["websocket_url"],
+            "ws://127.0.5.2:5080/LiveApp/websocket"
+        );
+        assert_eq!(body["http_url"], "http://127.0.5.2:5080/LiveApp");
+        let (_, body) = call(
+            &cluster,
+            "/amslb/v1/endpoint?app=LiveApp&role=publish&stream=s1",
+        )
+        .await;
+        assert_eq!(body["node"], "o1");
+        assert_eq!(call(&cluster, "/amslb/v1/endpoint?source=sdk").await.0, 400);
     }
 }

@@ -9,7 +9,10 @@
 //! - `GET /slow?ms=N` → answers after N ms,
 //! - `POST /{app}/whip/{id}` or `/whep/{id}` → 201 with an absolute `Location`
 //!   on the node itself (`http://addr/{app}/whip/{id}/{node}-session`),
-//! - a WebSocket upgrade on any path → echoes every message,
+//! - a WebSocket upgrade on any path → echoes every message (text messages
+//!   are recorded, see [`SimNode::messages`]),
+//! - every answer carries `Access-Control-Allow-Origin: *`, as AMS's CORS
+//!   filter sends, so browser pages of other origins (the AMS SDK) can read it,
 //! - on every normal answer: each request header `x-set-cookie` comes back as a
 //!   `Set-Cookie`, each request `Cookie` header as an `x-got-cookie` (so a test
 //!   sees exactly what the balancer forwarded and what it did to the answer).
@@ -64,6 +67,7 @@ struct State {
     mode: Mutex<Mode>,
     liveness: Mutex<u16>,
     seen: Mutex<Vec<Seen>>,
+    messages: Mutex<Vec<String>>,
 }
 
 /// A running simulated node; stops when dropped.
@@ -86,6 +90,7 @@ impl SimNode {
             mode: Mutex::new(Mode::Normal),
             liveness: Mutex::new(200),
             seen: Mutex::new(Vec::new()),
+            messages: Mutex::new(Vec::new()),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(SimNode { addr, state, task })
@@ -111,6 +116,11 @@ impl SimNode {
         self.state.seen.lock().unwrap().clone()
     }
 
+    /// Text messages received on WebSockets so far, in order.
+    pub fn messages(&self) -> Vec<String> {
+        self.state.messages.lock().unwrap().clone()
+    }
+
     /// Stops listening and closes the listening socket (open connections end too).
     pub fn stop(&self) {
         self.task.abort();
@@ -128,7 +138,16 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     while let Ok((stream, _)) = listener.accept().await {
         let state = state.clone();
         connections.spawn(async move {
-            let service = service_fn(move |req| answer(state.clone(), req));
+            let service = service_fn(move |req| {
+                let state = state.clone();
+                async move {
+                    let mut response = answer(state, req).await?;
+                    response
+                        .headers_mut()
+                        .insert("access-control-allow-origin", "*".parse().unwrap());
+                    Ok::<_, Infallible>(response)
+                }
+            });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades()
@@ -175,7 +194,7 @@ async fn answer(
     if let Some(key) = req.headers().get("sec-websocket-key") {
         let accept = derive_accept_key(key.as_bytes());
         let upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(echo_websocket(upgrade));
+        tokio::spawn(echo_websocket(upgrade, state.clone()));
         return Ok(Response::builder()
             .status(StatusCode::SWITCHING_PROTOCOLS)
             .header(header::CONNECTION, "upgrade")
@@ -247,12 +266,15 @@ fn big_body(id: &str, total: u64) -> Response<Body> {
         .unwrap()
 }
 
-async fn echo_websocket(upgrade: hyper::upgrade::OnUpgrade) {
+async fn echo_websocket(upgrade: hyper::upgrade::OnUpgrade, state: Arc<State>) {
     let Ok(upgraded) = upgrade.await else { return };
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
     while let Some(Ok(message)) = ws.next().await {
         if message.is_close() {
             break;
+        }
+        if let (true, Ok(text)) = (message.is_text(), message.to_text()) {
+            state.messages.lock().unwrap().push(text.to_string());
         }
         if (message.is_text() || message.is_binary()) && ws.send(message).await.is_err() {
             break;
