@@ -2,7 +2,9 @@
 //! requests to nodes.
 
 pub mod body;
+pub mod guard;
 pub mod headers;
+pub mod idle;
 pub mod pool;
 pub mod proxy;
 pub mod record;
@@ -47,7 +49,10 @@ pub async fn serve_connection<I>(
         .max_buf_size(config.global.max_header_bytes.max(8192))
         .keep_alive(true);
     let connection = builder
-        .serve_connection(TokioIo::new(io), service)
+        .serve_connection(
+            TokioIo::new(idle::WriteTimeout::new(io, config.timeouts.client)),
+            service,
+        )
         .with_upgrades();
     tokio::pin!(connection);
     let result = tokio::select! {

@@ -1,6 +1,7 @@
 //! The request handler: classify, pick a node, forward, stream the answer back.
 
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
+use super::guard::{self, ClientBody, ClientFault, Upload};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
 use super::record::Exchange;
@@ -46,6 +47,8 @@ pub(crate) enum ProxyError {
     Timeout(String, Duration),
     #[error("node {0} failed: {1}")]
     Upstream(String, hyper::Error),
+    #[error("{0}")]
+    Client(ClientFault),
 }
 
 impl ProxyError {
@@ -54,6 +57,7 @@ impl ProxyError {
             ProxyError::NoUsableNode(..) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::AllNodesFailed(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Client(fault) => fault.status(),
         }
     }
 }
@@ -153,7 +157,7 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) =
+    let (response, lease) =
         match forward(ctx, &view.config, &snapshot, &wanted, &affinity, request).await {
             Ok(answer) => answer,
             Err(e) => {
@@ -163,6 +167,10 @@ async fn proxy(
                 return Err((e.status(), e.to_string()));
             }
         };
+    let (health, timeout) = (&ctx.runtime.health, view.config.timeouts.server);
+    let mut response = guard::vet_response(response, upgrade, health, lease.node(), timeout)
+        .await
+        .map_err(|e| (e.status(), e.to_string()))?;
     let mut record = record.take().map(|mut record| {
         record.set_node(lease.node().clone());
         record.set_status(response.status().as_u16());
@@ -306,7 +314,10 @@ pub(crate) async fn forward(
     affinity: &Affinity,
     request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
-    let mut request = request.map(UpstreamBody::Client);
+    let upload = Upload::new(request.body());
+    let client_timeout = config.timeouts.client;
+    let mut request = request
+        .map(|body| UpstreamBody::Client(ClientBody::new(body, upload.clone(), client_timeout)));
     let health = &ctx.runtime.health;
     let group = wanted.group.as_str();
     let backup = config.group(group).and_then(|g| g.backup.clone());
@@ -352,7 +363,8 @@ pub(crate) async fn forward(
         // rebuilding it takes.
         let replay = (reused && is_replayable(&request)).then(|| replay_copy(&request));
         let server_timeout = config.timeouts.server;
-        match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
+        match guard::await_response(&upload, server_timeout, sender.try_send_request(request)).await
+        {
             Err(_) => {
                 health.report_failure(&node, "no response head in time");
                 return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
@@ -375,6 +387,12 @@ pub(crate) async fn forward(
                 (None, Some(copy)) => {
                     info!(node = node.id(), error = %failed.into_error(), "reused connection lost, sending again");
                     request = copy;
+                }
+                // The client broke its own request: not the node's failure.
+                (None, None) if upload.fault().is_some() => {
+                    let fault = upload.fault().unwrap_or(ClientFault::BadBody);
+                    info!(node = node.id(), %fault, error = %failed.into_error(), "request abandoned by the client");
+                    return Err(ProxyError::Client(fault));
                 }
                 (None, None) => {
                     health.report_failure(&node, "connection lost before the answer");

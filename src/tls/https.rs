@@ -10,10 +10,10 @@ use super::watch::{Fingerprint, fingerprint, watch};
 use crate::config::tls::AcmeConfig;
 use crate::config::{Config, Protocol};
 use crate::http::headers::ClientInfo;
+use crate::http::idle::{self, ConnActivity, WriteTimeout};
 use crate::http::proxy::{self, ConnContext};
 use crate::metrics::Metrics;
 use crate::runtime::Runtime;
-use hyper::service::service_fn;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -106,6 +106,7 @@ pub async fn serve_connection(
         header_read_timeout: config.timeouts.client,
         max_header_bytes: config.global.max_header_bytes,
     };
+    let stream = WriteTimeout::new(stream, config.timeouts.client);
     let stream = match handshake(&tls.acceptor, stream, limits.header_read_timeout).await {
         Ok(Some(stream)) => stream,
         Ok(None) => return,
@@ -124,8 +125,24 @@ pub async fn serve_connection(
         },
         metrics: runtime.metrics.listener(&listener),
     });
-    let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
-    if let Err(e) = serve_http(stream, service, limits, runtime.shutdown.clone()).await {
+    // hyper's HTTP/2 server has no idle timeout: close the connection
+    // (GOAWAY, like a shutdown) after `timeouts.client` without a request.
+    let activity = Arc::new(ConnActivity::default());
+    let service = idle::tracked(activity.clone(), config.timeouts.client, move |request| {
+        proxy::handle(ctx.clone(), request)
+    });
+    let stop = runtime.shutdown.child_token();
+    let idle_stop = stop.clone();
+    let close_when_idle = async {
+        activity.idle_for(config.timeouts.client).await;
+        idle_stop.cancel();
+        std::future::pending::<()>().await
+    };
+    let result = tokio::select! {
+        result = serve_http(stream, service, limits, stop) => result,
+        () = close_when_idle => Ok(()),
+    };
+    if let Err(e) = result {
         debug!(%listener, client = %client.addr, error = %e, "client connection ended");
     }
 }
