@@ -13,7 +13,7 @@ use super::idle::{BoxError, IdleTimer};
 use crate::cluster::Node;
 use crate::health::Health;
 use bytes::Bytes;
-use http::{Response, StatusCode, header};
+use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::future::Future;
@@ -58,6 +58,8 @@ pub struct Upload {
     started: Instant,
     /// Milliseconds after `started` at which the body was last polled.
     last_poll: AtomicU64,
+    /// The last poll found no client bytes: the upload waits for the client.
+    client_turn: AtomicBool,
 }
 
 impl Upload {
@@ -69,6 +71,7 @@ impl Upload {
             fault: AtomicU8::new(0),
             started: Instant::now(),
             last_poll: AtomicU64::new(0),
+            client_turn: AtomicBool::new(false),
         })
     }
 
@@ -97,9 +100,18 @@ impl Upload {
         }
     }
 
-    fn touch(&self) {
+    fn polled(&self, waiting_for_client: bool) {
         let now = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.last_poll.store(now, Ordering::Relaxed);
+        self.client_turn
+            .store(waiting_for_client, Ordering::Relaxed);
+    }
+
+    /// Whether the node has not taken body bytes for `limit` although the
+    /// client had some ready (hyper polls the body only when the node's
+    /// socket takes more).
+    fn node_stalled(&self, limit: Duration) -> bool {
+        !self.client_turn.load(Ordering::Relaxed) && self.last_poll() + limit <= Instant::now()
     }
 
     fn last_poll(&self) -> Instant {
@@ -129,7 +141,7 @@ pub async fn await_response<F: Future>(
             out = &mut send => return Ok(out),
             () = upload.sent_notify.notified() => {}
             () = tokio::time::sleep_until(stalled_at) => {
-                if upload.last_poll() + server_timeout <= Instant::now() {
+                if upload.node_stalled(server_timeout) {
                     return Err(NoAnswer);
                 }
             }
@@ -170,8 +182,9 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        this.upload.touch();
-        match Pin::new(&mut this.body).poll_frame(cx) {
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        this.upload.polled(polled.is_pending());
+        match polled {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer.disarm();
                 if this.body.is_end_stream() {
@@ -343,4 +356,30 @@ impl Body for NodeBody {
         }
         shifted
     }
+}
+
+/// The host a request is for, made the only one the node will see: two
+/// `Host` lines are refused (a node and amslb could each read another), and
+/// a target with an authority (HTTP/2 `:authority`, an HTTP/1.1
+/// absolute-form URI) wins over `Host` and replaces it (RFC 9113 §8.3.1,
+/// RFC 9112 §3.2.2), so routing and the node agree on one name.
+pub fn resolve_host<B>(request: &mut Request<B>) -> Result<Option<String>, (StatusCode, String)> {
+    let headers = request.headers();
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "more than one Host header".to_string(),
+        ));
+    }
+    if let Some(authority) = request.uri().authority().map(|a| a.as_str().to_string()) {
+        let value = HeaderValue::from_str(&authority)
+            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid authority".to_string()))?;
+        request.headers_mut().insert(header::HOST, value);
+        return Ok(Some(authority));
+    }
+    Ok(request
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_string))
 }

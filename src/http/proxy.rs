@@ -110,7 +110,7 @@ async fn proxy(
     record: &mut Option<Exchange>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
-    let host = request_host(&request);
+    let host = guard::resolve_host(&mut request)?;
     if let Some(answer) = crate::tls::http01::answer(&ctx.runtime, request.uri().path()) {
         return Ok(answer);
     }
@@ -244,15 +244,6 @@ pub(crate) fn sticky_affinity(
             .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
     *request.uri_mut() = uri;
     affinity
-}
-
-fn request_host(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
 }
 
 fn is_upgrade(request: &Request<Incoming>) -> bool {
