@@ -9,6 +9,9 @@
 mod support;
 mod tls_support;
 
+use bytes::Bytes;
+use http::Request;
+use http_body_util::{BodyExt, Empty};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use support::*;
@@ -357,5 +360,285 @@ async fn host_confusion_is_refused_or_resolved() {
     assert_eq!(
         abs.headers.get("host").map(|h| h.as_bytes()),
         Some(&b"good.test"[..])
+    );
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Value of the first series of `name` whose labels contain all of `labels`.
+async fn metric(stats: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
+    let text = get(stats, "/metrics").await.text();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Opens a connection with a 4 KiB receive buffer that asks for a 16 MiB body
+/// and never reads it.
+async fn slow_reader(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /big?bytes=16777216 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_readers_cost_little_memory_and_are_released_at_the_client_timeout() {
+    rlimit::increase_nofile_limit(8192).unwrap();
+    let node = sim_node("origin-1").await;
+    let (lb, stats) = (listener_addr(18080), listener_addr(6080));
+    let mut text = config(
+        lb,
+        &[("origin-1", node.addr)],
+        "8s",
+        "30s",
+        "enabled = false",
+    );
+    text.push_str(&format!(
+        "\n[global]\nmax_connections = 5000\n\n[stats]\nbind = \"{stats}\"\nallow = [\"127.0.0.0/8\"]\n"
+    ));
+    let amslb = Amslb::start(&text, &[lb, stats]);
+    assert_eq!(get(lb, "/").await.status, 200);
+    let before = rss_kib(amslb.pid());
+
+    const READERS: usize = 300;
+    let mut readers = Vec::with_capacity(READERS);
+    for _ in 0..READERS {
+        readers.push(slow_reader(lb).await);
+    }
+    let opened = Instant::now();
+    // Let every buffer on the way fill up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let peak = rss_kib(amslb.pid());
+    let growth = peak.saturating_sub(before);
+    eprintln!("{READERS} slow readers: amslb RSS {before} KiB -> {peak} KiB (+{growth} KiB)");
+    assert!(
+        growth < 64 * 1024,
+        "{READERS} slow readers grew amslb's RSS by {growth} KiB"
+    );
+    let open = metric(stats, "amslb_node_active_sessions", &["origin-1"]).await;
+    assert_eq!(
+        open,
+        Some(READERS as f64),
+        "every reader holds a node session: {}",
+        amslb.log()
+    );
+
+    // Nothing read for timeouts.client (8 s): each is closed and its node
+    // connection released.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let open = metric(stats, "amslb_node_active_sessions", &["origin-1"]).await;
+        if open == Some(0.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still open: {open:?}\n{}",
+            amslb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("released {:?} after opening", opened.elapsed());
+    assert!(
+        opened.elapsed() >= Duration::from_secs(6),
+        "closed before the timeout"
+    );
+    let open = metric(stats, "amslb_open_connections", &["listener=\"http\""]).await;
+    assert_eq!(open, Some(0.0));
+    drop(readers);
+}
+
+/// amslb with an `https` listener (certificate for `live.amslb.test`) and a
+/// stats listener in front of `node`, `timeouts.client = "2s"`.
+struct Https {
+    amslb: Amslb,
+    addr: SocketAddr,
+    stats: SocketAddr,
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    _certs: tempfile::TempDir,
+}
+
+fn https(node: SocketAddr) -> Https {
+    let ca = tls_support::TestCa::new();
+    let certs = tls_support::tempdir("harden");
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(certs.path().join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (addr, stats) = (listener_addr(18443), listener_addr(6080));
+    let text = format!(
+        r#"
+[timeouts]
+connect = "1s"
+client = "2s"
+server = "5s"
+
+[health]
+enabled = false
+
+[[listener]]
+name = "https"
+bind = ["{addr}"]
+protocol = "https"
+default_group = "origin"
+
+[[group]]
+name = "origin"
+
+[cluster]
+source = "static"
+
+[[cluster.node]]
+id = "origin-1"
+address = "{}"
+group = "origin"
+http_port = {}
+
+[tls]
+certs_dir = "{}"
+
+[stats]
+bind = "{stats}"
+allow = ["127.0.0.0/8"]
+"#,
+        node.ip(),
+        node.port(),
+        certs.path().display()
+    );
+    let amslb = Amslb::start(&text, &[addr, stats]);
+    Https {
+        amslb,
+        addr,
+        stats,
+        roots: vec![ca.der.clone()],
+        _certs: certs,
+    }
+}
+
+type H2Sender = hyper::client::conn::http2::SendRequest<Empty<Bytes>>;
+
+/// An h2 connection to `lb`; the returned task ends when the connection closes.
+async fn h2_connect(lb: &Https) -> (H2Sender, tokio::task::JoinHandle<()>) {
+    let tcp = TcpStream::connect(lb.addr).await.unwrap();
+    let tls = tls_support::connector(&lb.roots, &[b"h2"])
+        .connect(
+            rustls::pki_types::ServerName::try_from("live.amslb.test").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (send, task)
+}
+
+fn h2_get(path: &str) -> Request<Empty<Bytes>> {
+    Request::get(format!("https://live.amslb.test{path}"))
+        .body(Empty::new())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn idle_h2_connections_are_closed_after_the_client_timeout() {
+    let node = sim_node("origin-1").await;
+    let lb = https(node.addr);
+    let (mut send, conn) = h2_connect(&lb).await;
+    let r = send.send_request(h2_get("/rest/v2/version")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.into_body().collect().await.unwrap();
+    let started = Instant::now();
+    // Idle: amslb says GOAWAY and closes after timeouts.client (2 s).
+    tokio::time::timeout(Duration::from_secs(8), conn)
+        .await
+        .expect("idle h2 connection still open after 8 s")
+        .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // A connection that never sends a request at all is closed too.
+    let (_send, conn) = h2_connect(&lb).await;
+    tokio::time::timeout(Duration::from_secs(8), conn)
+        .await
+        .expect("h2 connection without a request still open after 8 s")
+        .unwrap();
+    drop(lb.amslb);
+}
+
+#[tokio::test]
+async fn a_stalled_h2_stream_releases_its_node_after_the_client_timeout() {
+    let node = sim_node("origin-1").await;
+    let lb = https(node.addr);
+    let (mut send, _conn) = h2_connect(&lb).await;
+    // The client never reads the body, so the stream window (64 KiB) stays shut.
+    let r = send
+        .send_request(h2_get("/big?bytes=67108864"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sessions = || metric(lb.stats, "amslb_node_active_sessions", &["origin-1"]);
+    assert_eq!(sessions().await, Some(1.0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    while sessions().await != Some(0.0) {
+        assert!(
+            Instant::now() < deadline,
+            "node still held:\n{}",
+            lb.amslb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
+    // The connection itself still serves other streams.
+    let other = send.send_request(h2_get("/rest/v2/version")).await.unwrap();
+    assert_eq!(other.status(), 200);
+    drop(r);
+}
+
+#[tokio::test]
+async fn h2_authority_wins_over_a_differing_host_header() {
+    let node = sim_node("origin-1").await;
+    let lb = https(node.addr);
+    let (mut send, _conn) = h2_connect(&lb).await;
+    let request = Request::get("https://good.test/authority")
+        .header("host", "evil.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let r = send.send_request(request).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let seen = node.seen();
+    let got = seen
+        .iter()
+        .find(|s| s.uri == "/authority")
+        .expect("forwarded");
+    assert_eq!(
+        got.headers.get_all("host").iter().collect::<Vec<_>>(),
+        ["good.test"],
+        "{:?}",
+        got.headers
     );
 }

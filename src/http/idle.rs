@@ -87,10 +87,9 @@ impl<IO> WriteTimeout<IO> {
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         match polled {
-            Poll::Pending if self.timer.expired(cx) => Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "client read nothing for timeouts.client",
-            ))),
+            Poll::Pending if self.timer.expired(cx) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, WRITE_TIMEOUT)))
+            }
             Poll::Pending => Poll::Pending,
             done => {
                 self.timer.disarm();
@@ -147,6 +146,22 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<IO> {
         this.track(cx, polled)
     }
 }
+
+/// Whether `error` (or one of its sources) is a [`WriteTimeout`] expiring.
+pub fn is_write_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.downcast_ref::<io::Error>().is_some_and(|io| {
+            io.kind() == io::ErrorKind::TimedOut && io.to_string() == WRITE_TIMEOUT
+        }) {
+            return true;
+        }
+        next = e.source();
+    }
+    false
+}
+
+const WRITE_TIMEOUT: &str = "client read nothing for timeouts.client";
 
 /// Requests in flight on one HTTP/2 connection and when the last one ended,
 /// so the connection can be closed after `timeouts.client` without any

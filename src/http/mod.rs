@@ -65,6 +65,8 @@ pub async fn serve_connection<I>(
     if let Err(e) = result {
         if e.is_parse() || e.is_parse_too_large() || e.is_timeout() {
             info!(%listener, client = %client.addr, error = %e, "client connection refused");
+        } else if idle::is_write_timeout(&e) {
+            info!(%listener, client = %client.addr, "client connection closed: it read nothing for timeouts.client");
         } else {
             debug!(%listener, client = %client.addr, error = %e, "client connection ended");
         }
