@@ -100,6 +100,7 @@ struct Families {
     last_reload_success: Gauge,
     last_reload_ok: IntGauge,
     access_log_dropped: IntCounter,
+    udp_dropped: IntCounterVec,
     build_info: IntGaugeVec,
     start_time: Gauge,
 }
@@ -251,6 +252,11 @@ impl Families {
                     "Access log lines dropped because the writer fell behind.",
                 )?,
             )?,
+            udp_dropped: counter(
+                "amslb_udp_dropped_datagrams_total",
+                "Datagrams a udp listener dropped, by reason (session_limit, no_node, session_failed, node_busy, client_busy).",
+                &["listener", "reason"],
+            )?,
             build_info: gauge(
                 "amslb_build_info",
                 "Always 1; the labels carry the version.",
@@ -262,6 +268,21 @@ impl Families {
             )?,
         })
     }
+}
+
+/// Dropped-datagram counters of one `udp` listener, by reason.
+#[derive(Debug, Clone)]
+pub struct UdpDrops {
+    /// A new client over `max_sessions`.
+    pub session_limit: IntCounter,
+    /// A new client and no usable node.
+    pub no_node: IntCounter,
+    /// A new client whose socket towards the node could not be opened.
+    pub session_failed: IntCounter,
+    /// The socket towards the node stayed full (or failed).
+    pub node_busy: IntCounter,
+    /// The listener socket towards the client stayed full (or failed).
+    pub client_busy: IntCounter,
 }
 
 /// The registry and the handles the rest of amslb records into.
@@ -435,6 +456,23 @@ impl Metrics {
     /// Records an ACME order result (`issued`, `failed`, ...).
     pub fn acme_order(&self, result: &str) {
         self.families.acme_orders.with_label_values(&[result]).inc();
+    }
+
+    /// Counters of datagrams dropped by `udp` listener `listener`, one per
+    /// reason, all created (at 0) now so every series exists from the start.
+    pub fn udp_drops(&self, listener: &str) -> UdpDrops {
+        let c = |reason| {
+            self.families
+                .udp_dropped
+                .with_label_values(&[listener, reason])
+        };
+        UdpDrops {
+            session_limit: c("session_limit"),
+            no_node: c("no_node"),
+            session_failed: c("session_failed"),
+            node_busy: c("node_busy"),
+            client_busy: c("client_busy"),
+        }
     }
 
     /// Counter of access log lines dropped under back-pressure.

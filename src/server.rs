@@ -103,7 +103,9 @@ impl Server {
                 source,
             };
             if listener.protocol == Protocol::Udp {
-                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
+                let proxy = UdpProxy::new(&config, listener, cluster.clone())
+                    .counting_drops(runtime.metrics.udp_drops(&listener.name));
+                let proxy = Arc::new(proxy);
                 for &addr in &listener.bind {
                     let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
                     let proxy = proxy.clone();

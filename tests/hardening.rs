@@ -642,3 +642,93 @@ async fn h2_authority_wins_over_a_differing_host_header() {
         got.headers
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_sessions_own_no_datagram_buffer_and_drops_are_counted() {
+    rlimit::increase_nofile_limit(8192).unwrap();
+    // The node echoes every datagram, so both directions carry traffic.
+    let node = tokio::net::UdpSocket::bind((unique_loopback(), 0))
+        .await
+        .unwrap();
+    let node_addr = node.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        while let Ok((n, from)) = node.recv_from(&mut buf).await {
+            let _ = node.send_to(&buf[..n], from).await;
+        }
+    });
+    let (srt, stats) = (listener_addr(4200), listener_addr(6080));
+    let text = format!(
+        r#"
+[health]
+enabled = false
+
+[[listener]]
+name = "srt"
+bind = ["{srt}"]
+protocol = "udp"
+default_group = "origin"
+max_sessions = 1000
+session_idle = "60s"
+
+[[group]]
+name = "origin"
+
+[cluster]
+source = "static"
+
+[[cluster.node]]
+id = "o1"
+address = "{}"
+group = "origin"
+srt_port = {}
+
+[stats]
+bind = "{stats}"
+allow = ["127.0.0.0/8"]
+"#,
+        node_addr.ip(),
+        node_addr.port()
+    );
+    let amslb = Amslb::start(&text, &[stats]);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(amslb.pid());
+
+    // 2,000 source ports, 50 SRT-sized datagrams each: 100,000 datagrams.
+    const PORTS: usize = 2000;
+    let mut clients = Vec::with_capacity(PORTS);
+    for _ in 0..PORTS {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket.connect(srt).await.unwrap();
+        clients.push(socket);
+    }
+    let datagram = [0x80u8; 1316];
+    for round in 0..50 {
+        for client in &clients {
+            let _ = client.send(&datagram).await;
+        }
+        if round % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(amslb.pid());
+    let growth = after.saturating_sub(before);
+    eprintln!("udp flood: amslb RSS {before} KiB -> {after} KiB (+{growth} KiB)");
+    let open = metric(
+        stats,
+        "amslb_udp_dropped_datagrams_total",
+        &["listener=\"srt\"", "reason=\"session_limit\""],
+    )
+    .await;
+    assert!(
+        open.is_some_and(|n| n >= 1000.0),
+        "session_limit drops: {open:?}"
+    );
+    // 1,000 sessions at 64 KiB each were ~65 MiB; without a buffer per session
+    // they cost their socket and a few hundred bytes.
+    assert!(
+        growth < 16 * 1024,
+        "1000 udp sessions grew amslb's RSS by {growth} KiB"
+    );
+}

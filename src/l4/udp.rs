@@ -6,12 +6,19 @@
 //! balancer; the node judges it. A datagram from an address without a session
 //! (new, or expired) opens one, unless `max_sessions` are open: then it is
 //! dropped, which bounds sockets and memory under a spoofed-source flood.
+//!
+//! A session owns no buffer: datagrams from the node are received into one
+//! buffer per thread and sent on at once, so an open session costs its
+//! socket and a few hundred bytes, whatever the datagram size limit. Every
+//! dropped datagram is counted by reason (`amslb_udp_dropped_datagrams_total`).
 
 use super::meter::SessionMeter;
 use super::stats::{ActiveGuard, L4Stats};
 use super::upstream::GroupRoute;
 use crate::cluster::{Cluster, NodeLease};
 use crate::config::{Config, ListenerConfig};
+use crate::metrics::UdpDrops;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -27,7 +34,15 @@ use tokio_util::sync::CancellationToken;
 const SEND_WAIT: Duration = Duration::from_millis(10);
 
 /// Largest datagram relayed (the UDP maximum); SRT uses about 1500 bytes.
+/// Only the shared receive buffers have this size, never a session.
 const MAX_DATAGRAM: usize = 65_535;
+
+thread_local! {
+    /// The receive buffer every session of this thread shares: it is used
+    /// only between a readiness wake-up and the send that follows, with no
+    /// await in between.
+    static RECEIVE: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
 
 /// Settings of one `udp` listener, resolved from the config at start.
 #[derive(Debug, Clone)]
@@ -60,6 +75,8 @@ pub struct UdpProxy {
     /// Open sessions by client address. The lock is held for map operations
     /// only, never across I/O.
     sessions: Mutex<HashMap<SocketAddr, Arc<Session>>>,
+    /// Dropped-datagram counters, when the proxy reports to `/metrics`.
+    drops: Option<UdpDrops>,
 }
 
 impl UdpProxy {
@@ -75,6 +92,19 @@ impl UdpProxy {
             cluster,
             stats: Arc::new(L4Stats::default()),
             sessions: Mutex::new(HashMap::new()),
+            drops: None,
+        }
+    }
+
+    /// Counts dropped datagrams into `drops`.
+    pub fn counting_drops(mut self, drops: UdpDrops) -> Self {
+        self.drops = Some(drops);
+        self
+    }
+
+    fn dropped(&self, reason: impl Fn(&UdpDrops) -> &prometheus::IntCounter) {
+        if let Some(drops) = &self.drops {
+            reason(drops).inc();
         }
     }
 
@@ -124,6 +154,7 @@ impl UdpProxy {
             match send_bounded(&session.to_node, &buf[..n]).await {
                 Ok(sent) => session.meter.add_in(sent),
                 Err(e) => {
+                    self.dropped(|d| &d.node_busy);
                     tracing::debug!(listener = %self.settings.name, %peer, error = %e, "datagram to node dropped")
                 }
             }
@@ -140,12 +171,14 @@ impl UdpProxy {
         let s = &self.settings;
         if self.session_count() >= s.max_sessions {
             self.stats.count_rejected();
+            self.dropped(|d| &d.session_limit);
             tracing::debug!(listener = %s.name, %peer, "udp session cap reached, datagram dropped");
             return None;
         }
         let snapshot = self.cluster.snapshot();
         let Some(node) = s.route.pick(&snapshot, &[], None) else {
             self.stats.count_no_node();
+            self.dropped(|d| &d.no_node);
             tracing::warn!(listener = %s.name, %peer, "no usable node for udp session");
             return None;
         };
@@ -159,11 +192,13 @@ impl UdpProxy {
             Ok(sock) => match sock.connect(target).await {
                 Ok(()) => sock,
                 Err(e) => {
+                    self.dropped(|d| &d.session_failed);
                     tracing::warn!(listener = %s.name, node = node.id(), %target, error = %e, "udp connect failed");
                     return None;
                 }
             },
             Err(e) => {
+                self.dropped(|d| &d.session_failed);
                 tracing::warn!(listener = %s.name, error = %e, "udp socket for session failed");
                 return None;
             }
@@ -196,16 +231,41 @@ impl UdpProxy {
         listener: &UdpSocket,
         peer: SocketAddr,
     ) -> io::Error {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
-            // ECONNREFUSED here means the node's port is closed (ICMP): end the
-            // session so the client's next datagram picks a node anew.
-            let n = match session.to_node.recv(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => return e,
-            };
-            match listener.send_to(&buf[..n], peer).await {
-                Ok(sent) => session.meter.add_out(sent),
+            if let Err(e) = session.to_node.readable().await {
+                return e;
+            }
+            // Drain what is queued through the thread's shared buffer; only a
+            // datagram the client socket cannot take at once is copied out
+            // (sized to the datagram) to wait a little.
+            let blocked = RECEIVE.with_borrow_mut(|buf| {
+                loop {
+                    // ECONNREFUSED here means the node's port is closed (ICMP): end
+                    // the session so the client's next datagram picks a node anew.
+                    let n = match session.to_node.try_recv(buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                        Err(e) => return Err(e),
+                    };
+                    match listener.try_send_to(&buf[..n], peer) {
+                        Ok(sent) => session.meter.add_out(sent),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Ok(Some(buf[..n].to_vec()));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            });
+            match blocked {
+                Ok(None) => {}
+                Ok(Some(datagram)) => {
+                    let waited = tokio::time::timeout(SEND_WAIT, listener.send_to(&datagram, peer));
+                    match waited.await {
+                        Ok(Ok(sent)) => session.meter.add_out(sent),
+                        Ok(Err(e)) => return e,
+                        Err(_) => self.dropped(|d| &d.client_busy),
+                    }
+                }
                 Err(e) => return e,
             }
         }
