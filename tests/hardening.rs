@@ -381,14 +381,14 @@ async fn metric(stats: SocketAddr, name: &str, labels: &[&str]) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-/// Opens a connection with a 4 KiB receive buffer that asks for a 16 MiB body
+/// Opens a connection with a 4 KiB receive buffer that asks for a 1 GiB body
 /// and never reads it.
 async fn slow_reader(addr: SocketAddr) -> TcpStream {
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let mut stream = socket.connect(addr).await.unwrap();
     stream
-        .write_all(b"GET /big?bytes=16777216 HTTP/1.1\r\nHost: a\r\n\r\n")
+        .write_all(b"GET /big?bytes=1073741824 HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
         .unwrap();
     stream
@@ -419,7 +419,18 @@ async fn slow_readers_cost_little_memory_and_are_released_at_the_client_timeout(
         readers.push(slow_reader(lb).await);
     }
     let opened = Instant::now();
-    // Let every buffer on the way fill up.
+    // Every reader is being served (a loaded machine may take a while) ...
+    let sessions = || metric(stats, "amslb_node_active_sessions", &["origin-1"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sessions().await != Some(READERS as f64) {
+        assert!(
+            Instant::now() < deadline,
+            "not all readers served: {:?}",
+            sessions().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // ... and every buffer on the way has filled up.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let peak = rss_kib(amslb.pid());
     let growth = peak.saturating_sub(before);
@@ -428,19 +439,12 @@ async fn slow_readers_cost_little_memory_and_are_released_at_the_client_timeout(
         growth < 64 * 1024,
         "{READERS} slow readers grew amslb's RSS by {growth} KiB"
     );
-    let open = metric(stats, "amslb_node_active_sessions", &["origin-1"]).await;
-    assert_eq!(
-        open,
-        Some(READERS as f64),
-        "every reader holds a node session: {}",
-        amslb.log()
-    );
 
     // Nothing read for timeouts.client (8 s): each is closed and its node
     // connection released.
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
-        let open = metric(stats, "amslb_node_active_sessions", &["origin-1"]).await;
+        let open = sessions().await;
         if open == Some(0.0) {
             break;
         }
