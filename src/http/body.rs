@@ -19,8 +19,9 @@ pub enum ResponseBody {
     /// whole: HLS segments and long polls pass through as they come). The
     /// lease keeps the session counted on the node until the body is done.
     Node {
-        /// The node's body, with its idle timeout.
-        body: NodeBody,
+        /// The node's body, with its idle timeout (boxed: it is much larger
+        /// than a local body).
+        body: Box<NodeBody>,
         /// Counts the session for least-conn until dropped.
         lease: Option<NodeLease>,
         /// Metrics and access log record, written when the body ends or is dropped.

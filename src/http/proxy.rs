@@ -210,7 +210,7 @@ async fn proxy(
         return Ok(response.map(|_| ResponseBody::Local(Default::default())));
     }
     Ok(response.map(|body| ResponseBody::Node {
-        body,
+        body: Box::new(body),
         lease: Some(lease),
         record,
     }))
