@@ -102,6 +102,7 @@ struct Families {
     last_reload_success: Gauge,
     last_reload_ok: IntGauge,
     access_log_dropped: IntCounter,
+    udp_dropped: IntCounterVec,
     no_node: IntCounterVec,
     l4_sessions: IntCounterVec,
     l4_open_sessions: IntGaugeVec,
@@ -269,6 +270,11 @@ impl Families {
                     "Access log lines dropped because the writer fell behind.",
                 )?,
             )?,
+            udp_dropped: counter(
+                "amslb_udp_dropped_datagrams_total",
+                "Datagrams a udp listener dropped, by reason (session_limit, no_node, session_failed, node_busy, client_busy).",
+                &["listener", "reason"],
+            )?,
             no_node: counter(
                 "amslb_no_node_total",
                 "Requests and L4 sessions refused because no node of the group (or its backup) was usable.",
@@ -305,6 +311,21 @@ impl Families {
             )?,
         })
     }
+}
+
+/// Dropped-datagram counters of one `udp` listener, by reason.
+#[derive(Debug, Clone)]
+pub struct UdpDrops {
+    /// A new client over `max_sessions`.
+    pub session_limit: IntCounter,
+    /// A new client and no usable node.
+    pub no_node: IntCounter,
+    /// A new client whose socket towards the node could not be opened.
+    pub session_failed: IntCounter,
+    /// The socket towards the node stayed full (or failed).
+    pub node_busy: IntCounter,
+    /// The listener socket towards the client stayed full (or failed).
+    pub client_busy: IntCounter,
 }
 
 /// The registry and the handles the rest of amslb records into.
@@ -548,6 +569,23 @@ impl Metrics {
             .limited
             .with_label_values(&[listener, limit])
             .inc();
+    }
+
+    /// Counters of datagrams dropped by `udp` listener `listener`, one per
+    /// reason, all created (at 0) now so every series exists from the start.
+    pub fn udp_drops(&self, listener: &str) -> UdpDrops {
+        let c = |reason| {
+            self.families
+                .udp_dropped
+                .with_label_values(&[listener, reason])
+        };
+        UdpDrops {
+            session_limit: c("session_limit"),
+            no_node: c("no_node"),
+            session_failed: c("session_failed"),
+            node_busy: c("node_busy"),
+            client_busy: c("client_busy"),
+        }
     }
 
     /// Counter of access log lines dropped under back-pressure.

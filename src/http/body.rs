@@ -1,12 +1,14 @@
 //! The body type amslb answers clients with: a node's streamed body, or a
 //! short body amslb wrote itself (errors, redirects).
 
+use super::guard::NodeBody;
+use super::idle::BoxError;
 use super::record::Exchange;
 use crate::cluster::NodeLease;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -17,8 +19,9 @@ pub enum ResponseBody {
     /// whole: HLS segments and long polls pass through as they come). The
     /// lease keeps the session counted on the node until the body is done.
     Node {
-        /// The node's body.
-        body: Incoming,
+        /// The node's body, with its idle timeout (boxed: it is much larger
+        /// than a local body).
+        body: Box<NodeBody>,
         /// Counts the session for least-conn until dropped.
         lease: Option<NodeLease>,
         /// Metrics and access log record, written when the body ends or is dropped.
@@ -30,12 +33,12 @@ pub enum ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Node {
                 body,

@@ -26,6 +26,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // `Connection: host` would leave the node without a Host to route on.
+        .filter(|name| *name != header::HOST)
         .collect();
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())

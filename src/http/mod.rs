@@ -3,8 +3,10 @@
 
 pub mod body;
 mod edge;
+pub mod guard;
 pub mod headers;
 pub mod http01;
+pub mod idle;
 pub mod proxy;
 pub mod record;
 pub mod serve;
@@ -13,7 +15,7 @@ use crate::runtime::Runtime;
 use crate::tls::TlsState;
 use crate::tls::serve::handshake;
 use headers::ClientInfo;
-use hyper::service::service_fn;
+use idle::{ConnActivity, WriteTimeout};
 use proxy::ConnContext;
 use serve::{HttpLimits, Versions, serve_http};
 use std::sync::Arc;
@@ -87,14 +89,40 @@ async fn serve<I>(
         client,
         metrics: runtime.metrics.listener(&listener),
     });
-    let service = service_fn(move |request| proxy::handle(ctx.clone(), request));
-    let result = serve_http(io, versions, service, limits, runtime.shutdown.clone()).await;
+    let idle_limit = config.timeouts.client;
+    // A client that reads nothing for `timeouts.client` is closed (HTTP/1,
+    // h2 and tunnels after an upgrade alike).
+    let io = WriteTimeout::new(io, idle_limit);
+    let activity = Arc::new(ConnActivity::default());
+    let service = idle::tracked(activity.clone(), idle_limit, move |request| {
+        proxy::handle(ctx.clone(), request)
+    });
+    let stop = runtime.shutdown.child_token();
+    let result = if versions == Versions::Http1 {
+        // hyper's header-read timeout already ends idle HTTP/1 keep-alive.
+        serve_http(io, versions, service, limits, stop).await
+    } else {
+        // hyper's HTTP/2 server has no idle timeout: close the connection
+        // (GOAWAY, like a shutdown) after `timeouts.client` without a request.
+        let idle_stop = stop.clone();
+        let close_when_idle = async {
+            activity.idle_for(idle_limit).await;
+            idle_stop.cancel();
+            std::future::pending::<()>().await
+        };
+        tokio::select! {
+            result = serve_http(io, versions, service, limits, stop) => result,
+            () = close_when_idle => Ok(()),
+        }
+    };
     if let Err(e) = result {
         let refused = e
             .downcast_ref::<hyper::Error>()
             .is_some_and(|e| e.is_parse() || e.is_parse_too_large() || e.is_timeout());
         if refused {
             info!(%listener, client = %client.addr, error = %e, "client connection refused");
+        } else if idle::is_write_timeout(&*e) {
+            info!(%listener, client = %client.addr, "client connection closed: it read nothing for timeouts.client");
         } else {
             debug!(%listener, client = %client.addr, error = %e, "client connection ended");
         }

@@ -2,6 +2,7 @@
 
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
 use super::edge;
+use super::guard::{self, ClientBody, ClientFault, Upload};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::record::Exchange;
 use crate::access_log::Sticky;
@@ -18,6 +19,7 @@ use crate::streaming::{assign, sniff};
 use crate::transport::{self, ConnectError, Pools, Sender};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Body;
 use hyper::body::Incoming;
 use std::convert::Infallible;
@@ -49,6 +51,8 @@ pub(crate) enum ProxyError {
     Timeout(String, Duration),
     #[error("node {0} failed: {1}")]
     Upstream(String, hyper::Error),
+    #[error("{0}")]
+    Client(ClientFault),
 }
 
 impl ProxyError {
@@ -57,6 +61,7 @@ impl ProxyError {
             ProxyError::NoUsableNode(..) => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::AllNodesFailed(_) | ProxyError::Upstream(..) => StatusCode::BAD_GATEWAY,
             ProxyError::Timeout(..) => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::Client(fault) => fault.status(),
         }
     }
 }
@@ -110,7 +115,7 @@ async fn proxy(
     record: &mut Option<Exchange>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let listener = view.listener();
-    let host = request_host(&request);
+    let host = guard::resolve_host(&mut request)?;
     if let Some(answer) = super::http01::answer(&ctx.runtime, request.uri().path()) {
         return Ok(answer);
     }
@@ -166,7 +171,7 @@ async fn proxy(
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
 
     prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (mut response, lease) =
+    let (response, lease) =
         match forward(ctx, &view.config, &snapshot, &wanted, &affinity, request).await {
             Ok(answer) => answer,
             Err(e) => {
@@ -176,6 +181,10 @@ async fn proxy(
                 return Err((e.status(), e.to_string()));
             }
         };
+    let (health, timeout) = (&ctx.runtime.health, view.config.timeouts.server);
+    let mut response = guard::vet_response(response, upgrade, health, lease.node(), timeout)
+        .await
+        .map_err(|e| (e.status(), e.to_string()))?;
     let mut record = record.take().map(|mut record| {
         record.set_node(lease.node().clone());
         record.set_status(response.status().as_u16());
@@ -216,7 +225,7 @@ async fn proxy(
         return Ok(response.map(|_| ResponseBody::Local(Default::default())));
     }
     Ok(response.map(|body| ResponseBody::Node {
-        body,
+        body: Box::new(body),
         lease: Some(lease),
         record,
     }))
@@ -250,15 +259,6 @@ pub(crate) fn sticky_affinity(
             .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
     *request.uri_mut() = uri;
     affinity
-}
-
-fn request_host(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| request.uri().authority().map(|a| a.to_string()))
 }
 
 fn is_upgrade(request: &Request<Incoming>) -> bool {
@@ -320,7 +320,10 @@ pub(crate) async fn forward(
     affinity: &Affinity,
     request: Request<Incoming>,
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
-    let mut request = request.map(UpstreamBody::Client);
+    let upload = Upload::new(request.body());
+    let client_timeout = config.timeouts.client;
+    let mut request = request
+        .map(|body| UpstreamBody::Client(UnsyncBoxBody::new(ClientBody::new(body, upload.clone(), client_timeout))));
     let health = &ctx.runtime.health;
     let report = Reporting {
         health,
@@ -359,7 +362,8 @@ pub(crate) async fn forward(
         // rebuilding it takes.
         let replay = (reused && is_replayable(&request)).then(|| replay_copy(&request));
         let server_timeout = config.timeouts.server;
-        match tokio::time::timeout(server_timeout, sender.try_send_request(request)).await {
+        match guard::await_response(&upload, server_timeout, sender.try_send_request(request)).await
+        {
             Err(_) => {
                 health.report_failure(&node, "no response head in time");
                 return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
@@ -382,6 +386,12 @@ pub(crate) async fn forward(
                 (None, Some(copy)) => {
                     info!(node = node.id(), error = %failed.into_error(), "reused connection lost, sending again");
                     request = copy;
+                }
+                // The client broke its own request: not the node's failure.
+                (None, None) if upload.fault().is_some() => {
+                    let fault = upload.fault().unwrap_or(ClientFault::BadBody);
+                    info!(node = node.id(), %fault, error = %failed.into_error(), "request abandoned by the client");
+                    return Err(ProxyError::Client(fault));
                 }
                 (None, None) => {
                     health.report_failure(&node, "connection lost before the answer");

@@ -14,15 +14,21 @@
 //! A datagram from an address without a session (new, or expired) opens one,
 //! unless `max_sessions` are open: then it is dropped, which bounds sockets
 //! and memory under a spoofed-source flood.
+//!
+//! A session owns no datagram buffer: datagrams from nodes are received into
+//! one buffer per thread and sent on at once, so an open session costs its
+//! socket and a few hundred bytes. Every dropped datagram is counted by reason
+//! (`amslb_udp_dropped_datagrams_total`).
 
 use super::meter::SessionMeter;
 use super::srt;
 use crate::cluster::NodeLease;
 use crate::config::ListenerConfig;
 use crate::config::rules::RouteName;
-use crate::metrics::{L4Metrics, OpenGuard};
+use crate::metrics::{L4Metrics, OpenGuard, UdpDrops};
 use crate::runtime::{ListenerView, Runtime};
 use crate::streaming::select::{self, Wanted};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
@@ -40,6 +46,17 @@ const SEND_WAIT: Duration = Duration::from_millis(10);
 
 /// Largest datagram relayed (the UDP maximum); SRT uses about 1500 bytes.
 const MAX_DATAGRAM: usize = 65_535;
+
+/// Buffer of a session's SRT handshake with its node (handshake packets are
+/// well under one MTU).
+const HANDSHAKE_DATAGRAM: usize = 1500;
+
+thread_local! {
+    /// The receive buffer every session of this thread shares for datagrams
+    /// from its node, so a session owns no buffer: it is used only between a
+    /// readiness wake-up and the send that follows, with no await between.
+    static RECEIVE: RefCell<Vec<u8>> = RefCell::new(vec![0u8; MAX_DATAGRAM]);
+}
 
 /// One client's session: its socket towards the node, and what it holds open.
 #[derive(Debug)]
@@ -69,6 +86,8 @@ pub struct UdpProxy {
     runtime: Arc<Runtime>,
     name: Arc<str>,
     metrics: Arc<L4Metrics>,
+    /// Dropped datagrams by reason (`amslb_udp_dropped_datagrams_total`).
+    drops: UdpDrops,
     /// Keys the SYN cookies amslb hands SRT callers.
     secret: RandomState,
     /// Open sessions by client address. The lock is held for map operations
@@ -83,6 +102,7 @@ impl UdpProxy {
             runtime: runtime.clone(),
             name: listener.name.as_str().into(),
             metrics: runtime.metrics.l4(&listener.name, "srt"),
+            drops: runtime.metrics.udp_drops(&listener.name),
             secret: RandomState::new(),
             sessions: Mutex::new(HashMap::new()),
         }
@@ -180,6 +200,7 @@ impl UdpProxy {
             match send_bounded(&session.to_node, &buf[..n]).await {
                 Ok(sent) => session.meter.add_in(sent),
                 Err(e) => {
+                    self.drops.node_busy.inc();
                     tracing::debug!(listener = %self.name, %peer, error = %e, "datagram to node dropped")
                 }
             }
@@ -204,6 +225,7 @@ impl UdpProxy {
         let l4 = &view.listener().l4;
         if self.session_count() >= l4.max_sessions {
             self.metrics.rejected();
+            self.drops.session_limit.inc();
             tracing::debug!(listener = %name, %peer, "udp session cap reached, datagram dropped");
             return None;
         }
@@ -219,6 +241,7 @@ impl UdpProxy {
         let wanted = Wanted::for_session(&view.config, view.listener(), key, publish);
         let Some(node) = select::pick(&view.config, &snapshot, &wanted, &[]) else {
             self.metrics.listener().no_node(&wanted.group);
+            self.drops.no_node.inc();
             tracing::warn!(listener = %name, %peer, group = wanted.group, "no usable node for udp session");
             return None;
         };
@@ -232,6 +255,7 @@ impl UdpProxy {
             Ok(sock) => match sock.connect(target).await {
                 Ok(()) => sock,
                 Err(e) => {
+                    self.drops.session_failed.inc();
                     tracing::warn!(listener = %name, node = node.id(), %target, error = %e, "udp connect failed");
                     self.runtime
                         .metrics
@@ -240,6 +264,7 @@ impl UdpProxy {
                 }
             },
             Err(e) => {
+                self.drops.session_failed.inc();
                 tracing::warn!(listener = %name, error = %e, "udp socket for session failed");
                 return None;
             }
@@ -297,7 +322,7 @@ impl UdpProxy {
             let induction = srt::node_induction(&conclusion)
                 .ok_or_else(|| io::Error::other("not an SRT conclusion"))?;
             session.to_node.send(&induction).await?;
-            let mut buf = vec![0u8; MAX_DATAGRAM];
+            let mut buf = vec![0u8; HANDSHAKE_DATAGRAM];
             loop {
                 let n = session.to_node.recv(&mut buf).await?;
                 if let Some(cookie) = srt::node_cookie(&buf[..n]) {
@@ -328,16 +353,41 @@ impl UdpProxy {
         listener: &UdpSocket,
         peer: SocketAddr,
     ) -> io::Error {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
-            // ECONNREFUSED here means the node's port is closed (ICMP): end the
-            // session so the client's next datagram picks a node anew.
-            let n = match session.to_node.recv(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => return e,
-            };
-            match listener.send_to(&buf[..n], peer).await {
-                Ok(sent) => session.meter.add_out(sent),
+            if let Err(e) = session.to_node.readable().await {
+                return e;
+            }
+            // Drain what is queued through the thread's shared buffer; only a
+            // datagram the client socket cannot take at once is copied out
+            // (sized to the datagram) to wait a little.
+            let blocked = RECEIVE.with_borrow_mut(|buf| {
+                loop {
+                    // ECONNREFUSED here means the node's port is closed (ICMP):
+                    // end the session so the client's next datagram picks a node anew.
+                    let n = match session.to_node.try_recv(buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
+                        Err(e) => return Err(e),
+                    };
+                    match listener.try_send_to(&buf[..n], peer) {
+                        Ok(sent) => session.meter.add_out(sent),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            return Ok(Some(buf[..n].to_vec()));
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            });
+            match blocked {
+                Ok(None) => {}
+                Ok(Some(datagram)) => {
+                    let waited = tokio::time::timeout(SEND_WAIT, listener.send_to(&datagram, peer));
+                    match waited.await {
+                        Ok(Ok(sent)) => session.meter.add_out(sent),
+                        Ok(Err(e)) => return e,
+                        Err(_) => self.drops.client_busy.inc(),
+                    }
+                }
                 Err(e) => return e,
             }
         }

@@ -10,7 +10,8 @@ pub use pool::{ConnectError, Pool, Sender, connect};
 
 use crate::cluster::{Cluster, Node};
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::body::{Body, Frame, SizeHint};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -57,24 +58,29 @@ impl Pools {
     }
 }
 
-/// The body amslb sends to a node: the client's, streamed, or none at all
-/// when a bodiless request is sent again after a reused connection died.
+/// Boxed error of a body sent to a node.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body amslb sends to a node: the client's, streamed (boxed, so the
+/// HTTP layer can wrap it with its own fault tracking without this layer
+/// knowing the wrapper), or none at all when a bodiless request is sent
+/// again after a reused connection died.
 #[derive(Debug)]
 pub enum UpstreamBody {
     /// The client's request body, passed through as it arrives.
-    Client(Incoming),
+    Client(UnsyncBoxBody<Bytes, BoxError>),
     /// No body.
     Empty,
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             UpstreamBody::Client(body) => Pin::new(body).poll_frame(cx),
             UpstreamBody::Empty => Poll::Ready(None),

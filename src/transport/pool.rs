@@ -26,6 +26,13 @@ const MAX_IDLE: usize = 256;
 /// keep-alive connections after a while (Tomcat/AMS: 20 s by default),
 /// and a request sent on a connection the node is closing would fail.
 const MAX_IDLE_AGE: Duration = Duration::from_secs(15);
+/// Largest read buffer of a node connection, which bounds both a node's
+/// response head and the body bytes read ahead of a client. hyper's default
+/// (~400 KiB, grown on fast reads) cost that much per slow client reading a
+/// large body; with this, a stalled client holds at most a few tens of KiB
+/// and the rest waits in the node's socket (backpressure), like HAProxy's
+/// 16 KiB `tune.bufsize`.
+pub const NODE_READ_BUFFER: usize = 32 * 1024;
 
 /// Idle keep-alive connections to one node.
 ///
@@ -146,6 +153,7 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = http1::Builder::new()
+        .max_buf_size(NODE_READ_BUFFER)
         .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ConnectError::Handshake(addr, e))?;
