@@ -370,6 +370,34 @@ async fn stream_hash_keeps_streams_on_one_edge_and_moves_only_a_departed_edges_s
     }
 }
 
+#[tokio::test]
+async fn stream_hash_places_streams_of_one_subfolder_by_stream() {
+    // AMS writes `/{app}/streams/{subFolder}/{id}.m3u8`; the stream is `{id}`, so
+    // the streams of one subfolder spread over the edges like any others.
+    let c = sniffing(0, 3, "", STREAM_HASH).await;
+    let mut used = std::collections::HashSet::new();
+    for stream in 0..12 {
+        let node = served_by(
+            c.addr,
+            &format!("/LiveApp/streams/cams/s{stream}.m3u8"),
+            None,
+        )
+        .await;
+        for path in [
+            format!("/LiveApp/streams/cams/s{stream}_720p2500kbps.m3u8"),
+            format!("/LiveApp/streams/cams/s{stream}_300kbps000000001.ts"),
+            format!("/LiveApp/streams/s{stream}.m3u8"),
+        ] {
+            assert_eq!(served_by(c.addr, &path, None).await, node, "{path}");
+        }
+        used.insert(node);
+    }
+    assert!(
+        used.len() >= 2,
+        "12 streams of one subfolder all on {used:?}"
+    );
+}
+
 /// A node id, to ask the hash module for a ranking like amslb computes it.
 #[derive(Debug)]
 struct Id(String);
