@@ -37,6 +37,10 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
+    // Before anything builds a TLS config (a `tls` listener's own cert, the
+    // MongoDB driver, ACME): with two providers compiled in, rustls panics
+    // on the first `ServerConfig::builder()` otherwise.
+    amslb::tls::install_crypto_provider();
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see amslb --help)");
         return ExitCode::from(2);
