@@ -10,7 +10,7 @@
 //! a map lookup and an atomic.
 
 use crate::cluster::{Cluster, FULL_WEIGHT, Node};
-use crate::config::health::HealthConfig;
+use crate::config::health::{HealthCheck, HealthConfig};
 use crate::config::{Config, Protocol};
 use crate::metrics::{Metrics, NodeMetrics};
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -143,7 +143,8 @@ pub struct Check {
 /// How a node is probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckKind {
-    /// `GET [health] path` on the node's HTTP port.
+    /// `GET [health] path` or `HEAD /{[health] app}` (`[health] check`) on
+    /// the node's HTTP port.
     Http,
     /// A TCP connect to the node's RTMP port, for groups that only TCP
     /// listeners use (they may not speak HTTP at all).
@@ -451,9 +452,17 @@ pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outco
                 Ok(_) => Outcome::Ok,
                 Err(e) => Outcome::Io(format!("connect: {e}")),
             },
-            CheckKind::Http => {
-                http_check(node.http_addr(), &config.path, config.expect_status).await
-            }
+            CheckKind::Http => match config.check {
+                HealthCheck::Liveness => {
+                    let good = |status| status == config.expect_status;
+                    http_check(node.http_addr(), "GET", &config.path, good).await
+                }
+                HealthCheck::App => {
+                    let path = format!("/{}", config.app);
+                    let good = |status| (200..400).contains(&status);
+                    http_check(node.http_addr(), "HEAD", &path, good).await
+                }
+            },
         }
     };
     tokio::time::timeout(config.timeout, check)
@@ -461,14 +470,20 @@ pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outco
         .unwrap_or(Outcome::Timeout)
 }
 
-/// One `GET path` over a fresh connection; only the status line is read.
-async fn http_check(addr: SocketAddr, path: &str, expect: u16) -> Outcome {
+/// One `method path` over a fresh connection; only the status line is read,
+/// and `good` judges its status.
+async fn http_check(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    good: impl Fn(u16) -> bool,
+) -> Outcome {
     let mut stream = match TcpStream::connect(addr).await {
         Ok(stream) => stream,
         Err(e) => return Outcome::Io(format!("connect: {e}")),
     };
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: amslb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: amslb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     if let Err(e) = stream.write_all(request.as_bytes()).await {
         return Outcome::Io(format!("write: {e}"));
@@ -483,7 +498,7 @@ async fn http_check(addr: SocketAddr, path: &str, expect: u16) -> Outcome {
         }
     }
     match parse_status_line(&buf) {
-        Some(status) if status == expect => Outcome::Ok,
+        Some(status) if good(status) => Outcome::Ok,
         Some(status) => Outcome::Status(status),
         None => Outcome::Garbled,
     }
