@@ -22,7 +22,6 @@ use crate::tunnel;
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use std::sync::Arc;
 use std::time::Duration;
@@ -213,7 +212,7 @@ pub fn accept(
     };
     ctx.runtime.tasks.spawn(async move {
         match client_upgrade.await {
-            Ok(client) => session.run(TokioIo::new(client), request).await,
+            Ok(client) => session.run(tunnel::upgraded(client), request).await,
             Err(e) => warn!(listener = %session.ctx.listener, error = %e, "client upgrade failed"),
         }
     });
@@ -243,7 +242,7 @@ const CLOSE_INTERNAL_ERROR: [u8; 4] = [0x88, 0x02, 0x03, 0xF3];
 impl Session {
     async fn run<C>(self, mut client: C, request: Request<Incoming>)
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + Unpin + tunnel::Reset,
     {
         let mut sniffer = Sniffer::new(&self.app);
         let verdict = sniff(&mut client, &mut sniffer, self.listener.sniff_timeout).await;
@@ -328,7 +327,7 @@ async fn sniff<C: AsyncRead + Unpin>(
         .unwrap_or(Verdict::Undecidable("no command in time"))
 }
 
-type NodeSide = (TokioIo<hyper::upgrade::Upgraded>, NodeLease);
+type NodeSide = (tunnel::UpgradedIo, NodeLease);
 
 /// Sends the client's upgrade request to a node picked for `wanted` (with the
 /// proxy's retries, and the client's sticky node first if it has one in the
@@ -360,7 +359,7 @@ async fn connect(
     let upgraded = hyper::upgrade::on(&mut response)
         .await
         .map_err(|e| format!("node {} upgrade: {e}", lease.node().id()))?;
-    Ok((TokioIo::new(upgraded), lease))
+    Ok((tunnel::upgraded(upgraded), lease))
 }
 
 #[cfg(test)]
