@@ -312,6 +312,18 @@ mod tests {
     }
 
     #[test]
+    fn a_role_says_which_nodes_it_maps() {
+        let text = ISSUE_CLUSTER.replace("cidr = \"127.0.6.0/24\"\n", "");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "cluster.role[1]", "{err}");
+        assert!(err.reason.contains("`cidr`, `host` or `id`"), "{err}");
+        let text = ISSUE_CLUSTER.replace("cidr = \"127.0.6.0/24\"", "host = \"\"");
+        assert_eq!(parse(&text).unwrap_err().key, "cluster.role[1].host");
+        let text = ISSUE_CLUSTER.replace("cidr = \"127.0.6.0/24\"", "id = \"edge-*\"");
+        assert!(parse(&text).is_ok());
+    }
+
+    #[test]
     fn role_and_default_group_must_exist() {
         let text = ISSUE_CLUSTER.replace("group = \"edge\"", "group = \"edges\"");
         let err = parse(&text).unwrap_err();
