@@ -157,10 +157,10 @@ fn stream_of_media_path(dir: &str, rest: &[&str]) -> Option<(RouteKind, String)>
     if let ["drm", id, _, ..] = rest {
         return named_dir(id);
     }
-    if matches!(ext, "mpd" | "m4s") {
-        if let Some(id) = dirs.last() {
-            return named_dir(id);
-        }
+    if matches!(ext, "mpd" | "m4s")
+        && let Some(id) = dirs.last()
+    {
+        return named_dir(id);
     }
     let id = stream_id_from_file(file, stem, ext)?;
     named_dir(&id)
@@ -174,10 +174,10 @@ const OLD_SEGMENT_DIGITS: usize = 4;
 
 /// The stream id in a file name under `streams/` (see [`stream_of_media_path`]).
 fn stream_id_from_file(file: &str, stem: &str, ext: &str) -> Option<String> {
-    if ext == "m3u8" {
-        if let Some(id) = stem.strip_suffix("_adaptive") {
-            return Some(id.to_string());
-        }
+    if ext == "m3u8"
+        && let Some(id) = stem.strip_suffix("_adaptive")
+    {
+        return Some(id.to_string());
     }
     // AMS forbids `__` in stream ids, so `{id}__{anything}` splits there.
     if let Some((id, tail)) = file.rsplit_once("__") {
@@ -242,10 +242,12 @@ fn recording_stream(stem: &str) -> &str {
     if let Some(pos) = recording_date(name) {
         return &name[..pos];
     }
-    if let Some((id, counter)) = name.rsplit_once('_') {
-        if !id.is_empty() && !counter.is_empty() && counter.bytes().all(|b| b.is_ascii_digit()) {
-            name = id;
-        }
+    if let Some((id, counter)) = name.rsplit_once('_')
+        && !id.is_empty()
+        && !counter.is_empty()
+        && counter.bytes().all(|b| b.is_ascii_digit())
+    {
+        name = id;
     }
     strip_renditions(name)
 }

@@ -33,6 +33,15 @@ impl Subnets {
 /// shows), membership from MongoDB at `uri` with the two subnets as roles.
 fn config(publish: SocketAddr, play: SocketAddr, uri: &str, nets: &Subnets, extra: &str) -> String {
     format!(
+        "{}{}",
+        front(publish, play),
+        cluster_toml(uri, &cidr(nets.origin), &cidr(nets.edge), extra)
+    )
+}
+
+/// The listeners and groups of [`config`], without `[cluster]`.
+fn front(publish: SocketAddr, play: SocketAddr) -> String {
+    format!(
         r#"
 [timeouts]
 connect = "1s"
@@ -55,8 +64,7 @@ name = "origin"
 
 [[group]]
 name = "edge"
-{}"#,
-        cluster_toml(uri, &cidr(nets.origin), &cidr(nets.edge), extra)
+"#
     )
 }
 
@@ -311,29 +319,7 @@ async fn host_name_addresses_resolve_and_roles_match_by_host_and_id() {
     ];
     let (publish, play) = (listener_addr(18080), listener_addr(18081));
     let config = format!(
-        r#"
-[timeouts]
-connect = "1s"
-server = "2s"
-
-[[listener]]
-name = "publish"
-bind = ["{publish}"]
-protocol = "http"
-default_group = "origin"
-
-[[listener]]
-name = "play"
-bind = ["{play}"]
-protocol = "http"
-default_group = "edge"
-
-[[group]]
-name = "origin"
-
-[[group]]
-name = "edge"
-
+        r#"{}
 [cluster]
 source = "mongodb"
 uri = "{uri}"
@@ -346,7 +332,8 @@ group = "edge"
 [[cluster.role]]
 id = "origin-*"
 group = "origin"
-"#
+"#,
+        front(publish, play)
     );
     let amslb = Amslb::start(&config, &[publish, play]);
     wait_for_node(play, "edge-by-name", Duration::from_secs(5)).await;

@@ -119,7 +119,7 @@ async fn https_listener_alone_serves() {
     let seen = tls_support::get(
         listener,
         "live.test",
-        &[ca.der.clone()],
+        std::slice::from_ref(&ca.der),
         &[b"http/1.1"],
         "/",
     )
@@ -150,7 +150,8 @@ async fn tls_listener_alone_with_its_own_cert_tunnels() {
     let listener = listener_addr(1936);
     let keys = format!("cert = \"{cert}\"\nkey = \"{key}\"");
     let _amslb = Amslb::start(&single("tls", listener, node.addr, &keys, ""), &[listener]);
-    let answer = raw_get(tls_connect(listener, "live.test", &[ca.der.clone()]).await).await;
+    let answer =
+        raw_get(tls_connect(listener, "live.test", std::slice::from_ref(&ca.der)).await).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
@@ -217,11 +218,11 @@ fn localize(text: &str, certs: &Path) -> (String, Vec<(String, SocketAddr)>) {
     if let Some(stats) = doc.get_mut("stats").and_then(toml::Value::as_table_mut) {
         stats.insert("bind".into(), format!("{}:6080", unique_loopback()).into());
     }
-    if let Some(cluster) = doc.get_mut("cluster").and_then(toml::Value::as_table_mut) {
-        if cluster.contains_key("uri") {
-            let uri = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300";
-            cluster.insert("uri".into(), uri.into());
-        }
+    if let Some(cluster) = doc.get_mut("cluster").and_then(toml::Value::as_table_mut)
+        && cluster.contains_key("uri")
+    {
+        let uri = "mongodb://127.0.0.1:9/?serverSelectionTimeoutMS=300";
+        cluster.insert("uri".into(), uri.into());
     }
     if let Some(tls) = doc.get_mut("tls").and_then(toml::Value::as_table_mut) {
         tls.insert("certs_dir".into(), certs.display().to_string().into());
@@ -269,7 +270,7 @@ async fn every_shipped_config_starts_and_serves() {
                     );
                 }
                 "https" | "tls" => {
-                    tls_connect(*addr, "live.example.com", &[ca.der.clone()]).await;
+                    tls_connect(*addr, "live.example.com", std::slice::from_ref(&ca.der)).await;
                 }
                 "tcp" => {
                     TcpStream::connect(addr).await.unwrap();

@@ -148,7 +148,7 @@ async fn open(s: &Setup, kind: Kind, client_resets: bool) -> (Box<dyn Io>, TcpSt
     }
     let mut client: Box<dyn Io> = match kind {
         Kind::Tls => Box::new(
-            tls_support::connector(&[s.ca.der.clone()], &[])
+            tls_support::connector(std::slice::from_ref(&s.ca.der), &[])
                 .connect(ServerName::try_from("live.test").unwrap(), tcp)
                 .await
                 .unwrap(),
