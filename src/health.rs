@@ -13,6 +13,7 @@ use crate::cluster::{Cluster, FULL_WEIGHT, Node};
 use crate::config::health::{HealthCheck, HealthConfig};
 use crate::config::{Config, Protocol};
 use crate::metrics::{Metrics, NodeMetrics};
+use crate::node_tls::NodeTlsSet;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -207,15 +208,23 @@ pub struct Health {
     config: HealthConfig,
     tcp_groups: HashSet<String>,
     nodes: RwLock<HashMap<String, Arc<NodeHealth>>>,
+    /// Probes reach nodes the way the proxy does (HTTPS under `node_tls`).
+    node_tls: Arc<NodeTlsSet>,
 }
 
 impl Health {
     /// A checker for `config` (its `[health]` and listeners); call [`Health::spawn`] to start probing.
     pub fn new(config: &Config) -> Arc<Self> {
+        Self::with_node_tls(config, Default::default())
+    }
+
+    /// [`Health::new`], probing nodes with `node_tls` over TLS as the proxy reaches them.
+    pub fn with_node_tls(config: &Config, node_tls: Arc<NodeTlsSet>) -> Arc<Self> {
         Arc::new(Self {
             config: config.health.clone(),
             tcp_groups: tcp_only_groups(config),
             nodes: RwLock::default(),
+            node_tls,
         })
     }
 
@@ -413,7 +422,7 @@ impl Health {
             let outcome = if self.config.enabled {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    outcome = probe(kind, &entry.node, &self.config) => outcome,
+                    outcome = probe(kind, &entry.node, &self.config, &self.node_tls) => outcome,
                 }
             } else {
                 Outcome::Assumed
@@ -445,24 +454,44 @@ async fn ramp(node: Arc<Node>, duration: Duration) {
 }
 
 /// Runs one check of `node`, bounded by `config.timeout`.
-pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outcome {
+pub async fn probe(
+    kind: CheckKind,
+    node: &Node,
+    config: &HealthConfig,
+    node_tls: &NodeTlsSet,
+) -> Outcome {
     let check = async {
         match kind {
             CheckKind::Tcp => match TcpStream::connect(node.rtmp_addr()).await {
                 Ok(_) => Outcome::Ok,
                 Err(e) => Outcome::Io(format!("connect: {e}")),
             },
-            CheckKind::Http => match config.check {
-                HealthCheck::Liveness => {
-                    let good = |status| status == config.expect_status;
-                    http_check(node.http_addr(), "GET", &config.path, good).await
+            CheckKind::Http => {
+                // What to ask ([health] check) and when the answer is good.
+                let app_path = format!("/{}", config.app);
+                let (method, path, good): (&str, &str, Box<dyn Fn(u16) -> bool + Send>) =
+                    match config.check {
+                        HealthCheck::Liveness => {
+                            let expect = config.expect_status;
+                            ("GET", &config.path, Box::new(move |s| s == expect))
+                        }
+                        HealthCheck::App => {
+                            ("HEAD", &app_path, Box::new(|s| (200..400).contains(&s)))
+                        }
+                    };
+                let (addr, tls) = node_tls.http(node);
+                let stream = match TcpStream::connect(addr).await {
+                    Ok(stream) => stream,
+                    Err(e) => return Outcome::Io(format!("connect: {e}")),
+                };
+                match tls {
+                    None => http_check(stream, addr, method, path, good).await,
+                    Some(tls) => match tls.handshake(stream, addr).await {
+                        Ok(stream) => http_check(stream, addr, method, path, good).await,
+                        Err(e) => Outcome::Io(format!("TLS handshake refused: {e}")),
+                    },
                 }
-                HealthCheck::App => {
-                    let path = format!("/{}", config.app);
-                    let good = |status| (200..400).contains(&status);
-                    http_check(node.http_addr(), "HEAD", &path, good).await
-                }
-            },
+            }
         }
     };
     tokio::time::timeout(config.timeout, check)
@@ -470,18 +499,18 @@ pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outco
         .unwrap_or(Outcome::Timeout)
 }
 
-/// One `method path` over a fresh connection; only the status line is read,
-/// and `good` judges its status.
-async fn http_check(
+/// One `method path` over `stream` (a fresh connection); only the status
+/// line is read, and `good` judges its status.
+async fn http_check<S>(
+    mut stream: S,
     addr: SocketAddr,
     method: &str,
     path: &str,
     good: impl Fn(u16) -> bool,
-) -> Outcome {
-    let mut stream = match TcpStream::connect(addr).await {
-        Ok(stream) => stream,
-        Err(e) => return Outcome::Io(format!("connect: {e}")),
-    };
+) -> Outcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: amslb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
