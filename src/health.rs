@@ -10,7 +10,7 @@
 //! a map lookup and an atomic.
 
 use crate::cluster::{Cluster, FULL_WEIGHT, Node};
-use crate::config::health::HealthConfig;
+use crate::config::health::{HealthCheck, HealthConfig};
 use crate::config::{Config, Protocol};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::node_tls::NodeTlsSet;
@@ -152,7 +152,8 @@ pub struct Check {
 /// How a node is probed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CheckKind {
-    /// `GET [health] path` on the node's HTTP port.
+    /// `GET [health] path` or `HEAD /{[health] app}` (`[health] check`) on
+    /// the node's HTTP port.
     Http,
     /// A TCP connect to the node's RTMP port, for groups that only TCP
     /// listeners use (they may not speak HTTP at all).
@@ -560,17 +561,27 @@ pub async fn probe(
                 Err(e) => Outcome::Io(format!("connect: {e}")),
             },
             CheckKind::Http => {
+                // What to ask ([health] check) and when the answer is good.
+                let app_path = format!("/{}", config.app);
+                let (method, path, good): (&str, &str, Box<dyn Fn(u16) -> bool + Send>) =
+                    match config.check {
+                        HealthCheck::Liveness => {
+                            let expect = config.expect_status;
+                            ("GET", &config.path, Box::new(move |s| s == expect))
+                        }
+                        HealthCheck::App => {
+                            ("HEAD", &app_path, Box::new(|s| (200..400).contains(&s)))
+                        }
+                    };
                 let (addr, tls) = node_tls.http(node);
                 let stream = match TcpStream::connect(addr).await {
                     Ok(stream) => stream,
                     Err(e) => return Outcome::Io(format!("connect: {e}")),
                 };
                 match tls {
-                    None => http_check(stream, addr, &config.path, config.expect_status).await,
+                    None => http_check(stream, addr, method, path, good).await,
                     Some(tls) => match tls.handshake(stream, addr).await {
-                        Ok(stream) => {
-                            http_check(stream, addr, &config.path, config.expect_status).await
-                        }
+                        Ok(stream) => http_check(stream, addr, method, path, good).await,
                         Err(e) => Outcome::Io(format!("TLS handshake refused: {e}")),
                     },
                 }
@@ -582,13 +593,20 @@ pub async fn probe(
         .unwrap_or(Outcome::Timeout)
 }
 
-/// One `GET path` over a fresh connection; only the status line is read.
-async fn http_check<S>(mut stream: S, addr: SocketAddr, path: &str, expect: u16) -> Outcome
+/// One `method path` over `stream` (a fresh connection); only the status
+/// line is read, and `good` judges its status.
+async fn http_check<S>(
+    mut stream: S,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    good: impl Fn(u16) -> bool,
+) -> Outcome
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: amslb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: amslb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );
     if let Err(e) = stream.write_all(request.as_bytes()).await {
         return Outcome::Io(format!("write: {e}"));
@@ -603,7 +621,7 @@ where
         }
     }
     match parse_status_line(&buf) {
-        Some(status) if status == expect => Outcome::Ok,
+        Some(status) if good(status) => Outcome::Ok,
         Some(status) => Outcome::Status(status),
         None => Outcome::Garbled,
     }

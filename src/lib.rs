@@ -72,7 +72,10 @@ use std::path::PathBuf;
 /// Binds every listener of the config read from `path` (already checked into
 /// `prepared`), starts the stats listener, access log and reload handling, and
 /// serves until SIGTERM or SIGINT, then shuts down gracefully.
+/// Installs the rustls crypto provider first, for embedders that do not start
+/// through the `amslb` command.
 pub async fn run(path: PathBuf, prepared: reload::Prepared) -> Result<(), StartError> {
+    tls::install_crypto_provider();
     let server = Server::bind(prepared.config.clone())?;
     reload::start(server.runtime(), path, prepared).await?;
     server.run(shutdown_signal()).await;

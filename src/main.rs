@@ -64,6 +64,10 @@ enum ImportFormat {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_level.as_deref());
+    // Before anything builds a TLS config (a `tls` listener's own cert, the
+    // MongoDB driver, ACME): with two providers compiled in, rustls panics
+    // on the first `ServerConfig::builder()` otherwise.
+    amslb::tls::install_crypto_provider();
     if let Some(Command::Import { format, file }) = &cli.command {
         return import(*format, file);
     }

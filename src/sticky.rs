@@ -26,7 +26,7 @@ use crate::config::sticky::{SameSite, StickyConfig, StickyMode};
 use crate::config::{Config, NodeConfig};
 use crate::route::RouteKind;
 use aws_lc_rs::hmac;
-use http::header::{CACHE_CONTROL, COOKIE, Entry, LOCATION, SET_COOKIE};
+use http::header::{CACHE_CONTROL, COOKIE, ETAG, Entry, HOST, LOCATION, SET_COOKIE};
 use http::{HeaderMap, HeaderValue, Uri};
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -322,6 +322,9 @@ pub struct Affinity {
     other_keys: Vec<String>,
     /// WHIP/WHEP: tag the `Location` of the answer.
     tag_location: bool,
+    /// WHIP/WHEP: the request's `Host`, which AMS writes into its absolute
+    /// `Location` (it builds it from the request URI).
+    request_host: Option<String>,
 }
 
 impl Sticky {
@@ -337,6 +340,16 @@ impl Sticky {
         nodes: &[Arc<Node>],
     ) -> Affinity {
         let session = matches!(kind, RouteKind::Whip | RouteKind::Whep);
+        // HTTP/2 carries the host as `:authority`, which hyper keeps in the URI.
+        let request_host = session
+            .then(|| {
+                headers
+                    .get(HOST)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .or_else(|| uri.authority().map(|a| a.to_string()))
+            })
+            .flatten();
         let mut named: Option<&Arc<Node>> = None;
         if session && let Some((key, query)) = uri.query().and_then(take_location_tag) {
             named = self.find(nodes, &key);
@@ -377,6 +390,7 @@ impl Sticky {
             cookie_key,
             other_keys,
             tag_location: session,
+            request_host,
         }
     }
 
@@ -430,10 +444,21 @@ impl Sticky {
         }
         if affinity.tag_location
             && let Some(location) = headers.get(LOCATION).and_then(|v| v.to_str().ok())
-            && let Ok(tagged) =
-                HeaderValue::from_str(&tag_location(location, &key, &node.http_addr().to_string()))
         {
-            headers.insert(LOCATION, tagged);
+            let node_authority = node.http_addr().to_string();
+            let authorities: Vec<&str> = [
+                Some(node_authority.as_str()),
+                affinity.request_host.as_deref(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let etag = headers.get(ETAG).and_then(|v| v.to_str().ok());
+            let resource = whip_resource(location, etag);
+            if let Ok(tagged) = HeaderValue::from_str(&tag_location(&resource, &key, &authorities))
+            {
+                headers.insert(LOCATION, tagged);
+            }
         }
     }
 }
@@ -551,17 +576,21 @@ impl<'a> Iterator for CookiePairs<'a> {
 /// AMS routes on, exactly as the node wrote it; [`take_location_tag`] removes
 /// it before forwarding, so AMS never sees it.
 ///
-/// An absolute `Location` pointing at the node itself (`node_authority`, e.g.
-/// `10.0.0.5:5080`) is cut down to its path: the client must not bypass the
-/// balancer, and the internal address must not leak.
-pub fn tag_location(location: &str, key: &str, node_authority: &str) -> String {
+/// An absolute `Location` pointing at one of `authorities` (the node itself,
+/// e.g. `10.0.0.5:5080`, or the `Host` the client sent, which AMS echoes) is
+/// cut down to its path: the client must not bypass the balancer, the internal
+/// address must not leak, and AMS writes `http://` even when the client came
+/// over TLS, which a path relative to the client's own URL gets right.
+pub fn tag_location(location: &str, key: &str, authorities: &[&str]) -> String {
     let mut url = location;
     for scheme in ["http://", "https://"] {
-        if let Some(rest) = location.strip_prefix(scheme)
-            && let Some(path) = rest.strip_prefix(node_authority)
-            && (path.is_empty() || path.starts_with(['/', '?']))
-        {
-            url = path;
+        for authority in authorities {
+            if let Some(rest) = location.strip_prefix(scheme)
+                && let Some(path) = rest.strip_prefix(authority)
+                && (path.is_empty() || path.starts_with(['/', '?']))
+            {
+                url = path;
+            }
         }
     }
     let (before_fragment, fragment) = match url.split_once('#') {
@@ -587,6 +616,31 @@ pub fn tag_location(location: &str, key: &str, node_authority: &str) -> String {
         out.push_str(fragment);
     }
     out
+}
+
+/// WHIP: the session resource AMS means by its `Location`. AMS writes the
+/// request URI plus `/{eTag}` (`WhipEndpoint` in AMS's source), so a POST with a
+/// query (`/LiveApp/whip/s1?video=true`) gets `…/whip/s1?video=true/{eTag}`:
+/// the tag lands in the query, and a `DELETE` on that URL reaches AMS's
+/// `/{streamId}` resource, which has no DELETE, instead of its
+/// `/{streamId}/{eTag}`. When the query ends in `/{eTag}` (the answer's `ETag`
+/// header), the tag moves back into the path, the query after it:
+/// `…/whip/s1/{eTag}?video=true`. Anything else is returned unchanged.
+pub fn whip_resource(location: &str, etag: Option<&str>) -> String {
+    let Some(etag) = etag.map(|e| e.trim_matches('"')).filter(|e| !e.is_empty()) else {
+        return location.to_string();
+    };
+    let Some((path, query)) = location.split_once('?') else {
+        return location.to_string();
+    };
+    let Some(query) = query.strip_suffix(etag).and_then(|q| q.strip_suffix('/')) else {
+        return location.to_string();
+    };
+    if query.is_empty() {
+        format!("{path}/{etag}")
+    } else {
+        format!("{path}/{etag}?{query}")
+    }
 }
 
 /// Finds the node tag [`tag_location`] added in a request's query; returns the
@@ -938,8 +992,17 @@ mod tests {
             ("http://127.0.1.1:5080", "/?amslb_node=k"),
         ];
         for (location, tagged) in cases {
-            assert_eq!(tag_location(location, "k", node), tagged, "{location}");
+            assert_eq!(tag_location(location, "k", &[node]), tagged, "{location}");
         }
+        // AMS's own shape: absolute on the client's Host, plain http.
+        assert_eq!(
+            tag_location(
+                "http://live.test/LiveApp/whip/s1/e1?video=true",
+                "k",
+                &[node, "live.test"]
+            ),
+            "/LiveApp/whip/s1/e1?video=true&amslb_node=k"
+        );
         assert_eq!(take_location_tag("amslb_node=k"), Some(("k".into(), None)));
         assert_eq!(
             take_location_tag("token=t&amslb_node=k&x=1"),
@@ -947,6 +1010,45 @@ mod tests {
         );
         assert_eq!(take_location_tag("token=t"), None);
         assert_eq!(take_location_tag(""), None);
+    }
+
+    #[test]
+    fn whip_resource_moves_the_etag_out_of_the_query() {
+        let cases = [
+            // AMS: request URI + "/" + eTag, query included
+            (
+                "http://live.test/LiveApp/whip/s1?video=true/e-1",
+                Some("e-1"),
+                "http://live.test/LiveApp/whip/s1/e-1?video=true",
+            ),
+            (
+                "/LiveApp/whip/s1?a=1&b=2/e-1",
+                Some("\"e-1\""),
+                "/LiveApp/whip/s1/e-1?a=1&b=2",
+            ),
+            ("/LiveApp/whip/s1?/e-1", Some("e-1"), "/LiveApp/whip/s1/e-1"),
+            // without a query AMS's Location is right already
+            ("/LiveApp/whip/s1/e-1", Some("e-1"), "/LiveApp/whip/s1/e-1"),
+            // a query that does not end in the tag, or no tag: unchanged
+            (
+                "/LiveApp/whip/s1?x=e-1",
+                Some("e-1"),
+                "/LiveApp/whip/s1?x=e-1",
+            ),
+            ("/LiveApp/whip/s1?v=1/e-1", None, "/LiveApp/whip/s1?v=1/e-1"),
+            (
+                "/LiveApp/whip/s1?v=1/e-1",
+                Some(""),
+                "/LiveApp/whip/s1?v=1/e-1",
+            ),
+        ];
+        for (location, etag, resource) in cases {
+            assert_eq!(
+                whip_resource(location, etag),
+                resource,
+                "{location} {etag:?}"
+            );
+        }
     }
 
     #[test]

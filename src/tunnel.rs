@@ -1,12 +1,181 @@
 //! Relaying bytes both ways between two connections (WebSocket after the
 //! upgrade, TCP passthrough), with an idle timeout like HAProxy's `timeout tunnel`.
+//!
+//! A side that ends is passed on the way it ended, at once: an EOF as a
+//! half-close (FIN) on the other side, a reset or any other error by closing
+//! the other side too, as a reset (RST, via `SO_LINGER` 0) where the other side
+//! is a socket amslb can reach ([`Reset`]). Without that, a publisher that
+//! vanishes leaves a ghost publisher on the node, and a node that resets is
+//! noticed by the client only at its next write.
 
+use bytes::{Buf, Bytes};
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_util::either::Either;
+
+/// A connection whose close can be turned into a reset: after
+/// [`Reset::reset_on_close`], dropping it sends RST instead of FIN. Types that
+/// hide their socket do nothing (their close stays a FIN).
+pub trait Reset {
+    /// Makes the next close of the underlying TCP socket a reset.
+    fn reset_on_close(&self);
+}
+
+impl Reset for TcpStream {
+    fn reset_on_close(&self) {
+        // Best effort: on failure the close is a FIN, which still closes.
+        let _ = socket2::SockRef::from(self).set_linger(Some(Duration::ZERO));
+    }
+}
+
+impl Reset for tokio::net::tcp::OwnedWriteHalf {
+    fn reset_on_close(&self) {
+        let stream: &TcpStream = self.as_ref();
+        stream.reset_on_close();
+    }
+}
+
+impl<T: Reset> Reset for tokio_rustls::server::TlsStream<T> {
+    fn reset_on_close(&self) {
+        self.get_ref().0.reset_on_close();
+    }
+}
+
+impl<T: Reset> Reset for tokio_rustls::client::TlsStream<T> {
+    fn reset_on_close(&self) {
+        self.get_ref().0.reset_on_close();
+    }
+}
+
+impl<T: Reset + ?Sized> Reset for Box<T> {
+    fn reset_on_close(&self) {
+        (**self).reset_on_close();
+    }
+}
+
+impl<L: Reset, R: Reset> Reset for Either<L, R> {
+    fn reset_on_close(&self) {
+        match self {
+            Either::Left(l) => l.reset_on_close(),
+            Either::Right(r) => r.reset_on_close(),
+        }
+    }
+}
+
+/// A stream joined from a read half and a write half: the write half holds the socket.
+impl<R: AsyncRead, W: AsyncWrite + Reset> Reset for tokio::io::Join<R, W> {
+    fn reset_on_close(&self) {
+        self.writer().reset_on_close();
+    }
+}
+
+/// In-memory pipes (tests) have no socket to reset.
+impl Reset for tokio::io::DuplexStream {
+    fn reset_on_close(&self) {}
+}
+
+/// A connection hyper has upgraded (WebSocket), unwrapped back to its socket
+/// when hyper's type allows it, so a reset can be passed on as a reset.
+pub type UpgradedIo = Prefixed<Either<TcpStream, Either<Box<ServerTls>, TokioUpgraded>>>;
+type ServerTls = tokio_rustls::server::TlsStream<TcpStream>;
+type TokioUpgraded = hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>;
+
+/// Unwraps `upgraded` to the TCP or TLS-over-TCP stream hyper was given (the
+/// plain and `https` listeners, and node connections), keeping the bytes hyper
+/// had already read past the upgrade; other transports stay wrapped (and close
+/// with FIN only).
+pub fn upgraded(upgraded: hyper::upgrade::Upgraded) -> UpgradedIo {
+    use hyper_util::rt::TokioIo;
+    let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => return Prefixed::new(parts.read_buf, Either::Left(parts.io.into_inner())),
+        Err(upgraded) => upgraded,
+    };
+    match upgraded.downcast::<TokioIo<ServerTls>>() {
+        Ok(parts) => Prefixed::new(
+            parts.read_buf,
+            Either::Right(Either::Left(Box::new(parts.io.into_inner()))),
+        ),
+        Err(upgraded) => Prefixed::new(
+            Bytes::new(),
+            Either::Right(Either::Right(TokioIo::new(upgraded))),
+        ),
+    }
+}
+
+impl Reset for TokioUpgraded {
+    fn reset_on_close(&self) {}
+}
+
+/// A stream with bytes already read from it put back in front.
+#[derive(Debug)]
+pub struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T> Prefixed<T> {
+    /// `inner`, whose reads first return `prefix`.
+    pub fn new(prefix: Bytes, inner: T) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<T: Reset> Reset for Prefixed<T> {
+    fn reset_on_close(&self) {
+        self.inner.reset_on_close();
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.has_remaining() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Which side of a tunnel failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The client's connection.
+    Client,
+    /// The node's connection.
+    Node,
+}
 
 /// Bytes moved by a finished tunnel, and why it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +212,9 @@ const FIRST_BUFFER: usize = 1024;
 /// Relays until both directions are closed, nothing moves for `idle`, either
 /// side errors, or `stop` resolves. An EOF on one side is passed on as a write
 /// shutdown on the other (half-close), so request/response protocols that
-/// close their sending side first still get their answer.
+/// close their sending side first still get their answer. An error on either
+/// side ends the tunnel at once, the other side reset ([`Reset`]) before both
+/// are closed.
 pub async fn relay<C, N>(
     client: C,
     node: N,
@@ -51,8 +222,8 @@ pub async fn relay<C, N>(
     stop: impl std::future::Future<Output = ()>,
 ) -> Relayed
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    N: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + Reset,
+    N: AsyncRead + AsyncWrite + Unpin + Reset,
 {
     let started = Instant::now();
     let last_activity = Arc::new(AtomicU64::new(0));
@@ -61,42 +232,76 @@ where
     let (mut client_read, mut client_write) = tokio::io::split(client);
     let (mut node_read, mut node_write) = tokio::io::split(node);
 
-    let up = pump(
-        &mut client_read,
-        &mut node_write,
-        &to_node,
-        &last_activity,
-        started,
-    );
-    let down = pump(
-        &mut node_read,
-        &mut client_write,
-        &to_client,
-        &last_activity,
-        started,
-    );
-    let watchdog = async {
-        loop {
-            let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
-            let deadline = started + last + idle;
-            if Instant::now() >= deadline {
-                return;
+    let end = {
+        let up = pump(
+            &mut client_read,
+            &mut node_write,
+            &to_node,
+            &last_activity,
+            started,
+        );
+        let up = async { up.await.map_err(|at| at.side(Side::Client, Side::Node)) };
+        let down = pump(
+            &mut node_read,
+            &mut client_write,
+            &to_client,
+            &last_activity,
+            started,
+        );
+        let down = async { down.await.map_err(|at| at.side(Side::Node, Side::Client)) };
+        let watchdog = async {
+            loop {
+                let last = Duration::from_millis(last_activity.load(Ordering::Relaxed));
+                let deadline = started + last + idle;
+                if Instant::now() >= deadline {
+                    return;
+                }
+                tokio::time::sleep_until(deadline).await;
             }
-            tokio::time::sleep_until(deadline).await;
+        };
+        tokio::select! {
+            // The first error wins; two EOFs end it normally.
+            done = async { tokio::try_join!(up, down) } => done.map(|_| TunnelEnd::Closed),
+            _ = watchdog => Ok(TunnelEnd::Idle),
+            _ = stop => Ok(TunnelEnd::Shutdown),
         }
     };
-
-    let end = tokio::select! {
-        (a, b) = async { tokio::join!(up, down) } => {
-            if a.is_ok() && b.is_ok() { TunnelEnd::Closed } else { TunnelEnd::Error }
+    let client = client_read.unsplit(client_write);
+    let node = node_read.unsplit(node_write);
+    let end = match end {
+        Ok(end) => end,
+        Err(failed) => {
+            match failed {
+                Side::Client => node.reset_on_close(),
+                Side::Node => client.reset_on_close(),
+            }
+            TunnelEnd::Error
         }
-        _ = watchdog => TunnelEnd::Idle,
-        _ = stop => TunnelEnd::Shutdown,
     };
+    drop((client, node));
     Relayed {
         to_node: to_node.load(Ordering::Relaxed),
         to_client: to_client.load(Ordering::Relaxed),
         end,
+    }
+}
+
+/// Where one direction of a tunnel failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failed {
+    /// Reading from its source.
+    Read,
+    /// Writing to (or shutting down) its destination.
+    Write,
+}
+
+impl Failed {
+    /// The side that failed, given the direction's source and destination.
+    pub fn side(self, from: Side, to: Side) -> Side {
+        match self {
+            Failed::Read => from,
+            Failed::Write => to,
+        }
     }
 }
 
@@ -106,23 +311,26 @@ async fn pump<R, W>(
     counter: &AtomicU64,
     last_activity: &AtomicU64,
     started: Instant,
-) -> io::Result<()>
+) -> Result<(), Failed>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; FIRST_BUFFER];
     loop {
-        let n = reader.read(&mut buf).await?;
+        let n = reader.read(&mut buf).await.map_err(|_| Failed::Read)?;
         if n == 0 {
-            return writer.shutdown().await;
+            return writer.shutdown().await.map_err(|_| Failed::Write);
         }
         // A read that filled the buffer means data is flowing: grow towards BUFFER.
         if n == buf.len() && buf.len() < BUFFER {
             buf.resize((buf.len() * 4).min(BUFFER), 0);
         }
-        writer.write_all(&buf[..n]).await?;
-        writer.flush().await?;
+        writer
+            .write_all(&buf[..n])
+            .await
+            .map_err(|_| Failed::Write)?;
+        writer.flush().await.map_err(|_| Failed::Write)?;
         counter.fetch_add(n as u64, Ordering::Relaxed);
         let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         last_activity.store(now, Ordering::Relaxed);

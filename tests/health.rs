@@ -156,6 +156,40 @@ async fn failing_liveness_takes_a_node_out_within_fall_intervals_and_rise_brings
     assert!(up[0].contains("2 consecutive good checks"), "{}", up[0]);
 }
 
+/// `check = "app"`: a node whose liveness says 200 while its application does
+/// not answer yet (AMS still deploying it) gets no traffic until `HEAD /{app}`
+/// answers; the liveness check would have sent it traffic all along.
+#[tokio::test]
+async fn app_check_keeps_a_node_out_until_its_application_answers() {
+    let nodes = sim_nodes(&["node-a", "node-b"]).await;
+    nodes[0].set_apps_ready(false);
+    let lb = listener_addr(18080);
+    let checks = format!(
+        "{}check = \"app\"\napp = \"LiveApp\"\n",
+        health(200, 150, 1, 1)
+    );
+    let amslb = Amslb::start(&origin_config(lb, &nodes, &checks), &[lb]);
+    // One failed probe (fall = 1) takes node-a out: within an interval or two.
+    tokio::time::sleep(Duration::from_millis(500) + SLACK).await;
+    for _ in 0..10 {
+        assert_eq!(get(lb, "/").await.node(), "node-b", "{}", amslb.log());
+    }
+    let down = amslb.log();
+    assert!(
+        down.lines()
+            .any(|l| l.contains("node down") && l.contains("node-a") && l.contains("status 404")),
+        "{down}"
+    );
+
+    nodes[0].set_apps_ready(true);
+    let back = poll_until(lb, Duration::from_secs(3), |n| n == "node-a").await;
+    assert!(
+        back.is_some(),
+        "node-a not back once its app answers: {}",
+        amslb.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_node_does_not_stall_the_checks_of_others() {
     let nodes = sim_nodes(&["hung", "flaky", "steady"]).await;

@@ -33,6 +33,15 @@ impl Subnets {
 /// shows), membership from MongoDB at `uri` with the two subnets as roles.
 fn config(publish: SocketAddr, play: SocketAddr, uri: &str, nets: &Subnets, extra: &str) -> String {
     format!(
+        "{}{}",
+        front(publish, play),
+        cluster_toml(uri, &cidr(nets.origin), &cidr(nets.edge), extra)
+    )
+}
+
+/// The listeners and groups of [`config`], without `[cluster]`.
+fn front(publish: SocketAddr, play: SocketAddr) -> String {
+    format!(
         r#"
 [timeouts]
 connect = "1s"
@@ -55,8 +64,7 @@ name = "origin"
 
 [[group]]
 name = "edge"
-{}"#,
-        cluster_toml(uri, &cidr(nets.origin), &cidr(nets.edge), extra)
+"#
     )
 }
 
@@ -287,4 +295,60 @@ async fn scram_credentials_work_and_never_reach_the_log() {
     let amslb = Amslb::start(&config(publish, play, &good, &nets, ""), &[publish, play]);
     wait_for_node(play, "edge-1", Duration::from_secs(5)).await;
     assert!(!amslb.log().contains("s3cret"));
+}
+
+/// AMS writes `AMS_HOST_ADDRESS` into `clusternode.ip`, often a host name:
+/// amslb resolves it (`localhost` here, answered without DNS) and maps roles by
+/// host-name pattern and by document id, with no CIDR rule at all.
+#[tokio::test]
+async fn host_name_addresses_resolve_and_roles_match_by_host_and_id() {
+    let db = Secantus::start(&[]);
+    let uri = db.uri(None);
+    // The edge registers as `localhost`, on a port of its own on 127.0.0.1;
+    // every node of the cluster uses that port, as in AMS.
+    let edge = SimNode::start("edge-by-name", "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let port = edge.addr.port();
+    let origin = SimNode::start("origin-7", SocketAddr::new(unique_loopback(), port))
+        .await
+        .unwrap();
+    let _regs = [
+        edge.register_as(&uri, AMS_REFRESH, "localhost").await,
+        origin.register(&uri, AMS_REFRESH).await,
+    ];
+    let (publish, play) = (listener_addr(18080), listener_addr(18081));
+    let config = format!(
+        r#"{}
+[cluster]
+source = "mongodb"
+uri = "{uri}"
+http_port = {port}
+
+[[cluster.role]]
+host = "local*"
+group = "edge"
+
+[[cluster.role]]
+id = "origin-*"
+group = "origin"
+"#,
+        front(publish, play)
+    );
+    let amslb = Amslb::start(&config, &[publish, play]);
+    wait_for_node(play, "edge-by-name", Duration::from_secs(5)).await;
+    wait_for_node(publish, "origin-7", Duration::from_secs(5)).await;
+    assert_eq!(
+        distinct(&answers(play, 4).await),
+        HashSet::from(["edge-by-name"])
+    );
+    assert_eq!(
+        distinct(&answers(publish, 4).await),
+        HashSet::from(["origin-7"])
+    );
+    let log = amslb.log();
+    assert!(
+        log.contains("node host name resolved") && log.contains("localhost"),
+        "{log}"
+    );
 }

@@ -242,7 +242,7 @@ async fn fragmented_first_frame_is_understood_and_replayed() {
         tcp.flush().await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // The node saw the ping (answers pong) and the whole message (echoes it).
+    // amslb answered the ping (pong) and the node the whole message (echo).
     let mut got = Vec::new();
     for _ in 0..2 {
         got.push(read_server_frame(&mut tcp).await);
@@ -252,6 +252,39 @@ async fn fragmented_first_frame_is_understood_and_replayed() {
     assert_eq!(websockets(&c.origins[0]), 1);
     let seen = &c.origins[0].seen()[0];
     assert!(!seen.headers.contains_key("sec-websocket-extensions"));
+}
+
+/// A ping before the first command gets its pong from amslb at once, not
+/// after `sniff_timeout`, and is not replayed to the node (which would answer a
+/// second pong the client never asked for).
+#[tokio::test]
+async fn a_ping_while_sniffing_is_answered_at_once_and_not_replayed() {
+    let c = sniffing(1, 1, "sniff_timeout = \"5s\"", ROUND_ROBIN).await;
+    let mut tcp = raw_upgrade(c.addr).await;
+    let mask = [3, 1, 4, 1];
+    let started = Instant::now();
+    tcp.write_all(&encode_client(true, PING, b"k1", mask))
+        .await
+        .unwrap();
+    let pong = read_server_frame(&mut tcp).await;
+    let took = started.elapsed();
+    eprintln!("pong while sniffing after {took:?}");
+    assert_eq!(pong, (0xA, b"k1".to_vec()));
+    assert!(took < Duration::from_millis(500), "pong after {took:?}");
+    assert_eq!(websockets(&c.edges[0]) + websockets(&c.origins[0]), 0);
+
+    let play = br#"{"command":"play","streamId":"p1"}"#;
+    tcp.write_all(&encode_client(true, TEXT, play, mask))
+        .await
+        .unwrap();
+    // The first frame from the node is the echo: no pong for a replayed ping.
+    assert_eq!(read_server_frame(&mut tcp).await, (0x1, play.to_vec()));
+    assert_eq!(websockets(&c.edges[0]), 1);
+    // After the decision pings go to the node, which answers them itself.
+    tcp.write_all(&encode_client(true, PING, b"k2", mask))
+        .await
+        .unwrap();
+    assert_eq!(read_server_frame(&mut tcp).await, (0xA, b"k2".to_vec()));
 }
 
 #[tokio::test]
@@ -368,6 +401,34 @@ async fn stream_hash_keeps_streams_on_one_edge_and_moves_only_a_departed_edges_s
             assert_eq!(node, placement[&stream], "s{stream} moved");
         }
     }
+}
+
+#[tokio::test]
+async fn stream_hash_places_streams_of_one_subfolder_by_stream() {
+    // AMS writes `/{app}/streams/{subFolder}/{id}.m3u8`; the stream is `{id}`, so
+    // the streams of one subfolder spread over the edges like any others.
+    let c = sniffing(0, 3, "", STREAM_HASH).await;
+    let mut used = std::collections::HashSet::new();
+    for stream in 0..12 {
+        let node = served_by(
+            c.addr,
+            &format!("/LiveApp/streams/cams/s{stream}.m3u8"),
+            None,
+        )
+        .await;
+        for path in [
+            format!("/LiveApp/streams/cams/s{stream}_720p2500kbps.m3u8"),
+            format!("/LiveApp/streams/cams/s{stream}_300kbps000000001.ts"),
+            format!("/LiveApp/streams/s{stream}.m3u8"),
+        ] {
+            assert_eq!(served_by(c.addr, &path, None).await, node, "{path}");
+        }
+        used.insert(node);
+    }
+    assert!(
+        used.len() >= 2,
+        "12 streams of one subfolder all on {used:?}"
+    );
 }
 
 /// A node id, to ask the hash module for a ranking like amslb computes it.

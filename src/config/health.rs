@@ -10,8 +10,12 @@ use std::time::Duration;
 pub struct HealthConfig {
     /// Run active probes at all; when off, only passive failures mark nodes down.
     pub enabled: bool,
-    /// Path probed with `GET` on each node's HTTP port.
+    /// What an HTTP probe asks the node.
+    pub check: HealthCheck,
+    /// Path probed with `GET` on each node's HTTP port (`check = "liveness"`).
     pub path: String,
+    /// Application probed with `HEAD /{app}` (`check = "app"`).
+    pub app: String,
     /// Time between two probes of one node.
     #[serde(with = "duration")]
     pub interval: Duration,
@@ -36,11 +40,26 @@ pub struct HealthConfig {
     pub slow_start: Duration,
 }
 
+/// The HTTP probe of `[health] check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheck {
+    /// `GET [health] path`, good when it answers `expect_status`.
+    Liveness,
+    /// `HEAD /{app}`, as AMS probes a peer before it relays a stream from it,
+    /// good on a 2xx or 3xx answer: a deployed application answers (AMS's
+    /// servlet container redirects `/{app}` to `/{app}/`), one that is still
+    /// starting or missing answers 404, while liveness already says 200.
+    App,
+}
+
 impl Default for HealthConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            check: HealthCheck::Liveness,
             path: "/rest/v2/liveness".into(),
+            app: "LiveApp".into(),
             interval: Duration::from_secs(2),
             timeout: Duration::from_secs(1),
             rise: 2,
@@ -58,6 +77,13 @@ pub fn validate(health: &HealthConfig) -> Result<Vec<String>, (String, String)> 
     let fail = |key: &str, reason: &str| Err((format!("health.{key}"), reason.to_string()));
     if !health.path.starts_with('/') {
         return fail("path", "must start with '/'");
+    }
+    let app_ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if health.app.is_empty() || !health.app.chars().all(app_ok) || health.app.starts_with('.') {
+        return fail(
+            "app",
+            "must be an application name (letters, digits, '_', '-', '.'), such as \"LiveApp\"",
+        );
     }
     if health.interval.is_zero() {
         return fail("interval", "must be longer than 0s");

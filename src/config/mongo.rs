@@ -43,14 +43,25 @@ impl<'de> Deserialize<'de> for MongoUri {
     }
 }
 
-/// `[[cluster.role]]`: nodes whose address falls in `cidr` belong to `group`.
-/// Rules are tried in order and the first match wins, like firewall rules.
+/// `[[cluster.role]]`: nodes that match every key given (`cidr`, `host`, `id`;
+/// at least one) belong to `group`. Rules are tried in order and the first
+/// match wins, like firewall rules.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoleConfig {
     /// Address block, e.g. `"172.31.1.0/24"` (AMS deployments put origins and
-    /// edges in separate subnets).
-    pub cidr: IpNet,
+    /// edges in separate subnets). A node registered by host name matches by
+    /// the address the name resolves to.
+    #[serde(default)]
+    pub cidr: Option<IpNet>,
+    /// Host-name pattern (`*` any run of characters, `?` one; no case), for
+    /// nodes that register a name (`AMS_HOST_ADDRESS`), e.g. `"*.origin.internal"`.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Pattern of the registry document's `_id`, e.g. `"origin-*"`, for
+    /// deployments whose addresses say nothing (public IPs with `useGlobalIp`).
+    #[serde(default)]
+    pub id: Option<String>,
     /// Group of the nodes in that block.
     pub group: String,
     /// Region of the nodes in that block (global clusters: one subnet per region).
@@ -137,6 +148,20 @@ pub fn validate(
     for (i, role) in cluster.roles.iter().enumerate() {
         if !groups.contains(role.group.as_str()) {
             return unknown(format!("cluster.role[{i}].group"), &role.group);
+        }
+        if role.cidr.is_none() && role.host.is_none() && role.id.is_none() {
+            return Err((
+                format!("cluster.role[{i}]"),
+                "needs `cidr`, `host` or `id` to say which nodes it maps".into(),
+            ));
+        }
+        for (key, pattern) in [("host", &role.host), ("id", &role.id)] {
+            if pattern.as_deref().is_some_and(str::is_empty) {
+                return Err((
+                    format!("cluster.role[{i}].{key}"),
+                    "must not be empty (use \"*\" to match everything)".into(),
+                ));
+            }
         }
     }
     if let Some(group) = &cluster.default_group
@@ -241,7 +266,7 @@ mod tests {
         assert_eq!(c.load_threshold, 75.0);
         assert_eq!(c.default_group, None);
         assert_eq!(c.roles.len(), 2);
-        assert_eq!(c.roles[1].cidr.to_string(), "127.0.6.0/24");
+        assert_eq!(c.roles[1].cidr.unwrap().to_string(), "127.0.6.0/24");
         assert_eq!(c.roles[1].group, "edge");
     }
 
@@ -284,6 +309,18 @@ mod tests {
         let err = parse(&text).unwrap_err();
         assert_eq!(err.key, "cluster.role[1].cidr", "{err}");
         assert!(err.line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn a_role_says_which_nodes_it_maps() {
+        let text = ISSUE_CLUSTER.replace("cidr = \"127.0.6.0/24\"\n", "");
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key, "cluster.role[1]", "{err}");
+        assert!(err.reason.contains("`cidr`, `host` or `id`"), "{err}");
+        let text = ISSUE_CLUSTER.replace("cidr = \"127.0.6.0/24\"", "host = \"\"");
+        assert_eq!(parse(&text).unwrap_err().key, "cluster.role[1].host");
+        let text = ISSUE_CLUSTER.replace("cidr = \"127.0.6.0/24\"", "id = \"edge-*\"");
+        assert!(parse(&text).is_ok());
     }
 
     #[test]

@@ -246,6 +246,8 @@ fall = 2
             ("[health]\nfall = 0\n", "health.fall"),
             ("[health]\nrise = 0\n", "health.rise"),
             ("[health]\nexpect_status = 99\n", "health.expect_status"),
+            ("[health]\napp = \"a/b\"\n", "health.app"),
+            ("[health]\ncheck = \"ping\"\n", "health.check"),
         ];
         for (extra, key) in cases {
             let err = parse(extra).unwrap_err();

@@ -460,8 +460,8 @@ fn spawn_tunnel(
             }
         };
         let relayed = tunnel::relay(
-            hyper_util::rt::TokioIo::new(client),
-            hyper_util::rt::TokioIo::new(node_io),
+            tunnel::upgraded(client),
+            tunnel::upgraded(node_io),
             idle,
             hard_stop.cancelled_owned(),
         )

@@ -106,6 +106,12 @@ impl<'a, S, T: FnMut(&[u8])> Metered<'a, S, T> {
     }
 }
 
+impl<S: crate::tunnel::Reset, T> crate::tunnel::Reset for Metered<'_, S, T> {
+    fn reset_on_close(&self) {
+        self.inner.reset_on_close();
+    }
+}
+
 impl<S: AsyncRead + Unpin, T: FnMut(&[u8]) + Unpin> AsyncRead for Metered<'_, S, T> {
     fn poll_read(
         self: Pin<&mut Self>,

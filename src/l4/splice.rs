@@ -8,7 +8,7 @@
 //! about the socket, which is what tokio's readiness tracking expects.
 
 use super::meter::SessionMeter;
-use crate::tunnel::TunnelEnd;
+use crate::tunnel::{Failed, Reset, Side, TunnelEnd};
 use rustix::pipe::{PipeFlags, SpliceFlags, fcntl_setpipe_size, pipe_with, splice};
 use std::io;
 use std::net::Shutdown;
@@ -64,12 +64,28 @@ impl SplicePipes {
         idle: Duration,
         stop: impl std::future::Future<Output = ()>,
     ) -> TunnelEnd {
-        let up = pump(client, node, &self.up, |n| meter.add_in(n));
-        let down = pump(node, client, &self.down, |n| meter.add_out(n));
+        // An error ends the relay at once; the side that did not fail is
+        // reset, so the caller's close passes the reset on as one.
+        let up = async {
+            pump(client, node, &self.up, |n| meter.add_in(n))
+                .await
+                .map_err(|at| at.side(Side::Client, Side::Node))
+        };
+        let down = async {
+            pump(node, client, &self.down, |n| meter.add_out(n))
+                .await
+                .map_err(|at| at.side(Side::Node, Side::Client))
+        };
         tokio::select! {
             done = async { tokio::try_join!(up, down) } => match done {
                 Ok(_) => TunnelEnd::Closed,
-                Err(_) => TunnelEnd::Error,
+                Err(failed) => {
+                    match failed {
+                        Side::Client => node.reset_on_close(),
+                        Side::Node => client.reset_on_close(),
+                    }
+                    TunnelEnd::Error
+                }
             },
             () = meter.idle(idle) => TunnelEnd::Idle,
             () = stop => TunnelEnd::Shutdown,
@@ -82,17 +98,21 @@ async fn pump(
     to: &TcpStream,
     pipe: &Pipe,
     count: impl Fn(usize),
-) -> io::Result<()> {
+) -> Result<(), Failed> {
     let flags = SpliceFlags::MOVE | SpliceFlags::NONBLOCK;
     loop {
-        from.readable().await?;
+        from.readable().await.map_err(|_| Failed::Read)?;
         let mut filled = match from.try_io(Interest::READABLE, || {
             Ok(splice(from, None, &pipe.write, None, pipe.size, flags)?)
         }) {
-            Ok(0) => return socket2::SockRef::from(to).shutdown(Shutdown::Write),
+            Ok(0) => {
+                return socket2::SockRef::from(to)
+                    .shutdown(Shutdown::Write)
+                    .map_err(|_| Failed::Write);
+            }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e),
+            Err(_) => return Err(Failed::Read),
         };
         // Top the pipe up while the socket has more, so each write moves a
         // larger batch. Called directly, not through `try_io`: an EAGAIN here
@@ -108,14 +128,14 @@ async fn pump(
         }
         let mut left = filled;
         while left > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(|_| Failed::Write)?;
             match to.try_io(Interest::WRITABLE, || {
                 Ok(splice(&pipe.read, None, to, None, left, flags)?)
             }) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Err(Failed::Write),
                 Ok(n) => left -= n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) => return Err(e),
+                Err(_) => return Err(Failed::Write),
             }
         }
         count(filled);

@@ -324,8 +324,8 @@ async fn buffered<C, N>(
     tap: impl FnMut(&[u8]) + Unpin,
 ) -> TunnelEnd
 where
-    C: AsyncRead + AsyncWrite + Unpin,
-    N: AsyncRead + AsyncWrite + Unpin,
+    C: AsyncRead + AsyncWrite + Unpin + tunnel::Reset,
+    N: AsyncRead + AsyncWrite + Unpin + tunnel::Reset,
 {
     tunnel::relay(Metered::new(client, meter, tap), node, idle, stop)
         .await

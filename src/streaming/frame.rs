@@ -96,6 +96,18 @@ pub fn parse(buf: &[u8], max_payload: usize) -> Parsed {
     )
 }
 
+/// Encodes an unmasked server control frame (payload of at most 125 bytes, as
+/// the parser enforces for control frames), e.g. the pong amslb answers a
+/// client's ping with while it sniffs.
+pub fn encode_server_control(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len().min(125);
+    let mut out = Vec::with_capacity(2 + len);
+    out.push(0x80 | (opcode & 0x0F));
+    out.push(len as u8);
+    out.extend_from_slice(&payload[..len]);
+    out
+}
+
 /// Encodes a masked client frame; used by tests to play a client byte by byte.
 pub fn encode_client(fin: bool, opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
     let mut out = vec![if fin { 0x80 } else { 0 } | (opcode & 0x0F)];

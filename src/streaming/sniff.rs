@@ -6,7 +6,10 @@
 //! `"play"`, then opens the WebSocket to the chosen node with the client's
 //! request, replays the kept bytes exactly as received, and relays both ways.
 //! Commands that come before publish/play (`getIceServerConfig`, `ping`, ...)
-//! are kept and replayed in order. Anything this cannot read (binary, bad
+//! are kept and replayed in order. WebSocket pings that come before the
+//! decision are answered here with a pong at once and not replayed: the client
+//! would otherwise wait up to `sniff_timeout` for its pong (no node is there
+//! yet), and the node would answer a ping the client no longer waits for. Anything this cannot read (binary, bad
 //! frames, other commands, too many bytes, no command within `sniff_timeout`)
 //! goes to the listener's default group with what was kept, so the client is
 //! never broken, only routed as without sniffing.
@@ -22,7 +25,6 @@ use crate::tunnel;
 use base64::Engine;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,6 +62,8 @@ pub struct Sniffer {
     parsed: usize,
     /// Text message being assembled from fragments.
     message: Option<Vec<u8>>,
+    /// Pong frames owed to the client, to be written before reading on.
+    pongs: Vec<u8>,
 }
 
 impl Sniffer {
@@ -70,10 +74,18 @@ impl Sniffer {
             held: Vec::new(),
             parsed: 0,
             message: None,
+            pongs: Vec::new(),
         }
     }
 
-    /// Every byte the client sent so far, to replay to the node.
+    /// The pongs owed for the pings read so far (server frames, ready to
+    /// write to the client); empties the queue.
+    pub fn take_pongs(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.pongs)
+    }
+
+    /// Every byte the client sent so far, less the pings answered here, to
+    /// replay to the node.
     pub fn held(&self) -> &[u8] {
         &self.held
     }
@@ -89,6 +101,12 @@ impl Sniffer {
                 }
                 Parsed::Incomplete => return Verdict::Pending,
                 Parsed::Invalid(why) => return Verdict::Undecidable(why),
+                Parsed::Frame(f, used) if f.opcode == frame::PING => {
+                    // Answered now, and cut from the replay.
+                    self.held.drain(self.parsed..self.parsed + used);
+                    self.pongs
+                        .extend(frame::encode_server_control(frame::PONG, &f.payload));
+                }
                 Parsed::Frame(f, used) => {
                     self.parsed += used;
                     if let Some(verdict) = self.on_frame(f) {
@@ -101,7 +119,7 @@ impl Sniffer {
 
     fn on_frame(&mut self, f: frame::Frame) -> Option<Verdict> {
         let text = match (f.opcode, self.message.as_mut()) {
-            (frame::PING | frame::PONG, _) => return None,
+            (frame::PONG, _) => return None,
             (frame::CLOSE, _) => return Some(Verdict::Undecidable("closed before a command")),
             (frame::BINARY, _) => return Some(Verdict::Undecidable("binary message")),
             (frame::TEXT, None) => self.message.insert(f.payload),
@@ -213,7 +231,7 @@ pub fn accept(
     };
     ctx.runtime.tasks.spawn(async move {
         match client_upgrade.await {
-            Ok(client) => session.run(TokioIo::new(client), request).await,
+            Ok(client) => session.run(tunnel::upgraded(client), request).await,
             Err(e) => warn!(listener = %session.ctx.listener, error = %e, "client upgrade failed"),
         }
     });
@@ -246,7 +264,7 @@ const CLOSE_POLICY_VIOLATION: [u8; 4] = [0x88, 0x02, 0x03, 0xF0];
 impl Session {
     async fn run<C>(self, mut client: C, request: Request<Incoming>)
     where
-        C: AsyncRead + AsyncWrite + Unpin,
+        C: AsyncRead + AsyncWrite + Unpin + tunnel::Reset,
     {
         let mut sniffer = Sniffer::new(&self.app);
         let verdict = sniff(&mut client, &mut sniffer, self.listener.sniff_timeout).await;
@@ -318,8 +336,9 @@ impl Session {
 }
 
 /// Reads client bytes until the sniffer decides, the client stops sending
-/// (EOF or error: what was read is still replayed) or `wait` is over.
-async fn sniff<C: AsyncRead + Unpin>(
+/// (EOF or error: what was read is still replayed) or `wait` is over; answers
+/// the client's pings on the way.
+async fn sniff<C: AsyncRead + AsyncWrite + Unpin>(
     client: &mut C,
     sniffer: &mut Sniffer,
     wait: Duration,
@@ -329,10 +348,16 @@ async fn sniff<C: AsyncRead + Unpin>(
         loop {
             match client.read(&mut buf).await {
                 Ok(0) | Err(_) => return Verdict::Gone,
-                Ok(n) => match sniffer.push(&buf[..n]) {
-                    Verdict::Pending => {}
-                    decided => return decided,
-                },
+                Ok(n) => {
+                    let verdict = sniffer.push(&buf[..n]);
+                    let pongs = sniffer.take_pongs();
+                    if !pongs.is_empty() && client.write_all(&pongs).await.is_err() {
+                        return Verdict::Gone;
+                    }
+                    if verdict != Verdict::Pending {
+                        return verdict;
+                    }
+                }
             }
         }
     };
@@ -341,7 +366,7 @@ async fn sniff<C: AsyncRead + Unpin>(
         .unwrap_or(Verdict::Undecidable("no command in time"))
 }
 
-type NodeSide = (TokioIo<hyper::upgrade::Upgraded>, NodeLease);
+type NodeSide = (tunnel::UpgradedIo, NodeLease);
 
 /// Sends the client's upgrade request to a node picked for `wanted` (with the
 /// proxy's retries, and the client's sticky node first if it has one in the
@@ -373,7 +398,7 @@ async fn connect(
     let upgraded = hyper::upgrade::on(&mut response)
         .await
         .map_err(|e| format!("node {} upgrade: {e}", lease.node().id()))?;
-    Ok((TokioIo::new(upgraded), lease))
+    Ok((tunnel::upgraded(upgraded), lease))
 }
 
 #[cfg(test)]
@@ -396,13 +421,19 @@ mod tests {
     }
 
     #[test]
-    fn play_after_preamble_decides_edge_and_keeps_everything() {
+    fn play_after_preamble_decides_edge_and_keeps_everything_but_pings() {
         let mut s = Sniffer::new("LiveApp");
         let first = text(r#"{"command":"getIceServerConfig"}"#);
-        let ping = encode_client(true, PING, b"", M);
+        let ping = encode_client(true, PING, b"are you there", M);
         let play = text(r#"{"command":"play","streamId":"s1","token":""}"#);
         assert_eq!(s.push(&first), Verdict::Pending);
+        assert!(s.take_pongs().is_empty());
         assert_eq!(s.push(&ping), Verdict::Pending);
+        // The pong carries the ping's payload (RFC 6455 5.5.3), unmasked.
+        let mut pong = vec![0x8A, 13];
+        pong.extend_from_slice(b"are you there");
+        assert_eq!(s.take_pongs(), pong);
+        assert!(s.take_pongs().is_empty(), "each ping answered once");
         // Byte by byte: the verdict comes with the last byte of the play frame.
         for (i, b) in play.iter().enumerate() {
             let v = s.push(&[*b]);
@@ -412,7 +443,7 @@ mod tests {
                 assert_eq!(v, Verdict::Play(Some("LiveApp/s1".into())));
             }
         }
-        assert_eq!(s.held(), [first, ping, play].concat());
+        assert_eq!(s.held(), [first, play].concat(), "the ping is not replayed");
     }
 
     #[test]
@@ -424,6 +455,13 @@ mod tests {
         bytes.extend(encode_client(false, CONTINUATION, &msg[10..20], M));
         bytes.extend(encode_client(true, CONTINUATION, &msg[20..], M));
         assert_eq!(s.push(&bytes), Verdict::Publish(Some("App/cam 7".into())));
+        assert_eq!(s.take_pongs(), [0x8A, 1, b'p']);
+        let replay = [
+            encode_client(false, TEXT, &msg[..10], M),
+            encode_client(false, CONTINUATION, &msg[10..20], M),
+            encode_client(true, CONTINUATION, &msg[20..], M),
+        ];
+        assert_eq!(s.held(), replay.concat());
     }
 
     #[test]

@@ -31,8 +31,15 @@ impl SimNode {
     /// refreshes it every `every` (use [`AMS_REFRESH`] to behave like AMS).
     /// Returns once the first write succeeded.
     pub async fn register(&self, uri: &str, every: Duration) -> Registration {
+        self.register_as(uri, every, &self.addr.ip().to_string())
+            .await
+    }
+
+    /// Like [`SimNode::register`], with `ip` written as the node's address (a
+    /// host name, as AMS writes `AMS_HOST_ADDRESS`).
+    pub async fn register_as(&self, uri: &str, every: Duration, ip: &str) -> Registration {
         let coll = registry(&client(uri).await);
-        let (id, ip) = (self.id().to_string(), self.addr.ip().to_string());
+        let (id, ip) = (self.id().to_string(), ip.to_string());
         heartbeat(&coll, &id, &ip, "5").await.unwrap();
         let state = Arc::new(State {
             refreshing: AtomicBool::new(true),

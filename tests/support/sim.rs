@@ -7,8 +7,16 @@
 //! - every other request → 200 with its node id in `x-node-id` and the body,
 //! - `GET /big?bytes=N` → N bytes streamed in 64 KiB chunks,
 //! - `GET /slow?ms=N` → answers after N ms,
-//! - `POST /{app}/whip/{id}` or `/whep/{id}` → 201 with an absolute `Location`
-//!   on the node itself (`http://addr/{app}/whip/{id}/{node}-session`),
+//! - WHIP as AMS's `WhipEndpoint` answers it: `POST /{app}/whip/{id}` → 201
+//!   with `ETag: {uuid}` and the absolute `Location` = `http://` + the request's
+//!   `Host` + the request URI, query included, + `/{uuid}` (so
+//!   `…/whip/s1?video=true/{uuid}`); `DELETE /{app}/whip/{id}/{uuid}` → 200 for
+//!   a session this node made, 404 otherwise; any other method on a WHIP path
+//!   (PATCH too) → 405,
+//! - `POST /{app}/whep/{id}` (not in AMS yet) → 201 with an absolute `Location`
+//!   on the node itself (`http://addr/{app}/whep/{id}/{node}-session`),
+//! - `HEAD /{app}` → 302 to `/{app}/` like AMS's servlet container once the
+//!   application is deployed, 404 while it is not (switchable),
 //! - a WebSocket upgrade on any path → echoes every message (text messages
 //!   are recorded, see [`SimNode::messages`]),
 //! - every answer carries `Access-Control-Allow-Origin: *`, as AMS's CORS
@@ -66,6 +74,8 @@ struct State {
     addr: SocketAddr,
     mode: Mutex<Mode>,
     liveness: Mutex<u16>,
+    apps_ready: Mutex<bool>,
+    whip_sessions: Mutex<std::collections::HashSet<String>>,
     seen: Mutex<Vec<Seen>>,
     messages: Mutex<Vec<String>>,
 }
@@ -89,6 +99,8 @@ impl SimNode {
             addr,
             mode: Mutex::new(Mode::Normal),
             liveness: Mutex::new(200),
+            apps_ready: Mutex::new(true),
+            whip_sessions: Mutex::new(Default::default()),
             seen: Mutex::new(Vec::new()),
             messages: Mutex::new(Vec::new()),
         });
@@ -111,7 +123,13 @@ impl SimNode {
         *self.state.liveness.lock().unwrap() = status;
     }
 
-    /// Requests received so far (liveness probes excluded).
+    /// Whether its applications answer (`HEAD /{app}`); liveness stays as set,
+    /// as in AMS while its applications are still starting.
+    pub fn set_apps_ready(&self, ready: bool) {
+        *self.state.apps_ready.lock().unwrap() = ready;
+    }
+
+    /// Requests received so far (liveness and `HEAD /{app}` probes excluded).
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
     }
@@ -186,6 +204,16 @@ async fn answer(
             .insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
         return Ok(response);
     }
+    let path = req.uri().path();
+    if req.method() == http::Method::HEAD && path.len() > 1 && !path[1..].contains('/') {
+        let ready = *state.apps_ready.lock().unwrap();
+        let mut answer = text(if ready { 302 } else { 404 }, &state.id, "");
+        if ready {
+            let to = format!("{path}/").parse().unwrap();
+            answer.headers_mut().insert(header::LOCATION, to);
+        }
+        return Ok(answer);
+    }
     state.seen.lock().unwrap().push(Seen {
         method: req.method().to_string(),
         uri: req.uri().to_string(),
@@ -217,9 +245,8 @@ async fn answer(
             tokio::time::sleep(Duration::from_millis(number("ms"))).await;
             text(200, &state.id, format!("{}\n", state.id))
         }
-        path if req.method() == http::Method::POST
-            && (path.contains("/whip/") || path.contains("/whep/")) =>
-        {
+        path if path.contains("/whip/") => whip(&state, &req),
+        path if req.method() == http::Method::POST && path.contains("/whep/") => {
             let location = format!("http://{}{path}/{}-session", state.addr, state.id);
             let mut created = text(201, &state.id, format!("{}\n", state.id));
             created
@@ -241,6 +268,51 @@ async fn answer(
     // Read (and drop) the request body so uploads complete.
     let _ = req.into_body().collect().await;
     Ok(answer)
+}
+
+/// WHIP the way AMS's `WhipEndpoint` answers (see the module comment).
+fn whip(state: &State, req: &Request<Incoming>) -> Response<Body> {
+    let segments: Vec<&str> = req.uri().path().split('/').collect();
+    // ["", app, "whip", stream] or ["", app, "whip", stream, etag]
+    match (req.method().clone(), segments.as_slice()) {
+        (http::Method::POST, [_, _, "whip", _]) => {
+            let etag = uuid();
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("localhost");
+            let location = format!("http://{host}{}/{etag}", req.uri());
+            state.whip_sessions.lock().unwrap().insert(etag.clone());
+            let mut created = text(201, &state.id, format!("{}\n", state.id));
+            let headers = created.headers_mut();
+            headers.insert(header::LOCATION, location.parse().unwrap());
+            headers.insert(header::ETAG, etag.parse().unwrap());
+            created
+        }
+        (http::Method::DELETE, [_, _, "whip", _, etag]) => {
+            if state.whip_sessions.lock().unwrap().remove(*etag) {
+                text(200, &state.id, r#"{"success":true}"#)
+            } else {
+                text(404, &state.id, r#"{"success":false}"#)
+            }
+        }
+        _ => text(405, &state.id, ""),
+    }
+}
+
+/// A random UUID in its text form, like AMS's session ids.
+fn uuid() -> String {
+    let n: u128 = rand::random();
+    let hex = format!("{n:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
 fn big_body(id: &str, total: u64) -> Response<Body> {

@@ -21,6 +21,7 @@
 
 mod document;
 mod freshness;
+mod resolve;
 mod roles;
 mod tracker;
 
@@ -334,12 +335,14 @@ impl Runner {
     async fn follow(&mut self, coll: &Collection<Document>, mut stream: Events) -> End {
         self.status.change_stream.store(true, Ordering::Relaxed);
         let shutdown = self.shutdown.clone();
+        let resolver = self.tracker.resolver();
         let mut stale_tick = ticker(self.stale_tick);
         let mut resync = ticker(self.resync);
         let end = loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break End::Shutdown,
                 _ = stale_tick.tick() => self.republish(),
+                _ = resolver.changed() => self.republish(),
                 _ = resync.tick() => {
                     if let Err(e) = self.read_all(coll).await {
                         break End::Lost(e);
@@ -363,12 +366,14 @@ impl Runner {
     /// Polls every `poll_interval` until MongoDB is lost, shutdown, or `stream_due`.
     async fn poll(&mut self, coll: &Collection<Document>, stream_due: Instant) -> End {
         let shutdown = self.shutdown.clone();
+        let resolver = self.tracker.resolver();
         let mut stale_tick = ticker(self.stale_tick);
         let mut poll = ticker(self.poll_interval);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return End::Shutdown,
                 _ = stale_tick.tick() => self.republish(),
+                _ = resolver.changed() => self.republish(),
                 _ = poll.tick() => {
                     if let Err(e) = self.read_all(coll).await {
                         return End::Lost(e);

@@ -4,8 +4,9 @@
 //! No I/O here: the loop in [`super`] feeds documents and events in and calls
 //! [`Tracker::publish`]; times are passed in so the rules are testable.
 
-use super::document::{self, AmsNode};
+use super::document::{self, AmsNode, NodeAddr};
 use super::freshness;
+use super::resolve::{Lookup, Resolver};
 use super::roles::RoleMap;
 use crate::cluster::{Cluster, Node, NodeSpec};
 use crate::config::ClusterConfig;
@@ -35,6 +36,8 @@ pub struct Tracker {
     /// Specs of the last update, sorted by id; `None` before the first one, so
     /// the first read replaces the static seeds even when MongoDB has no node.
     published: Option<Vec<NodeSpec>>,
+    /// Addresses of the host names nodes registered.
+    resolver: Arc<Resolver>,
 }
 
 impl Tracker {
@@ -47,7 +50,13 @@ impl Tracker {
             entries: HashMap::new(),
             warned: HashMap::new(),
             published: None,
+            resolver: Arc::new(Resolver::default()),
         }
+    }
+
+    /// The host-name cache, to wait on its changes.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        self.resolver.clone()
     }
 
     /// Takes a full read of the collection: documents not in `docs` are gone.
@@ -106,24 +115,47 @@ impl Tracker {
     pub fn publish(&mut self, cluster: &Cluster, now_ms: i64) {
         // A restarted AMS may register under a new id while its old document
         // lingers: per address, the freshest heartbeat wins (ties by id).
-        let mut by_addr: HashMap<IpAddr, &Entry> = HashMap::new();
+        // Host names first become addresses (from the cache; new names are
+        // looked up in the background and published when they answer).
+        let mut by_addr: HashMap<IpAddr, (&Entry, Option<&str>)> = HashMap::new();
+        let mut unresolved = Vec::new();
+        let mut hosts = std::collections::HashSet::new();
         for e in self.entries.values() {
-            let slot = by_addr.entry(e.node.ip).or_insert(e);
-            if (e.beat_at, &slot.node.id) > (slot.beat_at, &e.node.id) {
-                *slot = e;
+            let (ip, host) = match &e.node.addr {
+                NodeAddr::Ip(ip) => (*ip, None),
+                NodeAddr::Host(host) => {
+                    hosts.insert(host.as_str());
+                    match self.resolver.lookup(host) {
+                        Lookup::Addr(ip) => (ip, Some(host.as_str())),
+                        Lookup::Pending => continue,
+                        Lookup::Failed => {
+                            unresolved.push((e.node.id.clone(), host.clone()));
+                            continue;
+                        }
+                    }
+                }
+            };
+            let slot = by_addr.entry(ip).or_insert((e, host));
+            if (e.beat_at, &slot.0.node.id) > (slot.0.beat_at, &e.node.id) {
+                *slot = (e, host);
             }
         }
-        let mut chosen: Vec<&Entry> = by_addr.into_values().collect();
-        chosen.sort_by(|a, b| a.node.id.cmp(&b.node.id));
+        self.resolver.retain(&hosts);
+        let mut chosen: Vec<(IpAddr, &Entry, Option<&str>)> = by_addr
+            .into_iter()
+            .map(|(ip, (e, host))| (ip, e, host))
+            .collect();
+        chosen.sort_by(|a, b| a.1.node.id.cmp(&b.1.node.id));
 
         let snapshot = cluster.snapshot();
         let current: HashMap<&str, &Arc<Node>> = snapshot.nodes().map(|n| (n.id(), n)).collect();
         let mut specs: Vec<NodeSpec> = Vec::new();
         let mut states = Vec::new();
         let mut unmapped = Vec::new();
-        for e in chosen {
-            let Some(spec) = self.roles.spec_for(&e.node.id, e.node.ip) else {
-                unmapped.push((e.node.id.clone(), e.node.ip));
+        for (ip, e, host) in chosen {
+            let Some(spec) = self.roles.spec_for(&e.node.id, host, ip) else {
+                let shown = host.map_or(ip.to_string(), |h| format!("{h} ({ip})"));
+                unmapped.push((e.node.id.clone(), shown));
                 continue;
             };
             // Usable again: a later problem with this document gets logged anew.
@@ -143,6 +175,9 @@ impl Tracker {
                 &id,
                 format!("address {ip} matches no [[cluster.role]] and there is no default_group"),
             );
+        }
+        for (id, host) in unresolved {
+            self.warn_once(&id, format!("host name {host:?} does not resolve"));
         }
         specs.sort_by(|a, b| a.id.cmp(&b.id));
         if self.published.as_ref() != Some(&specs) {
@@ -219,7 +254,7 @@ mod tests {
                 ams("o1", "127.0.5.1", WALL, "5"),
                 ams("e1", "127.0.6.1", WALL, "5"),
                 ams("x", "10.0.0.1", WALL, "5"),
-                doc! { "_id": "bad", "ip": "not-an-ip" },
+                doc! { "_id": "bad", "ip": "not an ip" },
             ],
             0,
             WALL,
@@ -308,8 +343,8 @@ mod tests {
         t.upsert(&bad, 0, WALL);
         t.upsert(&bad, 1, WALL);
         assert_eq!(t.warned.get("b").map(String::as_str), Some("no `ip` field"));
-        t.upsert(&doc! { "_id": "b", "ip": "x" }, 2, WALL);
-        assert!(t.warned["b"].contains("not an IP address"));
+        t.upsert(&doc! { "_id": "b", "ip": "x y" }, 2, WALL);
+        assert!(t.warned["b"].contains("neither an IP address nor a host name"));
         t.upsert(&ams("b", "127.0.6.1", WALL, "1"), 3, WALL);
         t.publish(&Cluster::new(), 3);
         assert_eq!(t.entries.len(), 1);
