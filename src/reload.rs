@@ -12,7 +12,7 @@
 use crate::access_log::AccessLog;
 use crate::cluster::static_source;
 use crate::config::{self, ClusterSource, Config, ConfigError, Protocol};
-use crate::listener::bind_tcp;
+use crate::listener::{Owner, bind_tcp};
 use crate::runtime::Runtime;
 use crate::server::{BoundListener, bind_listener, spawn_accept_loop};
 use crate::stats::auth::{Access, AccessError};
@@ -82,6 +82,9 @@ pub fn prepare(path: &Path) -> Result<Prepared, ReloadError> {
         stats_access,
     })
 }
+
+/// Name of the stats listener among the listening sockets.
+const STATS: &str = "stats";
 
 type ReloadReply = oneshot::Sender<Result<String, String>>;
 
@@ -344,6 +347,9 @@ impl Lifecycle {
                 let keep = wanted.contains(key);
                 if !keep {
                     info!(listener = %key.0, addr = %key.1, "listener removed by reload");
+                    self.runtime
+                        .listening
+                        .remove(Owner::Listener, &key.0, key.1);
                     stop.cancel();
                     removed += 1;
                 }
@@ -370,7 +376,7 @@ impl Lifecycle {
             (None, _) => {
                 if let Some(old) = self.stats.take() {
                     info!(addr = %old.bind, "stats listener removed");
-                    old.stop.cancel();
+                    self.forget_stats(&old);
                 }
             }
             (Some(access), None) => {
@@ -383,8 +389,11 @@ impl Lifecycle {
                     return;
                 };
                 if let Some(old) = self.stats.take() {
-                    old.stop.cancel();
+                    self.forget_stats(&old);
                 }
+                self.runtime
+                    .listening
+                    .add(Owner::Stats, STATS.into(), bind, &socket);
                 let state = Arc::new(StatsState::new(
                     self.runtime.metrics.clone(),
                     self.runtime.cluster.clone(),
@@ -399,5 +408,13 @@ impl Lifecycle {
                 self.stats = Some(RunningStats { bind, stop, state });
             }
         }
+    }
+
+    /// Stops a stats listener that a reload moved or removed.
+    fn forget_stats(&self, old: &RunningStats) {
+        self.runtime
+            .listening
+            .remove(Owner::Stats, &STATS.into(), old.bind);
+        old.stop.cancel();
     }
 }

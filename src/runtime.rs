@@ -40,6 +40,8 @@ pub struct Runtime {
     /// Running accept loops by (listener name, address); cancelling a token
     /// stops that loop only (reload removing a listener), its connections go on.
     pub accept_loops: Mutex<HashMap<(Arc<str>, SocketAddr), CancellationToken>>,
+    /// Copies of the listening sockets, for a seamless upgrade to hand on.
+    pub listening: crate::listener::Listening,
     /// Extra serving threads, started when the server runs.
     pub workers: OnceLock<crate::workers::Workers>,
     /// Status of the MongoDB membership source, once started (`source = "mongodb"`).
@@ -75,6 +77,7 @@ impl Runtime {
             metrics: Arc::new(metrics),
             access_log: ArcSwap::from_pointee(None),
             accept_loops: Mutex::default(),
+            listening: Default::default(),
             workers: OnceLock::new(),
             membership: OnceLock::new(),
             tls,

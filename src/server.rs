@@ -4,7 +4,7 @@ use crate::cluster::{Cluster, mongodb, static_source};
 use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
 use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
-use crate::listener::{bind_tcp, bind_udp, tune_stream};
+use crate::listener::{Owner, bind_tcp, bind_udp, tune_stream};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Why amslb could not start.
@@ -35,6 +36,9 @@ pub enum StartError {
     /// The stats listener, access log or reload handling could not start.
     #[error(transparent)]
     Ops(#[from] crate::reload::ReloadError),
+    /// Signal handling or taking over from an upgrading process failed.
+    #[error("{0}")]
+    Upgrade(String),
     /// A `tls` listener's own `cert`/`key` could not be loaded.
     #[error("listener {listener:?}: {source}")]
     ListenerCert {
@@ -61,6 +65,8 @@ pub(crate) struct BoundListener {
 /// A bound UDP socket of a `udp` listener (SRT) and its session relay.
 #[derive(Debug)]
 struct BoundUdp {
+    /// The address as configured.
+    addr: SocketAddr,
     socket: tokio::net::UdpSocket,
     proxy: Arc<UdpProxy>,
 }
@@ -107,7 +113,11 @@ impl Server {
                 for &addr in &listener.bind {
                     let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
                     let proxy = proxy.clone();
-                    udp.push(BoundUdp { socket, proxy });
+                    udp.push(BoundUdp {
+                        addr,
+                        socket,
+                        proxy,
+                    });
                 }
                 continue;
             }
@@ -179,6 +189,17 @@ impl Server {
     /// give in-flight requests `global.shutdown_grace` to finish, then close
     /// whatever is still open (tunnels).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let mut running = self.start();
+        running.serve_udp();
+        stop.await;
+        let grace = running.runtime.config().global.shutdown_grace;
+        running.shutdown(grace).await;
+    }
+
+    /// Starts membership, health checks, worker threads, TLS tasks and every
+    /// TCP accept loop. UDP listeners wait for [`Running::serve_udp`], so a
+    /// process taking over from an old one can adopt its sessions first.
+    pub fn start(self) -> Running {
         let runtime = self.runtime;
         start_membership_source(&runtime);
         runtime.health.spawn(
@@ -191,18 +212,79 @@ impl Server {
         for bound in self.bound {
             spawn_accept_loop(&runtime, bound);
         }
-        for bound in self.udp {
-            if let Ok(addr) = bound.socket.local_addr() {
-                info!(listener = %bound.proxy.name(), %addr, "listening (udp)");
-            }
-            let socket = Arc::new(bound.socket);
-            tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
-        }
+        let udp = self
+            .udp
+            .into_iter()
+            .map(|bound| {
+                let socket = Arc::new(bound.socket);
+                let name: Arc<str> = bound.proxy.name().into();
+                runtime
+                    .listening
+                    .add(Owner::Listener, name, bound.addr, &socket);
+                UdpListener {
+                    proxy: bound.proxy,
+                    socket,
+                    receiving: None,
+                }
+            })
+            .collect();
         if let Some(tls) = &runtime.tls {
             tls.spawn_tasks(runtime.shutdown.clone(), runtime.metrics.clone());
         }
-        stop.await;
-        let grace = runtime.config().global.shutdown_grace;
+        Running { runtime, udp }
+    }
+}
+
+/// A UDP listener of a running server and its receive loop, if running.
+#[derive(Debug)]
+pub struct UdpListener {
+    /// The session relay.
+    pub proxy: Arc<UdpProxy>,
+    /// The listening socket.
+    pub socket: Arc<tokio::net::UdpSocket>,
+    receiving: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+/// A started server: TCP listeners accept, UDP listeners as told.
+#[derive(Debug)]
+pub struct Running {
+    /// The shared state.
+    pub runtime: Arc<Runtime>,
+    /// The UDP listeners.
+    pub udp: Vec<UdpListener>,
+}
+
+impl Running {
+    /// Starts (or restarts) the receive loop of every UDP listener.
+    pub fn serve_udp(&mut self) {
+        for udp in &mut self.udp {
+            if udp.receiving.is_some() {
+                continue;
+            }
+            if let Ok(addr) = udp.socket.local_addr() {
+                info!(listener = %udp.proxy.name(), %addr, "listening (udp)");
+            }
+            let stop = self.runtime.shutdown.child_token();
+            let task = tokio::spawn(udp.proxy.clone().serve(udp.socket.clone(), stop.clone()));
+            udp.receiving = Some((stop, task));
+        }
+    }
+
+    /// Stops the receive loop of every UDP listener and waits until each has
+    /// finished the datagram it was relaying; sessions keep running.
+    pub async fn pause_udp(&mut self) {
+        for udp in &mut self.udp {
+            if let Some((stop, task)) = udp.receiving.take() {
+                stop.cancel();
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// Stops accepting and receiving, gives in-flight requests and tunnels
+    /// `grace` to finish, then closes whatever is still open.
+    pub async fn shutdown(self, grace: Duration) {
+        let runtime = self.runtime;
         info!(
             ?grace,
             "shutting down: no new connections, waiting for in-flight requests"
@@ -275,6 +357,12 @@ pub(crate) fn spawn_accept_loop(runtime: &Arc<Runtime>, bound: BoundListener) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert((bound.name.clone(), bound.addr), stop.clone());
+    runtime.listening.add(
+        Owner::Listener,
+        bound.name.clone(),
+        bound.addr,
+        &bound.socket,
+    );
     if let Some(workers) = runtime.workers.get() {
         workers.serve_copies(&bound.socket, |socket| {
             let copy = BoundListener {

@@ -10,11 +10,12 @@
 use super::meter::SessionMeter;
 use super::stats::{ActiveGuard, L4Stats};
 use super::upstream::GroupRoute;
-use crate::cluster::{Cluster, NodeLease};
+use crate::cluster::{Cluster, Node, NodeLease, NodeSpec};
 use crate::config::{Config, ListenerConfig};
 use std::collections::HashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -48,7 +49,22 @@ struct Session {
     to_node: UdpSocket,
     meter: SessionMeter,
     lease: NodeLease,
+    /// Cancelled when the session is handed to a new process (upgrade).
+    moved: CancellationToken,
     _active: ActiveGuard,
+}
+
+/// A session handed over to the process that replaces this one: the client,
+/// its node and a copy of the connected socket towards the node. The node
+/// keeps seeing the same source address, so SRT never notices the change.
+#[derive(Debug)]
+pub struct MovedSession {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The node the session is on.
+    pub node: NodeSpec,
+    /// The session's connected socket towards the node.
+    pub socket: OwnedFd,
 }
 
 /// A running `udp` listener's shared state.
@@ -168,45 +184,112 @@ impl UdpProxy {
                 return None;
             }
         };
+        tracing::info!(listener = %s.name, %peer, node = node.id(), "udp session opened");
+        Some(self.start_session(peer, to_node, &node, listener, shutdown))
+    }
+
+    /// Registers a session and starts relaying the node's datagrams back.
+    fn start_session(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        to_node: UdpSocket,
+        node: &Arc<Node>,
+        listener: &Arc<UdpSocket>,
+        shutdown: &CancellationToken,
+    ) -> Arc<Session> {
         let session = Arc::new(Session {
             to_node,
             meter: SessionMeter::new(self.stats.clone()),
             lease: node.lease(),
+            moved: CancellationToken::new(),
             _active: self.stats.open(),
         });
         self.sessions().insert(peer, session.clone());
-        tracing::info!(listener = %s.name, %peer, node = node.id(), "udp session opened");
         let this = self.clone();
         let (listener, shutdown, run) = (listener.clone(), shutdown.clone(), session.clone());
         tokio::spawn(async move {
             let why = tokio::select! {
                 () = shutdown.cancelled() => "shutdown".to_string(),
                 () = run.meter.idle(this.settings.idle) => "idle".to_string(),
-                e = this.node_to_client(&run, &listener, peer) => format!("error: {e}"),
+                e = this.node_to_client(&run, &listener, peer) => match e {
+                    Some(e) => format!("error: {e}"),
+                    None => "handed over to the new process".to_string(),
+                },
             };
             this.close(peer, &run, &why);
         });
-        Some(session)
+        session
     }
 
-    /// Relays the node's datagrams back to the client until an error.
+    /// Stops every session here and hands them over (an upgrade): the new
+    /// process relays them on the same node sockets. Call it only once the
+    /// receive loop ([`UdpProxy::serve`]) has stopped, so no datagram is
+    /// read here and no session opened after.
+    pub fn hand_off(&self) -> Vec<MovedSession> {
+        let sessions: Vec<_> = self.sessions().drain().collect();
+        let mut moved = Vec::with_capacity(sessions.len());
+        for (client, session) in sessions {
+            session.moved.cancel();
+            match session.to_node.as_fd().try_clone_to_owned() {
+                Ok(socket) => moved.push(MovedSession {
+                    client,
+                    node: session.lease.node().spec().clone(),
+                    socket,
+                }),
+                Err(e) => {
+                    tracing::warn!(listener = %self.settings.name, %client, error = %e, "udp session cannot be handed over")
+                }
+            }
+        }
+        moved
+    }
+
+    /// Takes over a session handed over by the previous process; `listener`
+    /// is the listening socket it arrived on. The node is this process's own
+    /// when membership knows it, else one built from the handed-over spec.
+    pub fn adopt(
+        self: &Arc<Self>,
+        session: MovedSession,
+        listener: &Arc<UdpSocket>,
+        shutdown: &CancellationToken,
+    ) -> io::Result<()> {
+        let socket = std::net::UdpSocket::from(session.socket);
+        socket.set_nonblocking(true)?;
+        let to_node = UdpSocket::from_std(socket)?;
+        let node = match self.cluster.snapshot().node(&session.node.id) {
+            Some(node) if node.spec().addr == session.node.addr => node.clone(),
+            _ => Arc::new(Node::new(session.node)),
+        };
+        tracing::info!(listener = %self.settings.name, peer = %session.client, node = node.id(), "udp session taken over from the previous process");
+        self.start_session(session.client, to_node, &node, listener, shutdown);
+        Ok(())
+    }
+
+    /// Relays the node's datagrams back to the client until an error
+    /// (`Some`) or until the session is handed over (`None`).
     async fn node_to_client(
         &self,
         session: &Session,
         listener: &UdpSocket,
         peer: SocketAddr,
-    ) -> io::Error {
+    ) -> Option<io::Error> {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             // ECONNREFUSED here means the node's port is closed (ICMP): end the
-            // session so the client's next datagram picks a node anew.
-            let n = match session.to_node.recv(&mut buf).await {
+            // session so the client's next datagram picks a node anew. A
+            // hand-over stops here only, never between receive and send, so
+            // no datagram read is dropped.
+            let received = tokio::select! {
+                () = session.moved.cancelled() => return None,
+                r = session.to_node.recv(&mut buf) => r,
+            };
+            let n = match received {
                 Ok(n) => n,
-                Err(e) => return e,
+                Err(e) => return Some(e),
             };
             match listener.send_to(&buf[..n], peer).await {
                 Ok(sent) => session.meter.add_out(sent),
-                Err(e) => return e,
+                Err(e) => return Some(e),
             }
         }
     }
