@@ -163,6 +163,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn inherited_socket_keeps_its_queued_connections() {
+        let original = bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = original.local_addr().unwrap();
+        // Queued in the kernel, not accepted by anyone yet.
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        inherit(vec![OwnedFd::from(original.into_std().unwrap())]);
+        let taken = bind_tcp(addr, 16).unwrap();
+        let (_stream, peer) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), taken.accept())
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(peer, client.local_addr().unwrap(), "the same kernel socket");
+        assert_eq!(release_unclaimed(), 0);
+    }
+
+    #[tokio::test]
     async fn udp_binds() {
         let s = bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
         assert_ne!(s.local_addr().unwrap().port(), 0);

@@ -265,7 +265,11 @@ impl Running {
                 info!(listener = %udp.proxy.name(), %addr, "listening (udp)");
             }
             let stop = self.runtime.shutdown.child_token();
-            let task = tokio::spawn(udp.proxy.clone().serve(udp.socket.clone(), stop.clone()));
+            let task = tokio::spawn(udp.proxy.clone().serve(
+                udp.socket.clone(),
+                stop.clone(),
+                self.runtime.shutdown.clone(),
+            ));
             udp.receiving = Some((stop, task));
         }
     }

@@ -114,12 +114,19 @@ impl UdpProxy {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Receives client datagrams on `socket` until `shutdown` is cancelled.
-    pub async fn serve(self: Arc<Self>, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
+    /// Receives client datagrams on `socket` until `stop` is cancelled;
+    /// sessions opened here end when `shutdown` is (a stop alone, before an
+    /// upgrade hands them over, leaves them running).
+    pub async fn serve(
+        self: Arc<Self>,
+        socket: Arc<UdpSocket>,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             let received = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
                 r = socket.recv_from(&mut buf) => r,
             };
             let (n, peer) = match received {
