@@ -20,6 +20,7 @@ pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod state;
 pub mod stats;
 pub mod sticky;
 pub mod streaming;

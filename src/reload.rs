@@ -125,6 +125,10 @@ impl Control for AdminHandle {
             .map(|check| check.outcome.is_ok())
             .collect()
     }
+
+    fn drains(&self) -> Option<Arc<crate::state::Drains>> {
+        Some(self.runtime.drains.clone())
+    }
 }
 
 /// The stats listener currently running.

@@ -52,6 +52,8 @@ pub struct Runtime {
     pub sticky: Sticky,
     /// Node health checks (`[health]`); the proxy reports passive failures here.
     pub health: Arc<Health>,
+    /// Node drains, shared with the other instances under `[state]`.
+    pub drains: Arc<crate::state::Drains>,
 }
 
 impl Runtime {
@@ -64,8 +66,9 @@ impl Runtime {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         // The family names and labels are constants; `metrics_registry_builds`
         // in metrics.rs proves they register, so this cannot fail at run time.
-        let metrics = Metrics::new(cluster.clone()).expect("metric families are valid");
+        let metrics = Arc::new(Metrics::new(cluster.clone()).expect("metric families are valid"));
         Arc::new(Self {
+            drains: crate::state::Drains::new(&config, metrics.clone()),
             sticky: Sticky::from_config(&config),
             health: Health::new(&config),
             config: ArcSwap::from_pointee(config),
@@ -74,7 +77,7 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
-            metrics: Arc::new(metrics),
+            metrics,
             access_log: ArcSwap::from_pointee(None),
             accept_loops: Mutex::default(),
             listening: Default::default(),

@@ -202,6 +202,12 @@ impl Server {
     pub fn start(self) -> Running {
         let runtime = self.runtime;
         start_membership_source(&runtime);
+        crate::state::spawn(
+            &runtime.config(),
+            runtime.drains.clone(),
+            runtime.cluster.clone(),
+            runtime.shutdown.clone(),
+        );
         runtime.health.spawn(
             runtime.cluster.clone(),
             runtime.shutdown.clone(),

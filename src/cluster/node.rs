@@ -56,6 +56,9 @@ pub struct Node {
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
     draining: AtomicBool,
+    /// A drain is complete (its deadline passed or no session is left):
+    /// sticky clients leave too; open tunnels still run to their end.
+    out: AtomicBool,
     /// The membership source has not heard from the node for too long.
     stale: AtomicBool,
     /// Reported cpu use in percent, as `f32` bits; NaN means unknown.
@@ -109,6 +112,7 @@ impl Node {
             active: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
+            out: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             cpu: AtomicU32::new(f32::NAN.to_bits()),
             memory: AtomicU32::new(f32::NAN.to_bits()),
@@ -214,6 +218,16 @@ impl Node {
     /// Starts or stops draining; returns the previous state.
     pub fn set_draining(&self, draining: bool) -> bool {
         self.draining.swap(draining, Ordering::Relaxed)
+    }
+
+    /// Whether the node's drain is complete: sticky clients leave it too.
+    pub fn is_out(&self) -> bool {
+        self.out.load(Ordering::Relaxed)
+    }
+
+    /// Marks the drain complete (or not); returns the previous state.
+    pub fn set_out(&self, out: bool) -> bool {
+        self.out.swap(out, Ordering::Relaxed)
     }
 
     /// Share of new sessions offered, 0..=[`FULL_WEIGHT`].

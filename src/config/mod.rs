@@ -12,6 +12,7 @@ pub mod l4;
 mod load;
 pub mod mongo;
 pub mod ops;
+pub mod state;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
@@ -55,6 +56,9 @@ pub struct Config {
     /// Node health checks.
     #[serde(default)]
     pub health: health::HealthConfig,
+    /// State shared with the other amslb instances (drains), in MongoDB; absent: none.
+    #[serde(default)]
+    pub state: Option<state::StateConfig>,
 }
 
 /// `[global]`: process-wide settings.

@@ -31,6 +31,9 @@ fn node_json(node: &Arc<Node>, metrics: &Metrics, control: &dyn Control) -> Valu
         "state": node_state(node),
         "healthy": node.is_healthy(),
         "draining": node.is_draining(),
+        // Who drained it, when, until when (null: not drained through the API).
+        "drain": control.drains().and_then(|d| d.get(node.id())).map(|d| d.to_json()),
+        "out": node.is_out(),
         "active_sessions": node.active_sessions(),
         "requests": by_class(counters.as_ref().map(|c| c.requests_by_class()).unwrap_or_default()),
         "connect_failures": counters.as_ref().map(|c| c.connect_failures()).unwrap_or(0),
