@@ -126,8 +126,8 @@ impl Control for AdminHandle {
             .collect()
     }
 
-    fn drains(&self) -> Option<Arc<crate::state::Drains>> {
-        Some(self.runtime.drains.clone())
+    fn shared(&self) -> Option<Arc<crate::state::SharedState>> {
+        Some(self.runtime.shared.clone())
     }
 }
 

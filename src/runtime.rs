@@ -53,7 +53,7 @@ pub struct Runtime {
     /// Node health checks (`[health]`); the proxy reports passive failures here.
     pub health: Arc<Health>,
     /// Node drains, shared with the other instances under `[state]`.
-    pub drains: Arc<crate::state::Drains>,
+    pub shared: Arc<crate::state::SharedState>,
 }
 
 impl Runtime {
@@ -68,7 +68,7 @@ impl Runtime {
         // in metrics.rs proves they register, so this cannot fail at run time.
         let metrics = Arc::new(Metrics::new(cluster.clone()).expect("metric families are valid"));
         Arc::new(Self {
-            drains: crate::state::Drains::new(&config, metrics.clone()),
+            shared: crate::state::SharedState::new(&config, metrics.clone()),
             sticky: Sticky::from_config(&config),
             health: Health::new(&config),
             config: ArcSwap::from_pointee(config),

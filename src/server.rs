@@ -204,7 +204,7 @@ impl Server {
         start_membership_source(&runtime);
         crate::state::spawn(
             &runtime.config(),
-            runtime.drains.clone(),
+            runtime.shared.clone(),
             runtime.cluster.clone(),
             runtime.shutdown.clone(),
         );

@@ -4,6 +4,8 @@
 //! deadline the node is out on both at the deadline while an open WebSocket
 //! on it survives; a `wait` drain answers when the node is out; MongoDB down
 //! keeps the last state, is logged once and exported, and resumes.
+//! Heartbeats share each instance's session counts, so least-conn balances
+//! over the whole deployment.
 
 mod ops_support;
 mod support;
@@ -24,6 +26,10 @@ struct Instance {
 }
 
 fn start(name: &str, db: &Secantus, nodes: &[SimNode]) -> Instance {
+    start_balancing(name, db, nodes, "round-robin")
+}
+
+fn start_balancing(name: &str, db: &Secantus, nodes: &[SimNode], balance: &str) -> Instance {
     let (http, stats) = (listener_addr(8080), listener_addr(6080));
     let mut text = format!(
         r#"
@@ -45,6 +51,7 @@ protocol = "http"
 
 [[group]]
 name = "origin"
+balance = "{balance}"
 
 [cluster]
 "#,
@@ -275,4 +282,83 @@ async fn mongodb_down_keeps_the_last_drains_and_resumes() {
         async || a.status_node("n1").await["draining"] == false,
     )
     .await;
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens a WebSocket through `lb`; returns it and the node that took it.
+async fn open_ws(lb: &Instance) -> (Ws, String) {
+    let (ws, response) =
+        tokio_tungstenite::connect_async(format!("ws://{}/live/websocket", lb.http))
+            .await
+            .unwrap();
+    let node = response.headers()["x-node-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    (ws, node)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_balances_sessions_over_both_instances() {
+    let db = Secantus::start(&[]);
+    let nodes = sim_nodes(&["n1", "n2"]).await;
+    let a = start_balancing("A", &db, &nodes, "least-conn");
+    let b = start_balancing("B", &db, &nodes, "least-conn");
+
+    // A takes half of the 100 sessions; then those on n2 end, leaving A
+    // with 25 on n1: the skew B must see to balance.
+    let mut open: Vec<(Ws, String)> = Vec::new();
+    for _ in 0..50 {
+        open.push(open_ws(&a).await);
+    }
+    let (on_n2, kept): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, n)| n == "n2");
+    assert_eq!(
+        (on_n2.len(), kept.len()),
+        (25, 25),
+        "A balances its own sessions"
+    );
+    for (mut ws, _) in on_n2 {
+        ws.close(None).await.unwrap();
+    }
+    within(Duration::from_secs(10), "A's counts reach B", async || {
+        let n1 = b.status_node("n1").await;
+        let n2 = b.status_node("n2").await;
+        n1["cluster_sessions"] == 25 && n2["cluster_sessions"] == 0
+    })
+    .await;
+    let status: Value = serde_json::from_str(
+        &http("GET", &format!("http://{}/api/v1/status", b.stats), None)
+            .await
+            .body,
+    )
+    .unwrap();
+    assert_eq!(
+        status["instances"][0]["instance"], "A",
+        "B lists its live peer: {status}"
+    );
+
+    // B takes the other half, placing by the cluster-wide counts.
+    let mut from_b = Vec::new();
+    for _ in 0..50 {
+        from_b.push(open_ws(&b).await);
+    }
+    let per_node = |id: &str| {
+        kept.iter().filter(|(_, n)| n == id).count()
+            + from_b.iter().filter(|(_, n)| n == id).count()
+    };
+    let (n1, n2) = (per_node("n1"), per_node("n2"));
+    eprintln!(
+        "cluster-wide open sessions: n1 {n1}, n2 {n2} (per-instance least-conn would give 50/25)"
+    );
+    // 75 open: 37.5 per node, ±10 %.
+    for (id, count) in [("n1", n1), ("n2", n2)] {
+        assert!(
+            (34..=41).contains(&count),
+            "{id} has {count} of 75 sessions (n1 {n1}, n2 {n2})"
+        );
+    }
+    drop(kept);
+    drop(from_b);
 }

@@ -52,6 +52,8 @@ pub struct Node {
     spec: NodeSpec,
     /// Sessions (requests in flight, tunnels) this balancer has open on the node.
     active: AtomicUsize,
+    /// Sessions the other amslb instances reported open on the node (`[state]` heartbeats).
+    remote: AtomicUsize,
     /// Last verdict of the health checks; nodes start up so a fresh balancer serves at once.
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
@@ -110,6 +112,7 @@ impl Node {
         Self {
             spec,
             active: AtomicUsize::new(0),
+            remote: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
             out: AtomicBool::new(false),
@@ -244,6 +247,18 @@ impl Node {
     /// Sessions open on the node through this balancer.
     pub fn active_sessions(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Records the sessions the other instances reported open on the node.
+    pub fn set_remote_sessions(&self, sessions: usize) {
+        self.remote.store(sessions, Ordering::Relaxed);
+    }
+
+    /// The node's load over every amslb instance: its sessions here plus what
+    /// the live peers last reported (just the sessions here without `[state]`).
+    /// Least-conn and the stream-hash load bound place by this.
+    pub fn cluster_load(&self) -> usize {
+        self.active_sessions() + self.remote.load(Ordering::Relaxed)
     }
 
     /// Counts a session on the node until the returned lease is dropped.

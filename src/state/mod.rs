@@ -1,4 +1,5 @@
-//! Node drains shared by every amslb instance of a deployment (`[state]`).
+//! State shared by every amslb instance of a deployment (`[state]`): node
+//! drains, and instance heartbeats carrying each instance's session counts.
 //!
 //! A drain set through any instance's admin API is written to the
 //! `drains` collection of the `[state]` database, with who set it, when, and
@@ -12,13 +13,18 @@
 //! too) once its deadline passes or it has no session left. Open tunnels are
 //! never cut by a drain: they end on their own.
 //!
+//! Every ~2 s each instance writes a heartbeat to `instances` with its open
+//! sessions per node and reads its peers': a node's [`Node::cluster_load`]
+//! (what least-conn and the stream-hash load bound place by) adds the live
+//! peers' counts to its own, and the status page lists the live peers.
+//!
 //! MongoDB being down never stops routing: the last known drains stay
 //! applied, the outage is logged once and exported
 //! (`amslb_shared_state_up`), and a change made meanwhile is refused with
 //! the reason rather than applied to one instance only.
 
-use crate::cluster::Cluster;
 use crate::cluster::mongodb::client;
+use crate::cluster::{Cluster, Node};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use futures_util::{StreamExt, TryStreamExt};
@@ -39,6 +45,12 @@ const APPLY_EVERY: Duration = Duration::from_millis(200);
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 /// Without one, how often it is polled.
 const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Collection of the instance heartbeats.
+pub const INSTANCES: &str = "instances";
+/// How often an instance writes its heartbeat and reads its peers'.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(2);
+/// A peer whose heartbeat is older than this is gone.
+const PEER_GONE_AFTER: Duration = Duration::from_secs(6);
 /// Longest wait for one MongoDB operation.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -90,6 +102,40 @@ impl Drain {
     }
 }
 
+/// Another amslb instance, from its last heartbeat.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// Its name (`[state] instance`).
+    pub instance: String,
+    /// Its process id (two processes of one instance run during an upgrade).
+    pub pid: u32,
+    /// When it last wrote its heartbeat, in Unix milliseconds.
+    pub at_ms: i64,
+    /// Its open sessions by node id.
+    pub sessions: HashMap<String, usize>,
+}
+
+impl Peer {
+    fn from_document(doc: &Document) -> Option<Self> {
+        let sessions = doc
+            .get_array("sessions")
+            .ok()?
+            .iter()
+            .filter_map(|entry| {
+                let entry = entry.as_document()?;
+                let count = usize::try_from(entry.get_i64("count").ok()?).ok()?;
+                Some((entry.get_str("node").ok()?.to_string(), count))
+            })
+            .collect();
+        Some(Self {
+            instance: doc.get_str("instance").ok()?.to_string(),
+            pid: u32::try_from(doc.get_i64("pid").ok()?).ok()?,
+            at_ms: doc.get_i64("at_ms").ok()?,
+            sessions,
+        })
+    }
+}
+
 /// The current time in Unix milliseconds.
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -99,10 +145,12 @@ pub fn now_ms() -> i64 {
 
 /// The drains this instance knows and applies, and where they are shared.
 #[derive(Debug)]
-pub struct Drains {
+pub struct SharedState {
     known: Mutex<HashMap<String, Drain>>,
-    /// The shared collection, once `[state]` is configured and a client exists.
+    /// The shared drains collection, once `[state]` is configured and a client exists.
     store: OnceLock<Collection<Document>>,
+    /// Live peers from the last heartbeat read.
+    peers: Mutex<Vec<Peer>>,
     shared: bool,
     instance: String,
     metrics: Arc<Metrics>,
@@ -110,8 +158,8 @@ pub struct Drains {
     outage_logged: AtomicBool,
 }
 
-impl Drains {
-    /// Drains for `config`: shared through MongoDB when `[state]` is set.
+impl SharedState {
+    /// The shared state for `config`: shared through MongoDB when `[state]` is set.
     pub fn new(config: &Config, metrics: Arc<Metrics>) -> Arc<Self> {
         let instance = config
             .state
@@ -120,6 +168,7 @@ impl Drains {
         Arc::new(Self {
             known: Mutex::default(),
             store: OnceLock::new(),
+            peers: Mutex::default(),
             shared: config.state.is_some(),
             instance,
             metrics,
@@ -223,6 +272,78 @@ impl Drains {
         }
     }
 
+    /// The live peers, for the status page.
+    pub fn peers_json(&self) -> serde_json::Value {
+        let now = now_ms();
+        let peers = self.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        serde_json::Value::Array(
+            peers
+                .iter()
+                .map(|p| {
+                    serde_json::json!({
+                        "instance": p.instance,
+                        "pid": p.pid,
+                        "heartbeat_age_ms": now - p.at_ms,
+                        "sessions": p.sessions.values().sum::<usize>(),
+                    })
+                })
+                .collect(),
+        )
+    }
+
+    /// This instance's heartbeat: its id, name and open sessions per node.
+    fn heartbeat(&self, cluster: &Cluster, now: i64) -> Document {
+        let sessions: Vec<Document> = cluster
+            .snapshot()
+            .nodes()
+            .filter(|n| n.active_sessions() > 0)
+            .map(|n| {
+                doc! {
+                    "node": n.id(),
+                    "count": i64::try_from(n.active_sessions()).unwrap_or(i64::MAX),
+                }
+            })
+            .collect();
+        doc! {
+            "_id": self.heartbeat_id(),
+            "instance": &self.instance,
+            "pid": i64::from(std::process::id()),
+            "at_ms": now,
+            "sessions": sessions,
+        }
+    }
+
+    fn heartbeat_id(&self) -> String {
+        format!("{}/{}", self.instance, std::process::id())
+    }
+
+    /// Takes the peers' heartbeats (this process's own excluded, stale ones
+    /// dropped) and sets every node's remote session count from them.
+    fn take_peers(&self, cluster: &Cluster, docs: &[Document], now: i64) {
+        let own = self.heartbeat_id();
+        let gone_before = now - i64::try_from(PEER_GONE_AFTER.as_millis()).unwrap_or(i64::MAX);
+        let peers: Vec<Peer> = docs
+            .iter()
+            .filter(|d| d.get_str("_id").ok() != Some(own.as_str()))
+            .filter_map(Peer::from_document)
+            .filter(|p| p.at_ms >= gone_before)
+            .collect();
+        set_remote(cluster, |node| {
+            peers.iter().filter_map(|p| p.sessions.get(node.id())).sum()
+        });
+        *self.peers.lock().unwrap_or_else(PoisonError::into_inner) = peers;
+    }
+
+    /// Without peers' figures (MongoDB down), nodes are placed by this
+    /// instance's own counts.
+    fn forget_peers(&self, cluster: &Cluster) {
+        set_remote(cluster, |_| 0);
+        self.peers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
     fn answered(&self) {
         self.metrics.shared_state(true);
         if self.outage_logged.swap(false, Ordering::Relaxed) {
@@ -241,15 +362,21 @@ impl Drains {
     }
 }
 
+fn set_remote(cluster: &Cluster, count: impl Fn(&Node) -> usize) {
+    for node in cluster.snapshot().nodes() {
+        node.set_remote_sessions(count(node));
+    }
+}
+
 /// Starts applying drains to the nodes and, with `[state]`, following the
 /// shared collection. Returns at once; never waits for MongoDB.
 pub fn spawn(
     config: &Config,
-    drains: Arc<Drains>,
+    drains: Arc<SharedState>,
     cluster: Arc<Cluster>,
     shutdown: CancellationToken,
 ) {
-    let ticker = (drains.clone(), cluster, shutdown.clone());
+    let ticker = (drains.clone(), cluster.clone(), shutdown.clone());
     tokio::spawn(async move {
         let (drains, cluster, shutdown) = ticker;
         let mut tick = tokio::time::interval(APPLY_EVERY);
@@ -268,9 +395,9 @@ pub fn spawn(
     };
     let database = state.database.clone();
     tokio::spawn(async move {
-        let collection = loop {
+        let database = loop {
             match client(&uri).await {
-                Ok(client) => break client.database(&database).collection::<Document>(DRAINS),
+                Ok(client) => break client.database(&database),
                 Err(e) => drains.failed(&e.to_string()),
             }
             tokio::select! {
@@ -278,13 +405,61 @@ pub fn spawn(
                 () = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         };
+        let collection = database.collection::<Document>(DRAINS);
         let _ = drains.store.set(collection.clone());
-        follow(&drains, &collection, &shutdown).await;
+        let instances = database.collection::<Document>(INSTANCES);
+        tokio::join!(
+            follow(&drains, &collection, &shutdown),
+            heartbeats(&drains, &cluster, &instances, &shutdown),
+        );
     });
 }
 
+/// Writes this instance's heartbeat and reads the peers' every
+/// [`HEARTBEAT_EVERY`] until shutdown; the heartbeat is removed at the end.
+async fn heartbeats(
+    shared: &SharedState,
+    cluster: &Cluster,
+    instances: &Collection<Document>,
+    shutdown: &CancellationToken,
+) {
+    let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let now = now_ms();
+        let beat = shared.heartbeat(cluster, now);
+        let exchange = async {
+            instances
+                .replace_one(doc! { "_id": shared.heartbeat_id() }, beat)
+                .upsert(true)
+                .await?;
+            instances.find(doc! {}).await?.try_collect::<Vec<_>>().await
+        };
+        match tokio::time::timeout(OP_TIMEOUT, exchange).await {
+            Ok(Ok(docs)) => shared.take_peers(cluster, &docs, now),
+            Ok(Err(e)) => {
+                shared.failed(&e.to_string());
+                shared.forget_peers(cluster);
+            }
+            Err(_) => {
+                shared.failed("no answer in time");
+                shared.forget_peers(cluster);
+            }
+        }
+    }
+    let remove = instances.delete_one(doc! { "_id": shared.heartbeat_id() });
+    let _ = tokio::time::timeout(Duration::from_secs(1), remove).await;
+}
+
 /// Reads the drains whenever they change (or on the resync/poll tick) until shutdown.
-async fn follow(drains: &Drains, collection: &Collection<Document>, shutdown: &CancellationToken) {
+async fn follow(
+    drains: &SharedState,
+    collection: &Collection<Document>,
+    shutdown: &CancellationToken,
+) {
     let mut stream = None;
     let mut stream_tried = None::<tokio::time::Instant>;
     loop {

@@ -10,7 +10,7 @@ pub mod status;
 
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
-use crate::state::{Drain, Drains, now_ms};
+use crate::state::{Drain, SharedState, now_ms};
 use arc_swap::ArcSwap;
 use auth::{Access, Verdict};
 use bytes::Bytes;
@@ -40,7 +40,7 @@ pub trait Control: Send + Sync {
     fn health_history(&self, node: &str) -> Vec<bool>;
     /// The drains (shared with the other instances under `[state]`); `None`
     /// where a caller has none, and then a drain is this node flag alone.
-    fn drains(&self) -> Option<Arc<Drains>> {
+    fn shared(&self) -> Option<Arc<SharedState>> {
         None
     }
 }
@@ -276,7 +276,7 @@ async fn node_action(state: &StatsState, by: &str, rest: &str, query: &str) -> R
     let Some(node) = snapshot.node(&id).cloned() else {
         return error_reply(StatusCode::NOT_FOUND, "no such node");
     };
-    let Some(drains) = state.control.drains() else {
+    let Some(drains) = state.control.shared() else {
         let was = node.set_draining(drain);
         return json_reply(
             StatusCode::OK,

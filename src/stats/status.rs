@@ -32,9 +32,11 @@ fn node_json(node: &Arc<Node>, metrics: &Metrics, control: &dyn Control) -> Valu
         "healthy": node.is_healthy(),
         "draining": node.is_draining(),
         // Who drained it, when, until when (null: not drained through the API).
-        "drain": control.drains().and_then(|d| d.get(node.id())).map(|d| d.to_json()),
+        "drain": control.shared().and_then(|d| d.get(node.id())).map(|d| d.to_json()),
         "out": node.is_out(),
         "active_sessions": node.active_sessions(),
+        // Sessions on the node over every live amslb instance (`[state]`).
+        "cluster_sessions": node.cluster_load(),
         "requests": by_class(counters.as_ref().map(|c| c.requests_by_class()).unwrap_or_default()),
         "connect_failures": counters.as_ref().map(|c| c.connect_failures()).unwrap_or(0),
         // Oldest first; empty until the health checker has run.
@@ -112,6 +114,8 @@ pub fn status(metrics: &Metrics, cluster: &Cluster, control: &dyn Control) -> Va
         "membership": membership,
         "certificates": certificates,
         "access_log_dropped": o.access_log_dropped,
+        // The other live amslb instances sharing `[state]` (empty without it).
+        "instances": control.shared().map_or_else(|| json!([]), |s| s.peers_json()),
     })
 }
 
