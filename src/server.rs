@@ -207,6 +207,7 @@ impl Server {
             runtime.shared.clone(),
             runtime.cluster.clone(),
             runtime.shutdown.clone(),
+            runtime.hard_stop.clone(),
         );
         runtime.health.spawn(
             runtime.cluster.clone(),

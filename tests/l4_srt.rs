@@ -8,7 +8,6 @@ mod support;
 
 use l4_parts::*;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::unique_loopback as loopback;
 use tokio::net::UdpSocket;

@@ -109,18 +109,6 @@ async fn within(limit: Duration, what: &str, mut probe: impl AsyncFnMut() -> boo
     }
 }
 
-/// The node an open WebSocket went to: the one whose log saw the upgrade.
-fn websocket_node(nodes: &[SimNode]) -> &SimNode {
-    nodes
-        .iter()
-        .find(|n| {
-            n.seen()
-                .iter()
-                .any(|s| s.headers.contains_key("sec-websocket-key"))
-        })
-        .expect("a node got the WebSocket")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drain_through_one_instance_reaches_the_other_within_a_second() {
     let db = Secantus::start(&[]);
@@ -128,21 +116,8 @@ async fn drain_through_one_instance_reaches_the_other_within_a_second() {
     let a = start("A", &db, &nodes);
     let b = start("B", &db, &nodes);
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/live/websocket", a.http))
-        .await
-        .unwrap();
-    ws.send(Message::Text("hi".into())).await.unwrap();
-    assert_eq!(
-        ws.next()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap()
-            .as_str(),
-        "hi"
-    );
-    let drained = websocket_node(&nodes).id().to_string();
+    let (mut ws, drained) = open_ws(&a).await;
+    echo(&mut ws, "hi").await;
     let other = nodes
         .iter()
         .find(|n| n.id() != drained)
@@ -199,17 +174,7 @@ async fn drain_through_one_instance_reaches_the_other_within_a_second() {
         .await;
     }
     // The open WebSocket survives the drain and its deadline.
-    ws.send(Message::Text("still here".into())).await.unwrap();
-    assert_eq!(
-        ws.next()
-            .await
-            .unwrap()
-            .unwrap()
-            .into_text()
-            .unwrap()
-            .as_str(),
-        "still here"
-    );
+    echo(&mut ws, "still here").await;
 
     // Undrain through B: A follows within a second.
     assert_eq!(
@@ -286,6 +251,17 @@ async fn mongodb_down_keeps_the_last_drains_and_resumes() {
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Sends `text` and checks the node echoes it.
+async fn echo(ws: &mut Ws, text: &str) {
+    ws.send(Message::Text(text.into())).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(5), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("socket open")
+        .unwrap();
+    assert_eq!(answer.into_text().unwrap().as_str(), text);
+}
 
 /// Opens a WebSocket through `lb`; returns it and the node that took it.
 async fn open_ws(lb: &Instance) -> (Ws, String) {

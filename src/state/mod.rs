@@ -370,11 +370,15 @@ fn set_remote(cluster: &Cluster, count: impl Fn(&Node) -> usize) {
 
 /// Starts applying drains to the nodes and, with `[state]`, following the
 /// shared collection. Returns at once; never waits for MongoDB.
+///
+/// Drains are followed until `shutdown`; heartbeats go on until `hard_stop`,
+/// since a process finishing its sessions after an upgrade still counts them.
 pub fn spawn(
     config: &Config,
     drains: Arc<SharedState>,
     cluster: Arc<Cluster>,
     shutdown: CancellationToken,
+    hard_stop: CancellationToken,
 ) {
     let ticker = (drains.clone(), cluster.clone(), shutdown.clone());
     tokio::spawn(async move {
@@ -410,7 +414,7 @@ pub fn spawn(
         let instances = database.collection::<Document>(INSTANCES);
         tokio::join!(
             follow(&drains, &collection, &shutdown),
-            heartbeats(&drains, &cluster, &instances, &shutdown),
+            heartbeats(&drains, &cluster, &instances, &hard_stop),
         );
     });
 }
