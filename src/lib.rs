@@ -1,15 +1,18 @@
 //! amslb: a load balancer for Ant Media Server clusters.
 //!
 //! Data flows one way: [`listener`] → connection ([`server`]) → classify
-//! ([`route`]) → pick a node ([`balance`] over a [`cluster`] snapshot) →
-//! forward ([`http`]). [`run`] is the one place that wires them together,
-//! and hands the listeners to a new process on upgrade ([`upgrade`]).
+//! ([`route`]) → pick a node ([`streaming::select`], the one placement for
+//! every protocol, with [`balance`] over a [`cluster`] snapshot) → connect
+//! with failover ([`failover`], shared by HTTP and L4) → forward ([`http`],
+//! [`l4`]). [`run`] is the one place that wires them together, and hands the
+//! listeners to a new process on upgrade ([`upgrade`]).
 #![forbid(unsafe_code)]
 
 pub mod access_log;
 pub mod balance;
 pub mod cluster;
 pub mod config;
+pub mod failover;
 pub mod health;
 pub mod http;
 pub mod l4;

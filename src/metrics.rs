@@ -102,6 +102,11 @@ struct Families {
     last_reload_success: Gauge,
     last_reload_ok: IntGauge,
     access_log_dropped: IntCounter,
+    no_node: IntCounterVec,
+    l4_sessions: IntCounterVec,
+    l4_open_sessions: IntGaugeVec,
+    l4_rejected: IntCounterVec,
+    rtmp_publishes: IntCounterVec,
     build_info: IntGaugeVec,
     start_time: Gauge,
 }
@@ -127,6 +132,7 @@ impl Families {
         };
         const LR: &[&str] = &["listener", "route"];
         const NODE: &[&str] = &["group", "node"];
+        const L4: &[&str] = &["listener", "protocol"];
         Ok(Self {
             requests: counter(
                 "amslb_requests_total",
@@ -269,6 +275,31 @@ impl Families {
                     "Access log lines dropped because the writer fell behind.",
                 )?,
             )?,
+            no_node: counter(
+                "amslb_no_node_total",
+                "Requests and L4 sessions refused because no node of the group (or its backup) was usable.",
+                &["listener", "group"],
+            )?,
+            l4_sessions: counter(
+                "amslb_l4_sessions_total",
+                "L4 sessions (RTMP, RTMPS, SRT) relayed to a node.",
+                L4,
+            )?,
+            l4_open_sessions: gauge(
+                "amslb_l4_open_sessions",
+                "L4 sessions open now, by the node they are relayed to.",
+                &["listener", "protocol", "node"],
+            )?,
+            l4_rejected: counter(
+                "amslb_l4_rejected_total",
+                "L4 clients closed before reaching a node: malformed or slow start, or over the session cap.",
+                L4,
+            )?,
+            rtmp_publishes: counter(
+                "amslb_rtmp_publishes_total",
+                "RTMP publish commands seen, by application (apps past the first 64 count as \"other\").",
+                &["listener", "app"],
+            )?,
             build_info: gauge(
                 "amslb_build_info",
                 "Always 1; the labels carry the version.",
@@ -288,6 +319,7 @@ pub struct Metrics {
     registry: Registry,
     families: Families,
     listeners: Mutex<BTreeMap<String, Arc<ListenerMetrics>>>,
+    l4: Mutex<BTreeMap<String, Arc<L4Metrics>>>,
     /// Node counters by node id; read lock-free on the data path, copied on write.
     nodes: ArcSwap<HashMap<String, Arc<NodeMetrics>>>,
     nodes_write: Mutex<()>,
@@ -314,6 +346,7 @@ impl Metrics {
             registry,
             families,
             listeners: Mutex::default(),
+            l4: Mutex::default(),
             nodes: ArcSwap::default(),
             nodes_write: Mutex::new(()),
         })
@@ -327,6 +360,49 @@ impl Metrics {
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(ListenerMetrics::new(name, &self.families)))
             .clone()
+    }
+
+    /// Handles for the L4 listener `name` speaking `protocol` (rtmp, rtmps,
+    /// srt); the same object for the same name, like [`Metrics::listener`].
+    pub fn l4(&self, name: &str, protocol: &'static str) -> Arc<L4Metrics> {
+        let mut l4 = self.l4.lock().unwrap_or_else(|e| e.into_inner());
+        match l4.get(name) {
+            Some(found) if found.protocol == protocol => found.clone(),
+            _ => {
+                let created = Arc::new(L4Metrics::new(
+                    self.listener(name),
+                    protocol,
+                    &self.families,
+                ));
+                l4.insert(name.to_string(), created.clone());
+                created
+            }
+        }
+    }
+
+    /// Open L4 sessions by node id, then protocol (rtmp, rtmps, srt), summed
+    /// over listeners: what the status page shows per node.
+    pub fn l4_open_sessions(&self) -> BTreeMap<String, BTreeMap<String, i64>> {
+        let mut out: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+        for family in self.families.l4_open_sessions.collect() {
+            for m in family.get_metric() {
+                let label = |name: &str| {
+                    m.get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                        .unwrap_or_default()
+                };
+                let open = m.get_gauge().get_value() as i64;
+                if open > 0 {
+                    *out.entry(label("node"))
+                        .or_default()
+                        .entry(label("protocol"))
+                        .or_default() += open;
+                }
+            }
+        }
+        out
     }
 
     /// Forgets listeners a reload removed, so the status page lists only live
@@ -662,6 +738,15 @@ impl ListenerMetrics {
         self.aborts.inc();
     }
 
+    /// Counts a request or session refused because `group` (and its backup)
+    /// had no usable node.
+    pub fn no_node(&self, group: &str) {
+        self.families
+            .no_node
+            .with_label_values(&[&self.name, group])
+            .inc();
+    }
+
     /// Counts a retry on another node.
     pub fn retry(&self) {
         self.retries.inc();
@@ -712,6 +797,83 @@ impl OpenGuard {
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.dec();
+    }
+}
+
+/// Most distinct `app` label values of `amslb_rtmp_publishes_total` per
+/// listener: the app is chosen by clients, so the label set must be bounded.
+const MAX_APPS: usize = 64;
+
+/// Handles of one L4 listener (`tcp`, `tls`, `udp`): its sessions, the nodes
+/// they are open on, refusals and RTMP publishes. Bytes and connections go to
+/// the listener's [`ListenerMetrics`] and the node's [`NodeMetrics`], the
+/// families HTTP uses too.
+#[derive(Debug)]
+pub struct L4Metrics {
+    listener: Arc<ListenerMetrics>,
+    protocol: &'static str,
+    families: Families,
+    sessions: IntCounter,
+    rejected: IntCounter,
+    /// App names given a label of their own so far (at most [`MAX_APPS`]).
+    apps: Mutex<Vec<String>>,
+}
+
+impl L4Metrics {
+    fn new(listener: Arc<ListenerMetrics>, protocol: &'static str, f: &Families) -> Self {
+        let labels = [listener.name().as_ref(), protocol];
+        Self {
+            sessions: f.l4_sessions.with_label_values(&labels),
+            rejected: f.l4_rejected.with_label_values(&labels),
+            listener,
+            protocol,
+            families: f.clone(),
+            apps: Mutex::default(),
+        }
+    }
+
+    /// The listener's shared handles (bytes, connections, retries, no-node).
+    pub fn listener(&self) -> &Arc<ListenerMetrics> {
+        &self.listener
+    }
+
+    /// The protocol label (rtmp, rtmps, srt).
+    pub fn protocol(&self) -> &'static str {
+        self.protocol
+    }
+
+    /// Counts a session relayed to `node`, open until the guard drops.
+    pub fn session_opened(&self, node: &str) -> OpenGuard {
+        self.sessions.inc();
+        OpenGuard::new(self.families.l4_open_sessions.with_label_values(&[
+            self.listener.name(),
+            self.protocol,
+            node,
+        ]))
+    }
+
+    /// Counts a client closed before reaching a node (bad or slow start, cap).
+    pub fn rejected(&self) {
+        self.rejected.inc();
+    }
+
+    /// Counts an RTMP publish on `app`.
+    pub fn publish(&self, app: &str) {
+        let label = {
+            let mut apps = self.apps.lock().unwrap_or_else(|e| e.into_inner());
+            if apps.iter().any(|a| a == app) {
+                app
+            } else if apps.len() < MAX_APPS {
+                apps.push(app.to_string());
+                app
+            } else {
+                "other"
+            }
+        };
+        self.families
+            .rtmp_publishes
+            .with_label_values(&[self.listener.name(), label])
+            .inc();
     }
 }
 

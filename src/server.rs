@@ -3,7 +3,7 @@
 use crate::cluster::{Cluster, mongodb, static_source};
 use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
-use crate::l4::{L4Stats, tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
+use crate::l4::{tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
 use crate::listener::{Owner, bind_tcp, bind_udp, tune_stream};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
@@ -84,6 +84,8 @@ impl Server {
     /// sockets are bound before any traffic is accepted, so a port conflict
     /// stops start-up instead of leaving a half-started balancer.
     pub fn bind(config: Config) -> Result<Self, StartError> {
+        // A `tls` listener with its own cert builds a rustls config below.
+        crate::tls::install_crypto_provider();
         let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
@@ -109,7 +111,7 @@ impl Server {
                 source,
             };
             if listener.protocol == Protocol::Udp {
-                let proxy = Arc::new(UdpProxy::new(&config, listener, cluster.clone()));
+                let proxy = Arc::new(UdpProxy::new(&runtime, listener));
                 for &addr in &listener.bind {
                     let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
                     let proxy = proxy.clone();
@@ -123,16 +125,11 @@ impl Server {
             }
             let l4 = match listener.protocol {
                 Protocol::Tcp | Protocol::Tls => Some(Arc::new(
-                    TcpProxy::new(
-                        &config,
-                        listener,
-                        cluster.clone(),
-                        runtime.health.clone(),
-                        shared_tls.clone(),
-                    )
-                    .map_err(|source| StartError::ListenerCert {
-                        listener: listener.name.clone(),
-                        source: Box::new(source),
+                    TcpProxy::new(&runtime, listener, shared_tls.clone()).map_err(|source| {
+                        StartError::ListenerCert {
+                            listener: listener.name.clone(),
+                            source: Box::new(source),
+                        }
                     })?,
                 )),
                 _ => None,
@@ -166,23 +163,6 @@ impl Server {
                 }),
             )
             .collect()
-    }
-
-    /// Counters of every L4 listener (`tcp`, `tls`, `udp`) by listener name,
-    /// for the metrics exporter.
-    pub fn l4_stats(&self) -> Vec<(String, Arc<L4Stats>)> {
-        let tcp = self
-            .bound
-            .iter()
-            .filter_map(|b| Some((b.name.to_string(), b.l4.as_ref()?.stats().clone())));
-        let udp = self
-            .udp
-            .iter()
-            .map(|u| (u.proxy.name().to_string(), u.proxy.stats().clone()));
-        let mut all: Vec<_> = tcp.chain(udp).collect();
-        // A listener with several binds shares one set of counters.
-        all.dedup_by(|a, b| a.0 == b.0);
-        all
     }
 
     /// Serves until `stop` resolves, then shuts down gracefully: stop accepting,

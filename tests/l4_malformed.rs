@@ -116,6 +116,11 @@ async fn truncated_handshake_is_closed_cleanly() {
         until_closed(&mut c, Duration::from_secs(3)).await;
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 0);
+    // The connection's slot is released right after the socket closes.
+    let start = std::time::Instant::now();
+    while lb.stats().active != 0 && start.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let s = lb.stats();
     assert_eq!((s.rejected, s.active), (3, 0), "{s:?}");
 }

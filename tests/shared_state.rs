@@ -125,13 +125,11 @@ async fn drain_through_one_instance_reaches_the_other_within_a_second() {
         .id()
         .to_string();
 
-    // Drain through A with a deadline, waiting as a lifecycle hook would.
-    let path = format!("/api/v1/nodes/{drained}/drain?deadline=3s&wait=1");
-    let hook_started = Instant::now();
-    let hook = {
-        let stats = a.stats;
-        tokio::spawn(async move { http("POST", &format!("http://{stats}{path}"), None).await })
-    };
+    // Drain through A with a deadline; timed from A's answer (stored).
+    let set = a
+        .post(&format!("/api/v1/nodes/{drained}/drain?deadline=3s"))
+        .await;
+    assert_eq!(set.status, 200, "{}", set.body);
     let took = within(Duration::from_secs(3), "B applies A's drain", async || {
         b.status_node(&drained).await["draining"] == true
     })
@@ -157,7 +155,11 @@ async fn drain_through_one_instance_reaches_the_other_within_a_second() {
     // A still relays the WebSocket, so there the node is not out before the deadline.
     assert_eq!(a.status_node(&drained).await["out"], false);
 
-    let answer = hook.await.unwrap();
+    // A lifecycle hook's call: the same drain, answered once the node is out.
+    let hook_started = Instant::now();
+    let answer = a
+        .post(&format!("/api/v1/nodes/{drained}/drain?deadline=3s&wait=1"))
+        .await;
     let waited = hook_started.elapsed();
     assert_eq!(answer.status, 200, "{}", answer.body);
     let body: Value = serde_json::from_str(&answer.body).unwrap();

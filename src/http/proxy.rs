@@ -7,11 +7,12 @@ use super::record::Exchange;
 use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
+use crate::failover::{Connected, Failover, Failure, Reporting};
 use crate::metrics::ListenerMetrics;
 use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
-use crate::streaming::select::{self, Wanted};
+use crate::streaming::select::Wanted;
 use crate::streaming::{assign, sniff};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
@@ -308,44 +309,35 @@ pub(crate) async fn forward(
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
     let mut request = request.map(UpstreamBody::Client);
     let health = &ctx.runtime.health;
-    let group = wanted.group.as_str();
-    let backup = config.group(group).and_then(|g| g.backup.clone());
-    let mut tried: Vec<Arc<Node>> = Vec::new();
-    let mut attempts_left = config.global.retries + 1;
-    let mut last_error = None;
+    let report = Reporting {
+        health,
+        metrics: &ctx.runtime.metrics,
+        listener: &ctx.metrics,
+    };
+    let mut failover = Failover::new(config, snapshot, wanted, report).first(affinity.node.clone());
+    let connect_timeout = config.timeouts.connect;
+    let mut redispatch_counted = false;
     loop {
-        let sticky = affinity
-            .node
-            .clone()
-            .filter(|n| !tried.iter().any(|t| Arc::ptr_eq(t, n)));
-        let is_sticky = sticky.is_some();
-        let Some(node) = sticky.or_else(|| select::pick(config, snapshot, wanted, &tried)) else {
-            return Err(match last_error {
-                Some(e) => ProxyError::AllNodesFailed(e),
-                None => ProxyError::NoUsableNode(group.to_string(), backup),
-            });
-        };
-        let lease = node.lease();
-        let (mut sender, reused) = match checkout(&node, config.timeouts.connect).await {
-            Ok(checked_out) => checked_out,
-            Err(e) => {
-                warn!(node = node.id(), error = %e, "connect failed, trying another node");
-                health.report_failure(&node, &format!("connect failed: {e}"));
-                ctx.runtime.metrics.with_node(&node, |m| m.connect_failed());
-                if is_sticky {
-                    ctx.runtime.sticky.count_redispatch();
-                    ctx.metrics.redispatch();
-                }
-                tried.push(node);
-                attempts_left -= 1;
-                if attempts_left == 0 {
-                    return Err(ProxyError::AllNodesFailed(e));
-                }
-                ctx.metrics.retry();
-                last_error = Some(e);
-                continue;
-            }
-        };
+        let connected = failover
+            .connect(|node| async move { checkout(&node, connect_timeout).await })
+            .await;
+        if failover.first_failed() && !std::mem::replace(&mut redispatch_counted, true) {
+            ctx.runtime.sticky.count_redispatch();
+            ctx.metrics.redispatch();
+        }
+        let Connected {
+            conn: (mut sender, reused),
+            lease,
+        } = connected
+            .inspect_err(|_| ctx.metrics.no_node(&wanted.group))
+            .map_err(|e| match e {
+                Failure::NoNode => ProxyError::NoUsableNode(
+                    wanted.group.clone(),
+                    config.group(&wanted.group).and_then(|g| g.backup.clone()),
+                ),
+                Failure::AllFailed { source, .. } => ProxyError::AllNodesFailed(source),
+            })?;
+        let node = lease.node().clone();
         // A reused keep-alive connection may die under the request (the node
         // closed it, or the node itself died). A bodiless idempotent request
         // can then be sent again safely, as HAProxy and nginx do; keep what

@@ -1,12 +1,13 @@
 //! Per-session accounting of an L4 session: bytes each way (added live to the
-//! listener's [`L4Stats`], so long RTMP sessions show up in metrics while they
-//! run) and the time of the last activity, which drives idle timeouts.
+//! listener's and the node's byte counters, so long RTMP sessions show up in
+//! metrics while they run) and the time of the last activity, which drives
+//! idle timeouts.
 //!
 //! [`Metered`] wraps the client side of a buffered relay
 //! ([`crate::tunnel::relay`]) so every byte read from or written to the client
 //! is counted, and lets the RTMP inspector see the client's bytes on the way.
 
-use super::stats::L4Stats;
+use crate::metrics::{ListenerMetrics, NodeMetrics};
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,7 +20,8 @@ use tokio::time::Instant;
 /// Byte counts and last activity of one session.
 #[derive(Debug)]
 pub struct SessionMeter {
-    stats: Arc<L4Stats>,
+    listener: Arc<ListenerMetrics>,
+    node: Arc<NodeMetrics>,
     start: Instant,
     /// Milliseconds since `start` of the last byte moved either way.
     last_ms: AtomicU64,
@@ -28,10 +30,12 @@ pub struct SessionMeter {
 }
 
 impl SessionMeter {
-    /// A meter for a session starting now, adding to `stats`.
-    pub fn new(stats: Arc<L4Stats>) -> Self {
+    /// A meter for a session starting now between a client of `listener`
+    /// and `node`, adding to both's byte counters.
+    pub fn new(listener: Arc<ListenerMetrics>, node: Arc<NodeMetrics>) -> Self {
         Self {
-            stats,
+            listener,
+            node,
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             bytes_in: AtomicU64::new(0),
@@ -42,14 +46,14 @@ impl SessionMeter {
     /// Records `n` bytes moved from client to node.
     pub fn add_in(&self, n: usize) {
         self.bytes_in.fetch_add(n as u64, Ordering::Relaxed);
-        self.stats.add_in(n);
+        self.listener.tunnel_bytes(Some(&self.node), n as u64, 0);
         self.touch();
     }
 
     /// Records `n` bytes moved from node to client.
     pub fn add_out(&self, n: usize) {
         self.bytes_out.fetch_add(n as u64, Ordering::Relaxed);
-        self.stats.add_out(n);
+        self.listener.tunnel_bytes(Some(&self.node), 0, n as u64);
         self.touch();
     }
 
@@ -146,15 +150,31 @@ impl<S: AsyncWrite + Unpin, T: Unpin> AsyncWrite for Metered<'_, S, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::tunnel::{TunnelEnd, relay};
     use tokio::io::{AsyncReadExt, AsyncWriteExt, duplex};
 
+    /// A meter on fresh counters of listener `l4` and node `o1`.
+    pub(crate) fn meter() -> (
+        SessionMeter,
+        crate::metrics::Metrics,
+        Arc<crate::cluster::Cluster>,
+    ) {
+        let cluster = Arc::new(crate::cluster::Cluster::new());
+        cluster.update(vec![crate::metrics::fixtures::spec("o1", "origin", 1)]);
+        let metrics = crate::metrics::Metrics::new(cluster.clone()).unwrap();
+        let node = metrics.node(cluster.snapshot().node("o1").unwrap());
+        (
+            SessionMeter::new(metrics.listener("l4"), node),
+            metrics,
+            cluster,
+        )
+    }
+
     #[tokio::test]
     async fn counts_live_and_taps_client_bytes_through_a_tunnel() {
-        let stats = Arc::new(L4Stats::default());
-        let meter = SessionMeter::new(stats.clone());
+        let (meter, metrics, cluster) = meter();
         let (mut client, client_side) = duplex(1024);
         let (node_side, mut node) = duplex(1024);
         let mut seen = Vec::new();
@@ -170,7 +190,15 @@ mod tests {
             let mut got = [0u8; 5];
             node.read_exact(&mut got).await.unwrap();
             // Counted while the tunnel is still open.
-            assert_eq!(stats.snapshot().bytes_in, 5);
+            let text = metrics.render(&cluster);
+            assert!(
+                text.contains("amslb_received_bytes_total{listener=\"l4\"} 5"),
+                "{text}"
+            );
+            assert!(
+                text.contains("amslb_node_sent_bytes_total{group=\"origin\",node=\"o1\"} 5"),
+                "{text}"
+            );
             node.write_all(b"world!").await.unwrap();
             let mut back = [0u8; 6];
             client.read_exact(&mut back).await.unwrap();
@@ -185,7 +213,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn traffic_pushes_the_idle_deadline() {
-        let meter = SessionMeter::new(Arc::default());
+        let (meter, _, _) = meter();
         let started = Instant::now();
         let idle = meter.idle(Duration::from_secs(10));
         let traffic = async {

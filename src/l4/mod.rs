@@ -1,20 +1,18 @@
 //! L4 streaming ingest: RTMP over TCP passthrough, RTMPS with TLS terminated
 //! here, SRT over UDP sessions.
 //!
-//! Each listener kind picks a node of its group per session (never per packet),
-//! relays bytes without interpreting them, and counts what it moved in an
-//! [`L4Stats`]. The optional RTMP inspector reads, without changing them, the
-//! first bytes a client sends to learn app and stream key.
+//! Each listener kind picks a node per session (never per packet) with the one
+//! placement function ([`crate::streaming::select::pick`], through
+//! [`crate::failover`] for TCP), relays bytes without interpreting them, and
+//! counts sessions and bytes in the metrics registry
+//! ([`crate::metrics::L4Metrics`]). The RTMP front ([`rtmp`]) and the SRT
+//! handshake reader ([`srt`]) learn the stream key before a node is chosen.
 
-pub mod affinity;
 pub mod meter;
 pub mod rtmp;
 #[cfg(target_os = "linux")]
 pub mod splice;
-pub mod stats;
+pub mod srt;
 pub mod tcp;
 pub mod tls;
 pub mod udp;
-pub mod upstream;
-
-pub use stats::{L4Stats, L4StatsSnapshot};

@@ -139,7 +139,7 @@ mod tests {
     async fn splices_megabytes_both_ways_with_half_close() {
         let (mut client, client_side) = pair().await;
         let (node_side, mut node) = pair().await;
-        let meter = SessionMeter::new(Default::default());
+        let (meter, _, _) = crate::l4::meter::tests::meter();
         let pipes = SplicePipes::new().unwrap();
         let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let relay = pipes.relay(

@@ -4,12 +4,12 @@
 use super::meter::{Metered, SessionMeter};
 use super::rtmp::filter::{Filtered, NodeFilter};
 use super::rtmp::{self, Inspector, front, handshake};
-use super::stats::L4Stats;
 use super::tls::{TlsLoadError, server_config};
-use super::upstream::{self, ConnectPolicy, GroupRoute};
-use crate::cluster::{Cluster, Node};
 use crate::config::{Config, ListenerConfig, Protocol};
-use crate::health::Health;
+use crate::failover::{Connected, Failover, Reporting};
+use crate::metrics::L4Metrics;
+use crate::runtime::{ListenerView, Runtime};
+use crate::streaming::select::Wanted;
 use crate::tunnel::{self, TunnelEnd};
 use std::io;
 use std::net::SocketAddr;
@@ -21,15 +21,15 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
 
-/// Settings of one TCP-like listener, resolved from the config at start.
+/// Settings of one TCP-like listener for one session, read from the live
+/// config snapshot when the session starts, so a reload applies to new
+/// sessions (open ones keep what they started with).
 #[derive(Debug, Clone)]
 pub struct TcpSettings {
     /// Listener name, for logs.
     pub name: String,
-    /// Where sessions go.
-    pub route: GroupRoute,
-    /// Connect limits.
-    pub connect: ConnectPolicy,
+    /// Time allowed per node connect attempt (`[timeouts] connect`).
+    pub connect_timeout: Duration,
     /// Tunnel idle timeout (`[timeouts] tunnel`).
     pub idle: Duration,
     /// Time for a TLS handshake, and for an inspected client's C0+C1.
@@ -47,12 +47,7 @@ impl TcpSettings {
     pub fn new(config: &Config, listener: &ListenerConfig) -> Self {
         Self {
             name: listener.name.clone(),
-            route: GroupRoute::new(config, &listener.default_group),
-            connect: ConnectPolicy {
-                addr_of: Node::rtmp_addr,
-                timeout: config.timeouts.connect,
-                retries: config.global.retries,
-            },
+            connect_timeout: config.timeouts.connect,
             idle: config.timeouts.tunnel,
             handshake_timeout: listener.l4.handshake_timeout,
             splice: listener.l4.splice,
@@ -65,12 +60,10 @@ impl TcpSettings {
 /// A running `tcp` or `tls` listener's shared state.
 #[derive(Debug)]
 pub struct TcpProxy {
-    settings: TcpSettings,
+    runtime: Arc<Runtime>,
+    name: Arc<str>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    cluster: Arc<Cluster>,
-    /// Where failed node connects are reported (passive health checks).
-    health: Arc<Health>,
-    stats: Arc<L4Stats>,
+    metrics: Arc<L4Metrics>,
 }
 
 /// A client connection, before or after TLS.
@@ -90,12 +83,11 @@ impl TcpProxy {
     /// Builds the proxy of `listener`. A `tls` listener with its own
     /// `cert`/`key` loads them here, so a bad file stops start-up instead of
     /// failing every client; one without serves `shared_tls` (the `[tls]`
-    /// certificate store, by SNI).
+    /// certificate store, by SNI). Everything else is read from the live
+    /// config per session.
     pub fn new(
-        config: &Config,
+        runtime: &Arc<Runtime>,
         listener: &ListenerConfig,
-        cluster: Arc<Cluster>,
-        health: Arc<Health>,
         shared_tls: Option<Arc<rustls::ServerConfig>>,
     ) -> Result<Self, TlsLoadError> {
         let tls = match (&listener.protocol, &listener.l4.cert, &listener.l4.key) {
@@ -103,18 +95,13 @@ impl TcpProxy {
             (Protocol::Tls, _, _) => Some(shared_tls.ok_or(TlsLoadError::NoCertificate)?),
             _ => None,
         };
+        let protocol = if tls.is_some() { "rtmps" } else { "rtmp" };
         Ok(Self {
-            settings: TcpSettings::new(config, listener),
+            runtime: runtime.clone(),
+            name: listener.name.as_str().into(),
             tls,
-            cluster,
-            health,
-            stats: Arc::new(L4Stats::default()),
+            metrics: runtime.metrics.l4(&listener.name, protocol),
         })
-    }
-
-    /// The listener's counters.
-    pub fn stats(&self) -> &Arc<L4Stats> {
-        &self.stats
     }
 
     /// One client session from accept to close; `peer` is the client's
@@ -127,8 +114,11 @@ impl TcpProxy {
         peer: SocketAddr,
         stop: impl std::future::Future<Output = ()>,
     ) {
-        let s = &self.settings;
-        let _active = self.stats.open();
+        let Some(view) = ListenerView::current(&self.runtime, &self.name) else {
+            // A reload removed the listener; its accept loop is stopping.
+            return self.reject(peer, "listener is gone");
+        };
+        let s = &TcpSettings::new(&view.config, view.listener());
         let mut client = match &self.tls {
             None => Either::Left(stream),
             Some(tls) => {
@@ -140,33 +130,26 @@ impl TcpProxy {
                 }
             }
         };
-        let start = match self.rtmp_start(&mut client).await {
+        let start = match self.rtmp_start(s, &mut client).await {
             Ok(start) => start,
             Err(reason) => return self.reject(peer, &reason),
         };
+        // A stream key is only learnt from releaseStream/FCPublish/publish:
+        // placed as a publish, exactly like a WHIP publish of that stream.
         let key = start.opening.as_ref().and_then(|o| {
             let stream = o.stream.as_ref()?;
             Some(format!("{}/{stream}", o.app))
         });
-        let connected = upstream::connect(
-            &self.cluster,
-            &s.route,
-            s.connect,
-            key.as_deref(),
-            Some(&self.health),
-        )
-        .await;
-        let (mut node, lease) = match connected {
-            Ok(found) => found,
-            Err(e) => {
-                self.stats.count_no_node();
-                tracing::warn!(listener = %s.name, %peer, error = %e, "no node for session");
-                return;
-            }
+        let publish = key.is_some();
+        let wanted = Wanted::for_session(&view.config, view.listener(), key, publish);
+        let Some((mut node, lease)) = self.connect(&view.config, &wanted, peer).await else {
+            return;
         };
         let node_id = lease.node().id();
+        let _open = self.metrics.session_opened(node_id);
+        let key = wanted.key.as_deref().unwrap_or("-");
         if start.opening.is_some() {
-            let shake = tokio::time::timeout(s.connect.timeout, handshake::with_node(&mut node));
+            let shake = tokio::time::timeout(s.connect_timeout, handshake::with_node(&mut node));
             if let Err(e) = shake
                 .await
                 .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
@@ -174,9 +157,10 @@ impl TcpProxy {
                 tracing::warn!(listener = %s.name, %peer, node = node_id, error = %e, "RTMP handshake with node failed");
                 return;
             }
-            tracing::info!(listener = %s.name, %peer, node = node_id, key = key.as_deref().unwrap_or("-"), "rtmp node chosen by stream key");
         }
-        let meter = SessionMeter::new(self.stats.clone());
+        tracing::info!(listener = %s.name, %peer, node = node_id, key, "l4 session relayed");
+        let node_metrics = self.runtime.metrics.node(lease.node());
+        let meter = SessionMeter::new(self.metrics.listener().clone(), node_metrics);
         if !start.prelude.is_empty() {
             if let Err(e) = node.write_all(&start.prelude).await {
                 tracing::warn!(listener = %s.name, %peer, node = node_id, error = %e, "write to node failed");
@@ -185,13 +169,13 @@ impl TcpProxy {
             meter.add_in(start.prelude.len());
         }
         let mut inspector = start.inspector;
-        let stats = &self.stats;
+        let metrics = &self.metrics;
         let mut tap = |data: &[u8]| {
             if let Some(inspector) = inspector.as_mut() {
                 inspector.feed(data);
                 for event in inspector.take_events() {
-                    if matches!(event, rtmp::Event::Publish { .. }) {
-                        stats.count_publish();
+                    if let rtmp::Event::Publish { app, .. } = &event {
+                        metrics.publish(app);
                     }
                     tracing::info!(listener = %s.name, %peer, node = node_id, "rtmp {event}");
                 }
@@ -218,17 +202,48 @@ impl TcpProxy {
         };
         let (bytes_in, bytes_out) = meter.totals();
         tracing::info!(
-            listener = %s.name, %peer, node = node_id, bytes_in, bytes_out,
+            listener = %s.name, %peer, node = node_id, key, bytes_in, bytes_out,
             secs = meter.age().as_secs_f64(), end = ?end, "session ended"
         );
+    }
+
+    /// Connects a node for `wanted` through the shared failover loop; `None`
+    /// (logged and counted) when no node could be reached.
+    async fn connect(
+        &self,
+        config: &Config,
+        wanted: &Wanted,
+        peer: SocketAddr,
+    ) -> Option<(TcpStream, crate::cluster::NodeLease)> {
+        let snapshot = self.runtime.cluster.snapshot();
+        let report = Reporting {
+            health: &self.runtime.health,
+            metrics: &self.runtime.metrics,
+            listener: self.metrics.listener(),
+        };
+        let timeout = config.timeouts.connect;
+        let connected = Failover::new(config, &snapshot, wanted, report)
+            .connect(|node| connect_rtmp(node.rtmp_addr(), timeout))
+            .await;
+        match connected {
+            Ok(Connected { conn, lease }) => Some((conn, lease)),
+            Err(e) => {
+                self.metrics.listener().no_node(&wanted.group);
+                tracing::warn!(listener = %self.name, %peer, group = wanted.group, error = %e, "no node for session");
+                None
+            }
+        }
     }
 
     /// The RTMP-aware start of a session, per the listener's settings: nothing
     /// (plain passthrough), C0+C1 checked and inspected, or handshake and
     /// `connect` answered here to learn the stream key. Bounded by the
     /// handshake timeout; `Err` is the reason to close the client.
-    async fn rtmp_start(&self, client: &mut ClientStream) -> Result<Start, String> {
-        let s = &self.settings;
+    async fn rtmp_start(
+        &self,
+        s: &TcpSettings,
+        client: &mut ClientStream,
+    ) -> Result<Start, String> {
         let mut start = Start {
             prelude: Vec::new(),
             inspector: None,
@@ -262,9 +277,20 @@ impl TcpProxy {
     }
 
     fn reject(&self, peer: SocketAddr, reason: &str) {
-        self.stats.count_rejected();
-        tracing::info!(listener = %self.settings.name, %peer, reason, "client closed before relaying");
+        self.metrics.rejected();
+        tracing::info!(listener = %self.name, %peer, reason, "client closed before relaying");
     }
+}
+
+/// One connect attempt to a node's RTMP port, bounded by `timeout`.
+async fn connect_rtmp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))?;
+    // No Nagle delay for RTMP control messages; keepalive notices a node
+    // that vanished without a FIN.
+    crate::listener::tune_stream(&stream);
+    Ok(stream)
 }
 
 /// Reads an RTMP client's C0+C1 and checks C0.

@@ -4,7 +4,7 @@
 //! A drain set through any instance's admin API is written to the
 //! `drains` collection of the `[state]` database, with who set it, when, and
 //! an optional deadline; every instance follows that collection (a change
-//! stream, and a read every second anyway; polling every 250 ms where change
+//! stream, and a read every second anyway; polling every 100 ms where change
 //! streams are not offered) and applies it to its nodes, so a drain reaches
 //! every instance within a second. Without `[state]` the same drains live in
 //! this process only.
@@ -43,8 +43,8 @@ pub const DRAINS: &str = "drains";
 const APPLY_EVERY: Duration = Duration::from_millis(200);
 /// With a change stream, how often the whole collection is read anyway.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
-/// Without one, how often it is polled.
-const POLL_EVERY: Duration = Duration::from_millis(250);
+/// Without one, how often it is polled (a tiny collection: cheap).
+const POLL_EVERY: Duration = Duration::from_millis(100);
 /// Collection of the instance heartbeats.
 pub const INSTANCES: &str = "instances";
 /// How often an instance writes its heartbeat and reads its peers'.
@@ -413,7 +413,7 @@ pub fn spawn(
         let _ = drains.store.set(collection.clone());
         let instances = database.collection::<Document>(INSTANCES);
         tokio::join!(
-            follow(&drains, &collection, &shutdown),
+            follow(&drains, &cluster, &collection, &shutdown),
             heartbeats(&drains, &cluster, &instances, &hard_stop),
         );
     });
@@ -461,6 +461,7 @@ async fn heartbeats(
 /// Reads the drains whenever they change (or on the resync/poll tick) until shutdown.
 async fn follow(
     drains: &SharedState,
+    cluster: &Cluster,
     collection: &Collection<Document>,
     shutdown: &CancellationToken,
 ) {
@@ -485,6 +486,7 @@ async fn follow(
             Ok(Ok(docs)) => {
                 drains.answered();
                 drains.replace(&docs);
+                drains.apply(cluster, now_ms());
             }
             Ok(Err(e)) => drains.failed(&e.to_string()),
             Err(_) => drains.failed("no answer in time"),

@@ -21,8 +21,24 @@ fn by_class(counts: [u64; 5]) -> Value {
     Value::Object(map)
 }
 
-fn node_json(node: &Arc<Node>, metrics: &Metrics, control: &dyn Control) -> Value {
+/// The L4 protocols whose open sessions the page shows per node.
+const L4_PROTOCOLS: [&str; 3] = ["rtmp", "rtmps", "srt"];
+
+fn node_json(
+    node: &Arc<Node>,
+    metrics: &Metrics,
+    control: &dyn Control,
+    l4: &BTreeMap<String, BTreeMap<String, i64>>,
+) -> Value {
     let counters = metrics.known_node(node.id());
+    let open = l4.get(node.id());
+    let streaming: Map<String, Value> = L4_PROTOCOLS
+        .iter()
+        .map(|p| {
+            let n = open.and_then(|o| o.get(*p)).copied().unwrap_or(0);
+            (p.to_string(), json!(n))
+        })
+        .collect();
     let load = node.reported_load();
     let ratio = |percent: Option<f32>| percent.map(|p| f64::from(p) / 100.0);
     json!({
@@ -37,6 +53,8 @@ fn node_json(node: &Arc<Node>, metrics: &Metrics, control: &dyn Control) -> Valu
         "active_sessions": node.active_sessions(),
         // Sessions on the node over every live amslb instance (`[state]`).
         "cluster_sessions": node.cluster_load(),
+        // Open RTMP, RTMPS and SRT sessions relayed to the node (all listeners).
+        "l4_sessions": streaming,
         "requests": by_class(counters.as_ref().map(|c| c.requests_by_class()).unwrap_or_default()),
         "connect_failures": counters.as_ref().map(|c| c.connect_failures()).unwrap_or(0),
         // Oldest first; empty until the health checker has run.
@@ -53,6 +71,7 @@ fn node_json(node: &Arc<Node>, metrics: &Metrics, control: &dyn Control) -> Valu
 pub fn status(metrics: &Metrics, cluster: &Cluster, control: &dyn Control) -> Value {
     let groups = control.groups();
     let snapshot = cluster.snapshot();
+    let l4 = metrics.l4_open_sessions();
     let mut by_group: BTreeMap<&str, Vec<Value>> =
         groups.iter().map(|g| (g.as_str(), Vec::new())).collect();
     let mut nodes: Vec<&Arc<Node>> = snapshot.nodes().collect();
@@ -61,7 +80,7 @@ pub fn status(metrics: &Metrics, cluster: &Cluster, control: &dyn Control) -> Va
         by_group
             .entry(node.group())
             .or_default()
-            .push(node_json(node, metrics, control));
+            .push(node_json(node, metrics, control, &l4));
     }
     let groups: Vec<Value> = by_group
         .into_iter()
@@ -134,6 +153,7 @@ mod tests {
         let node = snap.node("e1").unwrap();
         node.set_draining(true);
         let counters = metrics.node(node);
+        let _rtmp = metrics.l4("rtmp", "rtmp").session_opened("e1");
         metrics
             .listener("play")
             .request_done("hls", Some(&counters), 200, Duration::ZERO, 1, 2);
@@ -155,6 +175,7 @@ mod tests {
         assert_eq!(e1["requests"]["2xx"], 1);
         assert_eq!(e1["health_history"], json!([true, false]));
         assert_eq!(e1["cpu"], 0.5);
+        assert_eq!(e1["l4_sessions"], json!({"rtmp": 1, "rtmps": 0, "srt": 0}));
         assert!(e1["memory"].is_null());
         assert_eq!(edge["usable_nodes"], 0);
         let origin = groups.iter().find(|g| g["name"] == "origin").unwrap();

@@ -1,8 +1,10 @@
 //! Choosing the node for a new session: group, then region, then the group's
 //! balancing mode, with stream affinity where the request names a stream.
 //!
-//! This is the one place that decides, so the proxy, the WebSocket sniffer and
-//! the assignment API all agree on where a stream goes.
+//! This is the one place that decides, so every path agrees on where a
+//! stream goes: the HTTP proxy, the WebSocket sniffer, the assignment API and
+//! the L4 listeners (RTMP/RTMPS by stream key, SRT by stream id), all through
+//! [`pick`] and the one hash in [`super::hash`].
 
 use super::hash::{self, Candidate};
 use crate::balance;
@@ -52,6 +54,25 @@ impl Wanted {
             route.affinity.clone(),
             publish,
             headers,
+        )
+    }
+
+    /// The request for an L4 session (RTMP, RTMPS, SRT): the listener's
+    /// group, and no region hint (no headers), so the home region and the
+    /// preference list order the nodes as for HTTP.
+    pub fn for_session(
+        config: &Config,
+        listener: &ListenerConfig,
+        key: Option<String>,
+        publish: bool,
+    ) -> Self {
+        Self::for_target(
+            config,
+            listener,
+            Target::ListenerDefault,
+            key,
+            publish,
+            &HeaderMap::new(),
         )
     }
 

@@ -144,6 +144,8 @@ fn adopt_one(running: &Running, info: SessionInfo, socket: OwnedFd) -> bool {
             drain: false,
             region: info.region,
         },
+        node_cookie: info.node_cookie,
+        idle: Duration::from_millis(info.idle_ms),
         socket,
     };
     match udp

@@ -221,6 +221,8 @@ async fn hand_over_udp(running: &Running, channel: &Arc<Channel>) -> Result<usiz
                 rtmp_port: node.rtmp_port,
                 srt_port: node.srt_port,
                 region: node.region,
+                node_cookie: moved.node_cookie,
+                idle_ms: u64::try_from(moved.idle.as_millis()).unwrap_or(u64::MAX),
             });
             sockets.push(moved.socket);
         }

@@ -69,6 +69,10 @@ pub struct SessionInfo {
     pub srt_port: u16,
     /// Node region.
     pub region: Option<String>,
+    /// The node's SRT SYN cookie, for a caller placed by its handshake.
+    pub node_cookie: Option<u32>,
+    /// The session's idle timeout, in milliseconds.
+    pub idle_ms: u64,
 }
 
 /// One end of the conversation.

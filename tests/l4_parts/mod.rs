@@ -5,7 +5,7 @@
 
 use crate::support::unique_loopback;
 use amslb::config::parse_str;
-use amslb::l4::{L4Stats, L4StatsSnapshot};
+use amslb::runtime::Runtime;
 use amslb::server::Server;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -125,12 +125,40 @@ pub fn wait_tcp(addr: SocketAddr, limit: Duration, log: impl Fn() -> String) {
 }
 
 /// amslb (the library's [`Server`], as the binary runs it) in this process, so
-/// tests can read the L4 counters.
+/// tests can read the L4 listener's series in its metrics registry.
 pub struct Lb {
     /// Bound address of the first listener.
     pub addr: SocketAddr,
-    stats: Arc<L4Stats>,
+    runtime: Arc<Runtime>,
     stop: Option<oneshot::Sender<()>>,
+}
+
+/// The series of listener `l4` in the registry, as a test reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct L4Counts {
+    /// `amslb_connections_total`: TCP connections accepted, UDP sessions opened.
+    pub connections: u64,
+    /// `amslb_open_connections`: connections (TCP) or sessions (UDP) open now.
+    pub active: u64,
+    /// `amslb_received_bytes_total`: client to node.
+    pub bytes_in: u64,
+    /// `amslb_sent_bytes_total`: node to client.
+    pub bytes_out: u64,
+    /// `amslb_no_node_total`, all groups.
+    pub no_node: u64,
+    /// `amslb_l4_rejected_total`.
+    pub rejected: u64,
+    /// `amslb_rtmp_publishes_total`, all apps.
+    pub rtmp_publishes: u64,
+}
+
+/// Sum of the series of `name` whose labels include `listener="l4"`.
+pub fn series_sum(text: &str, name: &str) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| l.contains("listener=\"l4\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 impl Lb {
@@ -142,21 +170,36 @@ impl Lb {
             .config;
         let server = Server::bind(config).unwrap();
         let addr = server.local_addrs()[0].1;
-        let stats = server.l4_stats()[0].1.clone();
+        let runtime = server.runtime().clone();
         let (tx, rx) = oneshot::channel();
         tokio::spawn(server.run(async {
             let _ = rx.await;
         }));
         Self {
             addr,
-            stats,
+            runtime,
             stop: Some(tx),
         }
     }
 
-    /// The listener's counters now.
-    pub fn stats(&self) -> L4StatsSnapshot {
-        self.stats.snapshot()
+    /// The whole metrics page, as `/metrics` serves it.
+    pub fn metrics(&self) -> String {
+        self.runtime.metrics.render(&self.runtime.cluster)
+    }
+
+    /// The listener's counters now, read from the metrics registry.
+    pub fn stats(&self) -> L4Counts {
+        let text = self.metrics();
+        let get = |name| series_sum(&text, name);
+        L4Counts {
+            connections: get("amslb_connections_total"),
+            active: get("amslb_open_connections"),
+            bytes_in: get("amslb_received_bytes_total"),
+            bytes_out: get("amslb_sent_bytes_total"),
+            no_node: get("amslb_no_node_total"),
+            rejected: get("amslb_l4_rejected_total"),
+            rtmp_publishes: get("amslb_rtmp_publishes_total"),
+        }
     }
 }
 
