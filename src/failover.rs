@@ -189,6 +189,42 @@ mod tests {
         cluster
     }
 
+    /// Everything a failover needs, for `nodes` with `retries`.
+    struct Fixture {
+        config: Config,
+        cluster: Arc<Cluster>,
+        snapshot: Arc<Membership>,
+        health: Arc<Health>,
+        metrics: Metrics,
+        listener: Arc<ListenerMetrics>,
+        wanted: Wanted,
+    }
+
+    impl Fixture {
+        fn new(retries: u32, nodes: &[(&str, &str)], listener: &str) -> Self {
+            let config = config(retries);
+            let cluster = cluster(nodes);
+            let metrics = Metrics::new(cluster.clone()).unwrap();
+            Self {
+                health: Health::new(&config),
+                snapshot: cluster.snapshot(),
+                listener: metrics.listener(listener),
+                wanted: wanted(),
+                config,
+                cluster,
+                metrics,
+            }
+        }
+
+        fn report(&self) -> Reporting<'_> {
+            Reporting {
+                health: &self.health,
+                metrics: &self.metrics,
+                listener: &self.listener,
+            }
+        }
+    }
+
     fn wanted() -> Wanted {
         Wanted {
             group: "origin".into(),
@@ -200,19 +236,13 @@ mod tests {
 
     #[tokio::test]
     async fn failures_are_reported_counted_and_retried_elsewhere() {
-        let config = config(2);
-        let cluster = cluster(&[("o1", "origin"), ("o2", "origin"), ("s1", "spare")]);
-        let snapshot = cluster.snapshot();
-        let health = Health::new(&config);
-        let metrics = Metrics::new(cluster.clone()).unwrap();
-        let listener = metrics.listener("rtmp");
-        let report = Reporting {
-            health: &health,
-            metrics: &metrics,
-            listener: &listener,
-        };
-        let wanted = wanted();
-        let mut failover = Failover::new(&config, &snapshot, &wanted, report);
+        let f = Fixture::new(
+            2,
+            &[("o1", "origin"), ("o2", "origin"), ("s1", "spare")],
+            "rtmp",
+        );
+        let (config, snapshot, wanted, report) = (&f.config, &f.snapshot, &f.wanted, f.report());
+        let mut failover = Failover::new(config, snapshot, wanted, report);
         let mut seen = Vec::new();
         let got = failover
             .connect(|node| {
@@ -233,10 +263,10 @@ mod tests {
         assert_eq!(got.conn, "s1");
         assert_eq!(got.lease.node().active_sessions(), 1);
         for id in ["o1", "o2"] {
-            assert_eq!(metrics.known_node(id).unwrap().connect_failures(), 1);
+            assert_eq!(f.metrics.known_node(id).unwrap().connect_failures(), 1);
             assert!(!snapshot.node(id).unwrap().is_healthy(), "{id} marked down");
         }
-        let text = metrics.render(&cluster);
+        let text = f.metrics.render(&f.cluster);
         assert!(
             text.contains("amslb_retries_total{listener=\"rtmp\"} 2"),
             "{text}"
@@ -245,19 +275,13 @@ mod tests {
 
     #[tokio::test]
     async fn attempts_are_bounded_and_no_node_is_told_apart() {
-        let config = config(1);
-        let cluster = cluster(&[("o1", "origin"), ("o2", "origin"), ("o3", "origin")]);
-        let snapshot = cluster.snapshot();
-        let health = Health::new(&config);
-        let metrics = Metrics::new(cluster.clone()).unwrap();
-        let listener = metrics.listener("l");
-        let report = Reporting {
-            health: &health,
-            metrics: &metrics,
-            listener: &listener,
-        };
-        let wanted = wanted();
-        let mut failover = Failover::new(&config, &snapshot, &wanted, report);
+        let f = Fixture::new(
+            1,
+            &[("o1", "origin"), ("o2", "origin"), ("o3", "origin")],
+            "l",
+        );
+        let (config, snapshot, wanted, report) = (&f.config, &f.snapshot, &f.wanted, f.report());
+        let mut failover = Failover::new(config, snapshot, wanted, report);
         let err = failover
             .connect(|_| async { Err::<(), _>("refused") })
             .await
@@ -271,7 +295,7 @@ mod tests {
             "leases released"
         );
         let empty = Cluster::new().snapshot();
-        let mut failover = Failover::new(&config, &empty, &wanted, report);
+        let mut failover = Failover::new(config, &empty, wanted, report);
         let err = failover
             .connect(|_| async { Ok::<_, &str>(()) })
             .await
@@ -281,26 +305,16 @@ mod tests {
 
     #[tokio::test]
     async fn the_first_node_is_tried_first_and_its_failure_noted() {
-        let config = config(2);
-        let cluster = cluster(&[("o1", "origin"), ("o2", "origin")]);
-        let snapshot = cluster.snapshot();
-        let health = Health::new(&config);
-        let metrics = Metrics::new(cluster.clone()).unwrap();
-        let listener = metrics.listener("l");
-        let report = Reporting {
-            health: &health,
-            metrics: &metrics,
-            listener: &listener,
-        };
-        let wanted = wanted();
-        let placed = select::pick(&config, &snapshot, &wanted, &[]).unwrap();
+        let f = Fixture::new(2, &[("o1", "origin"), ("o2", "origin")], "l");
+        let (config, snapshot, wanted, report) = (&f.config, &f.snapshot, &f.wanted, f.report());
+        let placed = select::pick(config, snapshot, wanted, &[]).unwrap();
         let other = snapshot
             .nodes()
             .find(|n| !Arc::ptr_eq(n, &placed))
             .unwrap()
             .clone();
         let mut failover =
-            Failover::new(&config, &snapshot, &wanted, report).first(Some(other.clone()));
+            Failover::new(config, snapshot, wanted, report).first(Some(other.clone()));
         let target = other.clone();
         let got = failover
             .connect(|n| {

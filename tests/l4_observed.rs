@@ -8,47 +8,11 @@ mod ops_support;
 mod support;
 
 use l4_parts::*;
-use ops_support::{TempDir, promql, require_program, start_prometheus};
+use ops_support::{TempDir, chromium, promql, start_prometheus};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::{Amslb, unique_loopback};
-
-/// The status page's DOM as headless Chromium renders it.
-async fn page_dom(dir: &TempDir, url: &str) -> String {
-    let chromium = require_program("chromium", "chromium");
-    let out = tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--virtual-time-budget=3000",
-                "--dump-dom",
-            ])
-            .arg(format!(
-                "--user-data-dir={}",
-                dir.path().join("profile").display()
-            ))
-            .arg(url)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("chromium timed out")
-    .expect("start chromium");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_and_srt_publishes_show_in_prometheus_and_on_the_status_page() {
@@ -84,7 +48,7 @@ async fn rtmp_and_srt_publishes_show_in_prometheus_and_on_the_status_page() {
     let url = format!("http://{stats}/");
     let start = Instant::now();
     loop {
-        let dom = page_dom(&page, &url).await;
+        let dom = chromium(&page, &["--dump-dom".into()], &url).await;
         let row = dom
             .split("<tr ")
             .find(|r| r.contains("data-node=\"o1\""))

@@ -98,13 +98,13 @@ async fn srt_node(socket: UdpSocket, streams: Arc<Mutex<Vec<String>>>) {
         let d = &buf[..n];
         if let Some(answer) = amslb::l4::srt::induction_answer(d, COOKIE) {
             let _ = socket.send_to(&answer, from).await;
-        } else if let Some(c) = amslb::l4::srt::Conclusion::parse(d) {
-            if c.cookie == COOKIE {
-                streams
-                    .lock()
-                    .unwrap()
-                    .push(c.stream_id.unwrap_or_default());
-            }
+        } else if let Some(c) = amslb::l4::srt::Conclusion::parse(d)
+            && c.cookie == COOKIE
+        {
+            streams
+                .lock()
+                .unwrap()
+                .push(c.stream_id.unwrap_or_default());
         }
     }
 }
@@ -175,7 +175,7 @@ fn srt_conclusion(answer: &[u8], stream_id: &str) -> Vec<u8> {
     // HSREQ as libsrt sends it.
     out.extend([0, 1, 0, 3, 0, 1, 5, 1, 0, 0, 0, 0xbf, 0, 0x78, 0, 0]);
     let mut sid = stream_id.as_bytes().to_vec();
-    while sid.len() % 4 != 0 {
+    while !sid.len().is_multiple_of(4) {
         sid.push(0);
     }
     out.extend([0, 5]);

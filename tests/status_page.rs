@@ -9,43 +9,6 @@ use ops_support::*;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Runs headless Chromium with `args` + `url`; returns stdout.
-async fn chromium(dir: &TempDir, args: &[String], url: &str) -> String {
-    let chromium = require_program("chromium", "chromium");
-    let out = tokio::time::timeout(
-        Duration::from_secs(90),
-        tokio::process::Command::new(chromium)
-            .args([
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--virtual-time-budget=3000",
-            ])
-            .arg(format!(
-                "--user-data-dir={}",
-                dir.path().join("profile").display()
-            ))
-            .args(args)
-            .arg(url)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("chromium timed out")
-    .expect("start chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_shows_nodes_and_states() {
     let cluster = Arc::new(Cluster::new());

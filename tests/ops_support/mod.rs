@@ -278,3 +278,40 @@ pub fn node_spec(id: &str, group: &str, octet: u8) -> amslb::cluster::NodeSpec {
         region: None,
     }
 }
+
+/// Runs headless Chromium with `args` + `url`; returns stdout.
+pub async fn chromium(dir: &TempDir, args: &[String], url: &str) -> String {
+    let chromium = require_program("chromium", "chromium");
+    let out = tokio::time::timeout(
+        Duration::from_secs(90),
+        tokio::process::Command::new(chromium)
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--virtual-time-budget=3000",
+            ])
+            .arg(format!(
+                "--user-data-dir={}",
+                dir.path().join("profile").display()
+            ))
+            .args(args)
+            .arg(url)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("chromium timed out")
+    .expect("start chromium");
+    assert!(
+        out.status.success(),
+        "chromium failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
