@@ -3,16 +3,23 @@
 //! `cargo bench --bench compare -- 1 3` (scenarios 1 and 3 only).
 //!
 //! One neutral backend (nginx on two loopback node addresses), then each
-//! balancer in turn, configured equivalently, measured with `wrk` and a
-//! WebSocket client; scenario 7 (amslb only) also starts SecantusDB, a
+//! balancer in turn, configured equivalently, measured with `wrk`, `h2load`
+//! (scenario 8, HTTP/2 over TLS), a WebSocket client and HLS viewers
+//! (scenario 9); scenario 7 (amslb only) also starts SecantusDB, a
 //! MongoDB-compatible server (`pip install secantusdb==0.7.0b3`, else n/a).
+//! Beside each throughput figure, the balancer's CPU time (user + system of
+//! all its threads and processes, from `/proc/<pid>/stat`) during the
+//! measured run, per request or per GB.
 //! Prints a Markdown table and, for a full run, writes it
 //! to `benches/results/latest.md`. Loopback only; bounded to a few minutes.
 //! `BENCH_SECS` overrides the length of each measured run (default 5);
+//! `BENCH_VIEWERS` the number of HLS viewers in scenario 9 (default 500);
 //! `AMSLB_BIN` runs another amslb binary than the one built with the bench.
 
 #[path = "compare/backend.rs"]
 mod backend;
+#[path = "compare/hls.rs"]
+mod hls;
 #[path = "compare/load.rs"]
 mod load;
 #[path = "compare/net.rs"]
@@ -28,7 +35,7 @@ mod report;
 #[path = "compare/scenarios.rs"]
 mod scenarios;
 
-use load::Wrk;
+use load::{H2load, Wrk};
 use net::Addrs;
 use peers::{Peer, TlsFiles};
 use procs::{find_program, output};
@@ -41,6 +48,8 @@ use std::time::{Duration, Instant};
 
 /// What to install when a program is missing.
 const INSTALL: &str = "apt-get install haproxy nginx wrk nghttp2-client";
+/// HLS viewers in scenario 9 unless `BENCH_VIEWERS` says otherwise.
+const VIEWERS: usize = 500;
 /// Idle tunnels in scenario 4 (issue 10: 10,000).
 const TUNNELS: usize = 10_000;
 /// File descriptors asked for: client, balancer and node sides of every tunnel.
@@ -86,20 +95,17 @@ fn main() {
         addrs,
         peers: Peer::find_all(&amslb_binary()),
         wrk,
+        h2load: H2load::find(dir),
+        viewers: env_number("BENCH_VIEWERS").unwrap_or(VIEWERS),
         http_nodes,
         threads,
         tunnels,
-        duration: Duration::from_secs(
-            std::env::var("BENCH_SECS")
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(5),
-        ),
+        duration: Duration::from_secs(env_number("BENCH_SECS").unwrap_or(5)),
         rt,
         tls: TlsFiles::generate(dir),
         report: Report::default(),
     };
-    if tunnels < TUNNELS {
+    if tunnels < TUNNELS && (wanted.is_empty() || wanted.contains(&4)) {
         bench.report.notes.push(format!(
             "scenario 4 opens {tunnels} tunnels, not {TUNNELS}: a balancer needs two file \
              descriptors per tunnel and the limit here is {nofile} (raising it needs CAP_SYS_RESOURCE)"
@@ -125,6 +131,11 @@ fn main() {
         Ok(()) => println!("written to {}", out.display()),
         Err(e) => eprintln!("cannot write {}: {e}", out.display()),
     }
+}
+
+/// A number from the environment variable `name`, if set and valid.
+fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok()?.parse().ok()
 }
 
 /// The amslb built with this bench, or `AMSLB_BIN` (to compare another build).
@@ -173,9 +184,10 @@ fn header(bench: &Bench, wanted: &[u8], elapsed: Duration) -> String {
     format!(
         "# amslb vs HAProxy vs nginx\n\n\
          - date: {date}\n- machine: {cpus} × {cpu}, nproc {cpus}, Linux {kernel}\n\
-         - versions: {haproxy}; {nginx}; {wrk}; amslb {commit}\n\
-         - run: scenarios {scenarios}, {secs} s per measured wrk run (+1 s warm-up), \
-         loopback only, everything on the same {cpus} cores; whole run {total:.0} s\n\
+         - versions: {haproxy}; {nginx}; {wrk}; {h2load}; amslb {commit}\n\
+         - run: scenarios {scenarios}, {secs} s per measured wrk/h2load run (+1 s warm-up), \
+         {viewers} HLS viewers, loopback only, everything on the same {cpus} cores; \
+         whole run {total:.0} s\n\
          - load average at the end: {load} (other work on the machine skews absolute figures; \
          ratios from one run hold better)\n",
         cpus = bench.threads,
@@ -184,6 +196,8 @@ fn header(bench: &Bench, wanted: &[u8], elapsed: Duration) -> String {
         haproxy = version("haproxy", "-v"),
         nginx = version("nginx", "-v"),
         wrk = version("wrk", "-v"),
+        h2load = version("h2load", "--version"),
+        viewers = bench.viewers,
         commit = commit.trim(),
         secs = bench.duration.as_secs(),
         total = elapsed.as_secs_f64(),
@@ -200,7 +214,8 @@ fn threads_note(bench: &Bench) -> String {
             peer.kind.threading(bench.threads)
         );
     }
-    text += "- backend: nginx, 1 worker; load: wrk, 2 threads; all share the same cores\n";
+    text += "- backend: nginx, 1 worker; load: wrk or h2load, 2 threads, or the HLS viewers \
+             (this bench's own threads); all share the same cores\n";
     text
 }
 

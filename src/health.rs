@@ -13,6 +13,7 @@ use crate::cluster::{Cluster, FULL_WEIGHT, Node};
 use crate::config::health::HealthConfig;
 use crate::config::{Config, Protocol};
 use crate::metrics::{Metrics, NodeMetrics};
+use crate::node_tls::NodeTlsSet;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -206,15 +207,23 @@ pub struct Health {
     config: HealthConfig,
     tcp_groups: HashSet<String>,
     nodes: RwLock<HashMap<String, Arc<NodeHealth>>>,
+    /// Probes reach nodes the way the proxy does (HTTPS under `node_tls`).
+    node_tls: Arc<NodeTlsSet>,
 }
 
 impl Health {
     /// A checker for `config` (its `[health]` and listeners); call [`Health::spawn`] to start probing.
     pub fn new(config: &Config) -> Arc<Self> {
+        Self::with_node_tls(config, Default::default())
+    }
+
+    /// [`Health::new`], probing nodes with `node_tls` over TLS as the proxy reaches them.
+    pub fn with_node_tls(config: &Config, node_tls: Arc<NodeTlsSet>) -> Arc<Self> {
         Arc::new(Self {
             config: config.health.clone(),
             tcp_groups: tcp_only_groups(config),
             nodes: RwLock::default(),
+            node_tls,
         })
     }
 
@@ -412,7 +421,7 @@ impl Health {
             let outcome = if self.config.enabled {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    outcome = probe(kind, &entry.node, &self.config) => outcome,
+                    outcome = probe(kind, &entry.node, &self.config, &self.node_tls) => outcome,
                 }
             } else {
                 Outcome::Assumed
@@ -444,7 +453,12 @@ async fn ramp(node: Arc<Node>, duration: Duration) {
 }
 
 /// Runs one check of `node`, bounded by `config.timeout`.
-pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outcome {
+pub async fn probe(
+    kind: CheckKind,
+    node: &Node,
+    config: &HealthConfig,
+    node_tls: &NodeTlsSet,
+) -> Outcome {
     let check = async {
         match kind {
             CheckKind::Tcp => match TcpStream::connect(node.rtmp_addr()).await {
@@ -452,7 +466,20 @@ pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outco
                 Err(e) => Outcome::Io(format!("connect: {e}")),
             },
             CheckKind::Http => {
-                http_check(node.http_addr(), &config.path, config.expect_status).await
+                let (addr, tls) = node_tls.http(node);
+                let stream = match TcpStream::connect(addr).await {
+                    Ok(stream) => stream,
+                    Err(e) => return Outcome::Io(format!("connect: {e}")),
+                };
+                match tls {
+                    None => http_check(stream, addr, &config.path, config.expect_status).await,
+                    Some(tls) => match tls.handshake(stream, addr).await {
+                        Ok(stream) => {
+                            http_check(stream, addr, &config.path, config.expect_status).await
+                        }
+                        Err(e) => Outcome::Io(format!("TLS handshake refused: {e}")),
+                    },
+                }
             }
         }
     };
@@ -462,11 +489,10 @@ pub async fn probe(kind: CheckKind, node: &Node, config: &HealthConfig) -> Outco
 }
 
 /// One `GET path` over a fresh connection; only the status line is read.
-async fn http_check(addr: SocketAddr, path: &str, expect: u16) -> Outcome {
-    let mut stream = match TcpStream::connect(addr).await {
-        Ok(stream) => stream,
-        Err(e) => return Outcome::Io(format!("connect: {e}")),
-    };
+async fn http_check<S>(mut stream: S, addr: SocketAddr, path: &str, expect: u16) -> Outcome
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: amslb-health\r\nAccept: */*\r\nConnection: close\r\n\r\n"
     );

@@ -18,6 +18,8 @@ pub mod http;
 pub mod l4;
 pub mod listener;
 pub mod metrics;
+pub mod node_tls;
+pub mod policy;
 pub mod proxy_protocol;
 pub mod reload;
 pub mod route;

@@ -6,6 +6,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use tracing_subscriber::EnvFilter;
 
+mod fdlimit;
+
 /// mimalloc instead of glibc malloc: the keep-alive profile spent 6-10 % in
 /// malloc/free, and glibc's per-thread arenas grew and shrank (mprotect
 /// calls) under load.
@@ -71,6 +73,7 @@ fn main() -> ExitCode {
     for warning in &loaded.warnings {
         tracing::warn!("{}: {warning}", path.display());
     }
+    fdlimit::raise(loaded.config.global.max_connections);
     if let Some(Command::Check) = cli.command {
         println!("{}: configuration is valid", path.display());
         return ExitCode::SUCCESS;

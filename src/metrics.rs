@@ -98,6 +98,7 @@ struct Families {
     shared_state_errors: IntCounter,
     cert_expiry: GaugeVec,
     acme_orders: IntCounterVec,
+    limited: IntCounterVec,
     reloads: IntCounterVec,
     last_reload_success: Gauge,
     last_reload_ok: IntGauge,
@@ -243,6 +244,11 @@ impl Families {
                 "amslb_certificate_expiry_timestamp_seconds",
                 "Unix time at which a served certificate expires.",
                 &["certificate"],
+            )?,
+            limited: counter(
+                "amslb_limited_total",
+                "Connections, requests and publish sessions refused by a [[limit]], by listener and limit name.",
+                &["listener", "limit"],
             )?,
             acme_orders: counter(
                 "amslb_acme_orders_total",
@@ -537,6 +543,14 @@ impl Metrics {
     /// Records an ACME order result (`issued`, `failed`, ...).
     pub fn acme_order(&self, result: &str) {
         self.families.acme_orders.with_label_values(&[result]).inc();
+    }
+
+    /// Counts one refusal by limit `limit` on `listener`.
+    pub fn limited(&self, listener: &str, limit: &str) {
+        self.families
+            .limited
+            .with_label_values(&[listener, limit])
+            .inc();
     }
 
     /// Counter of access log lines dropped under back-pressure.

@@ -54,15 +54,21 @@ pub struct Runtime {
     pub health: Arc<Health>,
     /// Node drains, shared with the other instances under `[state]`.
     pub shared: Arc<crate::state::SharedState>,
+    /// TLS to nodes (`node_tls`), shared by the pools and the health checks.
+    pub node_tls: Arc<crate::node_tls::NodeTlsSet>,
+    /// Per-client-address limit tables (`[[limit]]`).
+    pub limits: crate::policy::limits::Limits,
 }
 
 impl Runtime {
-    /// Builds the shared state for `config`.
+    /// Builds the shared state for `config`; `node_tls` is how nodes are reached.
     pub fn new(
         config: Config,
         cluster: Arc<Cluster>,
         tls: Option<Arc<crate::tls::TlsState>>,
+        node_tls: crate::node_tls::NodeTlsSet,
     ) -> Arc<Self> {
+        let node_tls = Arc::new(node_tls);
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         // The family names and labels are constants; `metrics_registry_builds`
         // in metrics.rs proves they register, so this cannot fail at run time.
@@ -70,7 +76,8 @@ impl Runtime {
         Arc::new(Self {
             shared: crate::state::SharedState::new(&config, metrics.clone()),
             sticky: Sticky::from_config(&config),
-            health: Health::new(&config),
+            health: Health::with_node_tls(&config, node_tls.clone()),
+            node_tls,
             config: ArcSwap::from_pointee(config),
             cluster,
             shutdown: CancellationToken::new(),
@@ -84,12 +91,31 @@ impl Runtime {
             workers: OnceLock::new(),
             membership: OnceLock::new(),
             tls,
+            limits: Default::default(),
         })
     }
 
     /// The current config snapshot.
     pub fn config(&self) -> Arc<Config> {
         self.config.load_full()
+    }
+
+    /// Whether a new publish session of `kind` from `client` on `listener` may
+    /// start under the `per_minute` limits; a refusal is counted and logged.
+    pub fn admit_publish(
+        &self,
+        listener: &str,
+        kind: crate::config::rules::RouteName,
+        client: std::net::IpAddr,
+    ) -> bool {
+        let config = self.config();
+        match self.limits.publish(&config, listener, client, kind) {
+            Ok(()) => true,
+            Err(over) => {
+                (self.limits).refused(&self.metrics, listener, &over, client, "publish");
+                false
+            }
+        }
     }
 
     /// Replaces the config for everything that starts from now on.

@@ -1,6 +1,7 @@
 //! Starting listeners, accepting connections, and shutting down gracefully.
 
 use crate::cluster::{Cluster, mongodb, static_source};
+use crate::config::rules::{RouteName, in_any};
 use crate::config::{ClusterSource, Config, Protocol};
 use crate::http::{self, headers::ClientInfo};
 use crate::l4::{tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
@@ -39,6 +40,9 @@ pub enum StartError {
     /// Signal handling or taking over from an upgrading process failed.
     #[error("{0}")]
     Upgrade(String),
+    /// A `node_tls` table's CA file is unusable.
+    #[error("TLS to nodes: {0}")]
+    NodeTls(#[from] crate::node_tls::NodeTlsError),
     /// A `tls` listener's own `cert`/`key` could not be loaded.
     #[error("listener {listener:?}: {source}")]
     ListenerCert {
@@ -89,7 +93,8 @@ impl Server {
         let tls = crate::tls::TlsState::start(&config)?;
         let cluster = Arc::new(Cluster::new());
         cluster.update(static_source::specs(&config.cluster));
-        let runtime = Runtime::new(config, cluster.clone(), tls);
+        let node_tls = crate::node_tls::NodeTlsSet::from_config(&config)?;
+        let runtime = Runtime::new(config, cluster.clone(), tls, node_tls);
         let config = runtime.config();
         // RTMPS listeners without their own cert/key share the [tls] store.
         let shared_tls = match &runtime.tls {
@@ -448,9 +453,15 @@ async fn handle_stream(
             }
         }
     }
+    let Some(_held) = hold_connection(&runtime, settings, &mut stream, client.addr).await else {
+        return;
+    };
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
         Protocol::Tcp | Protocol::Tls => {
+            if !runtime.admit_publish(&listener, RouteName::RtmpPublish, client.addr.ip()) {
+                return;
+            }
             if let Some(l4) = l4 {
                 // Relays survive the shutdown grace period (a publisher keeps
                 // streaming while in-flight work drains), then are cut.
@@ -466,5 +477,43 @@ async fn handle_stream(
         }
         // UDP listeners accept no streams; see `BoundUdp`.
         Protocol::Udp => {}
+    }
+}
+
+/// Counts the connection against the `max_connections` limits of its client
+/// (a trusted proxy's connections carry many clients and are not counted;
+/// their requests are limited by the client each names). Over a limit, a
+/// plain HTTP client gets a 429 before the close, others just the close.
+async fn hold_connection(
+    runtime: &Runtime,
+    settings: &crate::config::ListenerConfig,
+    stream: &mut TcpStream,
+    client: SocketAddr,
+) -> Option<crate::policy::limits::ConnectionHold> {
+    if in_any(&settings.trusted_proxies, client.ip()) {
+        return Some(Default::default());
+    }
+    let config = runtime.config();
+    match runtime
+        .limits
+        .open_connection(&config, &settings.name, client.ip())
+    {
+        Ok(hold) => Some(hold),
+        Err(over) => {
+            (runtime.limits).refused(
+                &runtime.metrics,
+                &settings.name,
+                &over,
+                client.ip(),
+                "connection",
+            );
+            if settings.protocol == Protocol::Http {
+                use tokio::io::AsyncWriteExt;
+                const TOO_MANY: &[u8] = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                let write = stream.write_all(TOO_MANY);
+                let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
+            }
+            None
+        }
     }
 }

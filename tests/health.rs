@@ -399,10 +399,10 @@ async fn tcp_checks_connect_to_the_rtmp_port() {
     };
     let config = amslb::config::health::HealthConfig::default();
     let kind = amslb::health::CheckKind::Tcp;
-    let up = amslb::health::probe(kind, &node(addr.port()), &config).await;
+    let up = amslb::health::probe(kind, &node(addr.port()), &config, &Default::default()).await;
     assert_eq!(up, amslb::health::Outcome::Ok);
     drop(open);
-    let down = amslb::health::probe(kind, &node(addr.port()), &config).await;
+    let down = amslb::health::probe(kind, &node(addr.port()), &config, &Default::default()).await;
     assert!(
         matches!(down, amslb::health::Outcome::Io(ref e) if e.contains("connect")),
         "{down:?}"

@@ -22,6 +22,18 @@ pub const SMALL_BODY: &str = "amslb bench: a small fixed response body\n";
 pub const LARGE_PATH: &str = "/100m";
 /// Size of the large response.
 pub const LARGE_BYTES: u64 = 100 * 1024 * 1024;
+/// Scenario 9's live playlist, where AMS serves HLS.
+pub const PLAYLIST_PATH: &str = "/LiveApp/streams/bench.m3u8";
+/// Segments of the scenario 9 stream (the playlist's window).
+pub const SEGMENTS: usize = 6;
+/// Size of one segment: 1 MB, about 1 s of 8 Mbit/s video.
+pub const SEGMENT_BYTES: u64 = 1_000_000;
+
+/// Path of segment `n` of the scenario 9 stream, named the way AMS names them.
+pub fn segment_path(n: usize) -> String {
+    format!("/LiveApp/streams/bench{:09}.ts", n + 1)
+}
+
 /// AMS's liveness path, probed by amslb's (and HAProxy's) health checks.
 pub const LIVENESS_PATH: &str = "/rest/v2/liveness";
 /// What AMS answers there.
@@ -86,6 +98,7 @@ pub fn start_http_nodes(nginx: &Path, dir: &Path, nodes: &[IpAddr]) -> Result<Da
     fs::File::create(www.join(&LARGE_PATH[1..]))
         .and_then(|f| f.set_len(LARGE_BYTES))
         .map_err(|e| StartError::Failed(e.to_string()))?;
+    write_hls_stream(&www).map_err(|e| StartError::Failed(format!("HLS files: {e}")))?;
     let listens: String = nodes
         .iter()
         .map(|ip| format!("    listen {}:{NODE_PORT};\n", ip))
@@ -107,6 +120,24 @@ pub fn start_http_nodes(nginx: &Path, dir: &Path, nodes: &[IpAddr]) -> Result<Da
     let path = dir.join("backend.conf");
     fs::write(&path, conf).map_err(|e| StartError::Failed(e.to_string()))?;
     serving(start_nginx("backend", nginx, dir, &path)?, nodes)
+}
+
+/// Writes scenario 9's playlist and its (sparse) segments under `www`; nginx
+/// serves them as static files.
+fn write_hls_stream(www: &Path) -> std::io::Result<()> {
+    let playlist = www.join(&PLAYLIST_PATH[1..]);
+    let dir = playlist.parent().unwrap_or(www);
+    fs::create_dir_all(dir)?;
+    let mut text = String::from(
+        "#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:1\n#EXT-X-MEDIA-SEQUENCE:1\n",
+    );
+    for n in 0..SEGMENTS {
+        let path = segment_path(n);
+        let name = path.rsplit('/').next().unwrap_or(&path);
+        text += &format!("#EXTINF:1.000,\n{name}\n");
+        fs::File::create(dir.join(name))?.set_len(SEGMENT_BYTES)?;
+    }
+    fs::write(playlist, text)
 }
 
 /// `daemon` once it listens on every node address (port 5080).

@@ -139,6 +139,124 @@ impl Wrk {
     }
 }
 
+/// Runs `h2load` (nghttp2) for the HTTP/2 figures: many streams on few connections.
+pub struct H2load {
+    program: PathBuf,
+    log: PathBuf,
+}
+
+/// What one h2load run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct H2Result {
+    /// Responses with a 2xx status.
+    pub succeeded: u64,
+    /// Requests that failed, errored, timed out or got another status.
+    pub failed: u64,
+    /// Length of the measured period in seconds.
+    pub secs: f64,
+    /// Median latency (request start to end of response), microseconds.
+    pub p50_us: u64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: u64,
+}
+
+impl H2Result {
+    /// 2xx responses per second.
+    pub fn rate(&self) -> f64 {
+        self.succeeded as f64 / self.secs
+    }
+
+    /// A warning when failures make the figures doubtful (more than 1%, or no response).
+    pub fn doubt(&self) -> Option<String> {
+        (self.succeeded == 0 || self.failed * 100 > self.succeeded).then(|| {
+            format!(
+                "h2load: {} succeeded, {} failed",
+                self.succeeded, self.failed
+            )
+        })
+    }
+}
+
+impl H2load {
+    /// Finds h2load; its per-request log goes to `dir`. `None` when h2load is missing.
+    pub fn find(dir: &Path) -> Option<Self> {
+        Some(Self {
+            program: find_program("h2load")?,
+            log: dir.join("h2load-requests.tsv"),
+        })
+    }
+
+    /// `h2load` on `url` for `duration`: `conns` connections with `streams`
+    /// concurrent streams each. Fails unless the balancer negotiated h2.
+    pub fn run(
+        &self,
+        url: &str,
+        conns: usize,
+        streams: usize,
+        duration: Duration,
+    ) -> Result<H2Result, String> {
+        let out = output(
+            Command::new(&self.program)
+                .arg(format!("-t{}", conns.min(2)))
+                .arg(format!("-c{conns}"))
+                .arg(format!("-m{streams}"))
+                .arg(format!("-D{}", duration.as_secs().max(1)))
+                .arg(format!("--log-file={}", self.log.display()))
+                .arg(url),
+        )?;
+        let field = |line: &str, after: &str| -> Option<u64> {
+            let rest = out.lines().find_map(|l| l.strip_prefix(line))?;
+            let mut words = rest.split([' ', ',']).filter(|w| !w.is_empty());
+            let mut previous = None;
+            for word in words.by_ref() {
+                if word == after {
+                    return previous;
+                }
+                previous = word.parse().ok();
+            }
+            None
+        };
+        let need = |line: &str, after: &str| {
+            field(line, after)
+                .ok_or_else(|| format!("no `{after}` in h2load output: {}", tail(&out, 4)))
+        };
+        let protocol = out
+            .lines()
+            .find_map(|l| l.strip_prefix("Application protocol: "))
+            .unwrap_or("none");
+        if protocol.trim() != "h2" {
+            return Err(format!("h2load negotiated {protocol}, not h2"));
+        }
+        let total = need("requests: ", "total")?;
+        let ok = need("status codes: ", "2xx")?;
+        let secs = out
+            .lines()
+            .find_map(|l| l.strip_prefix("finished in "))
+            .and_then(|l| l.split('s').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("no duration in h2load output: {}", tail(&out, 4)))?;
+        let mut latencies: Vec<u64> = fs::read_to_string(&self.log)
+            .map_err(|e| format!("h2load log {}: {e}", self.log.display()))?
+            .lines()
+            .filter_map(|l| l.split('\t').nth(2)?.parse().ok())
+            .collect();
+        latencies.sort_unstable();
+        let at = |q: f64| {
+            latencies
+                .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        Ok(H2Result {
+            succeeded: ok,
+            failed: total.saturating_sub(ok),
+            secs,
+            p50_us: at(0.5),
+            p99_us: at(0.99),
+        })
+    }
+}
+
 /// A response read by [`http_get`]: status and lower-cased headers.
 pub struct Response {
     /// Status code.

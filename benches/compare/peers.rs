@@ -51,8 +51,10 @@ impl Kind {
 pub enum Front<'a> {
     /// Plain HTTP/1.1.
     Http,
-    /// HTTPS terminated by the balancer, with this certificate.
+    /// HTTPS terminated by the balancer, with this certificate, HTTP/1.1 only.
     Https(&'a TlsFiles),
+    /// HTTPS offering HTTP/2 (and HTTP/1.1) by ALPN, as browsers fetch HLS.
+    Https2(&'a TlsFiles),
     /// Plain TCP relay (HAProxy `mode tcp`, nginx `stream`, amslb `protocol = "tcp"`).
     Tcp,
 }
@@ -205,6 +207,11 @@ fn haproxy_config(spec: &Spec) -> String {
             "    option forwardfor\n",
             format!(" ssl crt {} alpn http/1.1", tls.combined.display()),
         ),
+        Front::Https2(tls) => (
+            "http",
+            "    option forwardfor\n",
+            format!(" ssl crt {} alpn h2,http/1.1", tls.combined.display()),
+        ),
         // Zero-copy relay, which the TCP target is set against.
         Front::Tcp => ("tcp", "    option splice-auto\n", String::new()),
     };
@@ -254,8 +261,12 @@ fn nginx_config(spec: &Spec) -> Result<String, StartError> {
         spec.max_conn * 2
     );
     let (listen_extra, tls) = match spec.front {
-        Front::Https(files) => (
-            " ssl",
+        Front::Https(files) | Front::Https2(files) => (
+            if matches!(spec.front, Front::Https2(_)) {
+                " ssl http2"
+            } else {
+                " ssl"
+            },
             format!(
                 "ssl_certificate {};\nssl_certificate_key {};\n",
                 files.cert.display(),
@@ -273,7 +284,7 @@ fn nginx_config(spec: &Spec) -> Result<String, StartError> {
                 listen = spec.listen
             );
         }
-        Front::Http | Front::Https(_) => {
+        Front::Http | Front::Https(_) | Front::Https2(_) => {
             // Upgrade/Connection mapping: WebSocket tunnels pass, and an empty
             // Connection header keeps upstream connections alive otherwise.
             // proxy_max_temp_file_size 0: stream large bodies instead of spooling to disk.
@@ -300,7 +311,8 @@ fn amslb_config(spec: &Spec) -> String {
     let (protocol, tls) = match spec.front {
         Front::Http => ("http", String::new()),
         // TODO(tls branch): check the certs_dir file naming once https lands.
-        Front::Https(files) => (
+        // amslb's https listeners always offer h2 and http/1.1 by ALPN.
+        Front::Https(files) | Front::Https2(files) => (
             "https",
             format!("\n[tls]\ncerts_dir = \"{}\"\n", files.dir.display()),
         ),

@@ -5,6 +5,7 @@ use std::fs::{self, File};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::thread::sleep;
 use std::time::{Duration, Instant};
 
@@ -116,6 +117,17 @@ impl Daemon {
             })
     }
 
+    /// CPU time (user + system) the daemon and all its descendants (nginx
+    /// workers) have used so far, in seconds. A process's `/proc/<pid>/stat`
+    /// counts all its threads, the ones that ended included.
+    pub fn cpu_seconds(&self) -> f64 {
+        let ticks: u64 = process_tree(self.child.id())
+            .iter()
+            .filter_map(|pid| cpu_ticks(*pid))
+            .sum();
+        ticks as f64 / clock_ticks_per_second()
+    }
+
     /// Resets the peak-RSS mark (VmHWM) of the whole tree, so that a later
     /// [`Daemon::memory`] reports the peak of what ran in between.
     pub fn reset_peak(&self) {
@@ -198,10 +210,32 @@ fn process_tree(root: u32) -> Vec<u32> {
 }
 
 fn parent_of(pid: u32) -> Option<u32> {
+    stat_field(pid, 4)
+}
+
+/// utime + stime of `pid` (fields 14 and 15 of proc(5) stat), in clock ticks.
+fn cpu_ticks(pid: u32) -> Option<u64> {
+    Some(stat_field::<u64>(pid, 14)? + stat_field::<u64>(pid, 15)?)
+}
+
+/// Field `n` (1-based, as proc(5) numbers them, `n` > 2) of `/proc/<pid>/stat`.
+fn stat_field<T: std::str::FromStr>(pid: u32, n: usize) -> Option<T> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
     let after_comm = &stat[stat.rfind(')')? + 1..];
-    after_comm.split_whitespace().nth(1)?.parse().ok()
+    after_comm.split_whitespace().nth(n - 3)?.parse().ok()
+}
+
+/// The kernel's clock ticks per second (`getconf CLK_TCK`, 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    static TICKS: OnceLock<f64> = OnceLock::new();
+    *TICKS.get_or_init(|| {
+        output(Command::new("getconf").arg("CLK_TCK"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .filter(|t: &f64| *t > 0.0)
+            .unwrap_or(100.0)
+    })
 }
 
 /// The last `n` non-empty lines of `text`, joined with " | ", without

@@ -139,7 +139,11 @@ impl Report {
             }
         }
         out += "\n↑ higher is better, ↓ lower is better; the ratio is amslb's figure \
-                divided by the best of HAProxy and nginx (so for ↓ rows, below 1 is better).\n";
+                divided by the best of HAProxy and nginx (so for ↓ rows, below 1 is better). \
+                \"balancer CPU\" rows: user + system CPU time of the balancer (all its threads \
+                and processes, `/proc/<pid>/stat`) during the measured run above them, divided \
+                by the requests answered or the GB (10^9 bytes) delivered in it; on a shared \
+                machine the balancer that needs less CPU per request leaves more to the rest.\n";
         for line in reasons.iter().chain(&self.notes) {
             let _ = writeln!(out, "- {line}");
         }

@@ -2,7 +2,8 @@
 //! means something) and through every balancer in turn, one balancer at a time.
 
 use crate::backend::{LARGE_PATH, NODE_HEADER, SMALL_PATH, XFF_HEADER, spawn_ws_nodes};
-use crate::load::{Wrk, WrkResult, check_echo, http_get, open_tunnels};
+use crate::hls::{self, quantile};
+use crate::load::{H2load, Wrk, WrkResult, check_echo, http_get, open_tunnels};
 use crate::net::{Addrs, NODE_PORT};
 use crate::peers::{Front, Kind, Peer, Spec, TlsFiles};
 use crate::procs::{Daemon, StartError};
@@ -43,6 +44,12 @@ const LEFT_STREAK: usize = 10;
 /// part of it, so that it falls at a random point of the poll cycle (right
 /// after a leave was seen, it would always land just after a poll).
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
+/// Scenario 7: how long amslb's idle CPU (health checks, following the registry) is measured.
+const IDLE_SPAN: Duration = Duration::from_secs(4);
+/// Scenario 8: h2load connections (`-c`).
+const H2_CONNS: usize = 16;
+/// Scenario 8: concurrent streams per connection (`-m`).
+const H2_STREAMS: usize = 16;
 /// WebSocket path; the router classifies it as AMS signalling.
 const WS_PATH: &str = "/LiveApp/websocket";
 
@@ -63,6 +70,10 @@ pub struct Bench {
     pub peers: Vec<Peer>,
     /// The load generator.
     pub wrk: Wrk,
+    /// The HTTP/2 load generator for scenario 8, if installed.
+    pub h2load: Option<H2load>,
+    /// Scenario 9's HLS viewers.
+    pub viewers: usize,
     /// Backend nginx nodes.
     pub http_nodes: Vec<IpAddr>,
     /// WebSocket echo nodes.
@@ -84,7 +95,7 @@ pub struct Bench {
 impl Bench {
     /// Runs the scenarios whose number is in `wanted` (all when empty).
     pub fn run(&mut self, wanted: &[u8]) {
-        let scenarios: [(u8, Scenario); 7] = [
+        let scenarios: [(u8, Scenario); 9] = [
             (1, Self::keep_alive),
             (2, Self::new_connections),
             (3, Self::streaming),
@@ -92,6 +103,8 @@ impl Bench {
             (5, Self::tls_handshakes),
             (6, Self::tcp_relay),
             (7, Self::membership),
+            (8, Self::http2),
+            (9, Self::hls),
         ];
         for (n, scenario) in scenarios {
             if wanted.is_empty() || wanted.contains(&n) {
@@ -103,15 +116,20 @@ impl Bench {
 
     /// 1: keep-alive small responses at 64 connections.
     fn keep_alive(&mut self) {
-        let run = |addr: SocketAddr| -> Measured {
-            let r = self.wrk_warm(addr, SMALL_PATH, SMALL_CONNS, false)?;
-            Ok(vec![r.rate(), ms(r.p50_us), ms(r.p99_us)])
+        let run = |daemon: Option<&Daemon>, addr: SocketAddr| -> Measured {
+            let (r, cpu) = self.wrk_warm(daemon, addr, SMALL_PATH, SMALL_CONNS, false)?;
+            Ok(vec![
+                r.rate(),
+                us_per(cpu, r.requests),
+                ms(r.p50_us),
+                ms(r.p99_us),
+            ])
         };
-        let mut results = vec![self.direct(&run)];
+        let mut results = vec![self.direct(&|addr| run(None, addr))];
         results.extend(
             self.each_peer(1, &Front::Http, &self.http_nodes, |daemon, addr| {
                 self.check_equivalence(daemon, addr)?;
-                run(addr)
+                run(Some(daemon), addr)
             }),
         );
         self.add(
@@ -119,6 +137,11 @@ impl Bench {
             results,
             &[
                 ("1 keep-alive, 64 conns: req/s", Better::Higher, 0),
+                (
+                    "1 keep-alive: balancer CPU µs per request",
+                    Better::Lower,
+                    1,
+                ),
                 ("1 keep-alive: p50 latency ms", Better::Lower, 3),
                 ("1 keep-alive: p99 latency ms", Better::Lower, 3),
             ],
@@ -127,17 +150,26 @@ impl Bench {
 
     /// 2: a new connection per request.
     fn new_connections(&mut self) {
-        let run = |addr: SocketAddr| -> Measured {
-            let r = self.wrk_warm(addr, SMALL_PATH, SMALL_CONNS, true)?;
-            Ok(vec![r.rate(), ms(r.p99_us)])
+        let run = |daemon: Option<&Daemon>, addr: SocketAddr| -> Measured {
+            let (r, cpu) = self.wrk_warm(daemon, addr, SMALL_PATH, SMALL_CONNS, true)?;
+            Ok(vec![r.rate(), us_per(cpu, r.requests), ms(r.p99_us)])
         };
-        let mut results = vec![self.direct(&run)];
-        results.extend(self.each_peer(2, &Front::Http, &self.http_nodes, |_, addr| run(addr)));
+        let mut results = vec![self.direct(&|addr| run(None, addr))];
+        results.extend(
+            self.each_peer(2, &Front::Http, &self.http_nodes, |daemon, addr| {
+                run(Some(daemon), addr)
+            }),
+        );
         self.add(
             2,
             results,
             &[
                 ("2 new conn per request: req/s", Better::Higher, 0),
+                (
+                    "2 new conn per request: balancer CPU µs per request",
+                    Better::Lower,
+                    1,
+                ),
                 ("2 new conn per request: p99 ms", Better::Lower, 3),
             ],
         );
@@ -145,13 +177,18 @@ impl Bench {
 
     /// 3: 100 MB responses streamed through; throughput and the balancer's peak RSS.
     fn streaming(&mut self) {
-        let run = |addr: SocketAddr| self.wrk_large(&format!("http://{addr}{LARGE_PATH}"));
-        let mut results = vec![self.direct(&|addr| Ok(vec![run(addr)?, f64::NAN]))];
+        let run = |daemon: Option<&Daemon>, addr: SocketAddr| {
+            self.wrk_large(daemon, &format!("http://{addr}{LARGE_PATH}"))
+        };
+        let mut results = vec![self.direct(&|addr| {
+            let (rate, cpu) = run(None, addr)?;
+            Ok(vec![rate, cpu, f64::NAN])
+        })];
         results.extend(
             self.each_peer(3, &Front::Http, &self.http_nodes, |daemon, addr| {
                 daemon.reset_peak();
-                let rate = run(addr)?;
-                Ok(vec![rate, daemon.memory().peak_kib as f64 / 1024.0])
+                let (rate, cpu) = run(Some(daemon), addr)?;
+                Ok(vec![rate, cpu, daemon.memory().peak_kib as f64 / 1024.0])
             }),
         );
         self.add(
@@ -159,6 +196,7 @@ impl Bench {
             results,
             &[
                 ("3 stream 100 MB bodies, 4 conns: MB/s", Better::Higher, 0),
+                ("3 stream 100 MB: balancer CPU s per GB", Better::Lower, 3),
                 ("3 stream 100 MB: balancer peak RSS MiB", Better::Lower, 1),
             ],
         );
@@ -180,15 +218,17 @@ impl Bench {
             let before = daemon.memory().rss_kib;
             self.rt.block_on(async {
                 let start = Instant::now();
+                let cpu = daemon.cpu_seconds();
                 let mut tunnels = open_tunnels(addr, WS_PATH, count, TUNNEL_PARALLEL).await?;
                 let open_rate = count as f64 / start.elapsed().as_secs_f64();
+                let open_cpu = us_per(daemon.cpu_seconds() - cpu, count as u64);
                 check_echo(&mut tunnels[..TUNNELS_ECHOED.min(count)]).await?;
                 // Let the balancer finish its per-connection set-up before measuring.
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let after = daemon.memory().rss_kib;
                 drop(tunnels);
                 let per_tunnel = after.saturating_sub(before) as f64 / count as f64;
-                Ok(vec![per_tunnel, after as f64 / 1024.0, open_rate])
+                Ok(vec![per_tunnel, after as f64 / 1024.0, open_rate, open_cpu])
             })
         });
         drop(nodes);
@@ -207,51 +247,60 @@ impl Bench {
                     1,
                 ),
                 ("4 tunnels opened per s", Better::Higher, 0),
+                ("4 balancer CPU µs per tunnel opened", Better::Lower, 1),
             ],
         );
     }
 
     /// 5: full TLS handshakes per second (a new connection per request, no resumption).
     fn tls_handshakes(&mut self) {
-        let tls = match &self.tls {
-            Ok(tls) => tls,
-            Err(e) => {
-                self.report
-                    .notes
-                    .push(format!("scenario 5 skipped: certificate: {e}"));
-                return;
-            }
+        let Some(tls) = certificate(&self.tls, &mut self.report.notes, 5) else {
+            return;
         };
         let front = Front::Https(tls);
-        let results = self.each_peer(5, &front, &self.http_nodes, |_, addr| {
+        let results = self.each_peer(5, &front, &self.http_nodes, |daemon, addr| {
             let url = format!("https://{addr}{SMALL_PATH}");
             self.wrk.run(&url, SMALL_CONNS, WARMUP, true)?;
-            let r = checked(self.wrk.run(&url, SMALL_CONNS, self.duration, true))?;
-            Ok(vec![r.rate()])
+            let (r, cpu) = with_cpu(Some(daemon), || {
+                checked(self.wrk.run(&url, SMALL_CONNS, self.duration, true))
+            })?;
+            Ok(vec![r.rate(), us_per(cpu, r.requests)])
         });
         let results = na_hint(results, "amslb has no https listener yet");
         self.add(
             5,
             results,
-            &[(
-                "5 TLS full handshakes/s (ECDSA P-256, 64 conns)",
-                Better::Higher,
-                0,
-            )],
+            &[
+                (
+                    "5 TLS full handshakes/s (ECDSA P-256, 64 conns)",
+                    Better::Higher,
+                    0,
+                ),
+                ("5 balancer CPU µs per handshake", Better::Lower, 1),
+            ],
         );
     }
 
     /// 6: TCP relay throughput (the RTMP path), carrying 100 MB HTTP bodies.
     fn tcp_relay(&mut self) {
-        let run =
-            |addr: SocketAddr| Ok(vec![self.wrk_large(&format!("http://{addr}{LARGE_PATH}"))?]);
-        let mut results = vec![self.direct(&run)];
-        results.extend(self.each_peer(6, &Front::Tcp, &self.http_nodes, |_, addr| run(addr)));
+        let run = |daemon: Option<&Daemon>, addr: SocketAddr| -> Measured {
+            let (rate, cpu) = self.wrk_large(daemon, &format!("http://{addr}{LARGE_PATH}"))?;
+            Ok(vec![rate, cpu])
+        };
+        let mut results = vec![self.direct(&|addr| run(None, addr))];
+        results.extend(
+            self.each_peer(6, &Front::Tcp, &self.http_nodes, |daemon, addr| {
+                run(Some(daemon), addr)
+            }),
+        );
         let results = na_hint(results, "amslb has no tcp listener yet");
         self.add(
             6,
             results,
-            &[("6 TCP relay, 4 conns: MB/s", Better::Higher, 0)],
+            &[
+                ("6 TCP relay, 4 conns: MB/s", Better::Higher, 0),
+                ("6 TCP relay: balancer CPU s per GB", Better::Lower, 3),
+            ],
         );
     }
 
@@ -270,11 +319,11 @@ impl Bench {
             (true, "polling (standalone, poll_interval 2 s)"),
         ];
         for (standalone, mode) in modes {
-            let figures = self.joins(standalone).map(|times| {
+            let figures = self.joins(standalone).map(|(times, idle_cpu)| {
                 let list: Vec<String> = times.iter().map(|t| format!("{t:.1}")).collect();
                 println!("  amslb, {mode}: each join {} ms", list.join(", "));
                 let sorted = sorted(times);
-                vec![median(&sorted), sorted[sorted.len() - 1]]
+                vec![median(&sorted), sorted[sorted.len() - 1], idle_cpu]
             });
             println!("  amslb, {mode}: median / max: {}", show(&figures));
             self.add(
@@ -293,6 +342,11 @@ impl Bench {
                         Better::Lower,
                         1,
                     ),
+                    (
+                        &format!("7 amslb CPU when idle, {mode}: ms per s"),
+                        Better::Lower,
+                        2,
+                    ),
                 ],
             );
         }
@@ -301,13 +355,106 @@ impl Bench {
              The clock starts as the registry write is sent (AMS's replace-with-upsert) and \
              stops when a response from the new node arrives; requests go every \
              {} ms on fresh connections; each write comes at a random moment, so \
-             polling gives 0 to 2 s plus the read, and 5 joins a rough median",
-            JOIN_POLL.as_millis()
+             polling gives 0 to 2 s plus the read, and 5 joins a rough median. \
+             Idle CPU: {} s after the joins with no requests (health checks and \
+             following the registry only)",
+            JOIN_POLL.as_millis(),
+            IDLE_SPAN.as_secs()
         ));
     }
 
-    /// Scenario 7 against one SecantusDB: the join times in ms, or why not.
-    fn joins(&self, standalone: bool) -> Result<Vec<f64>, Cell> {
+    /// 8: HTTP/2 over TLS, many streams per connection (as browsers fetch
+    /// HLS): h2load with [`H2_CONNS`] connections × [`H2_STREAMS`] streams on
+    /// the small path. The nodes are reached over HTTP/1.1 by every balancer.
+    fn http2(&mut self) {
+        let Some(h2load) = &self.h2load else {
+            self.report.notes.push(
+                "scenario 8 skipped: h2load not found (apt-get install nghttp2-client)".into(),
+            );
+            return;
+        };
+        let Some(tls) = certificate(&self.tls, &mut self.report.notes, 8) else {
+            return;
+        };
+        let front = Front::Https2(tls);
+        let results = self.each_peer(8, &front, &self.http_nodes, |daemon, addr| {
+            let url = format!("https://{addr}{SMALL_PATH}");
+            h2load.run(&url, H2_CONNS, H2_STREAMS, WARMUP)?;
+            let (r, cpu) = with_cpu(Some(daemon), || {
+                let r = h2load.run(&url, H2_CONNS, H2_STREAMS, self.duration)?;
+                r.doubt().map_or(Ok(r), Err)
+            })?;
+            Ok(vec![
+                r.rate(),
+                us_per(cpu, r.succeeded),
+                ms(r.p50_us),
+                ms(r.p99_us),
+            ])
+        });
+        self.add(
+            8,
+            results,
+            &[
+                (
+                    &format!("8 HTTP/2 over TLS, h2load -c{H2_CONNS} -m{H2_STREAMS}: req/s"),
+                    Better::Higher,
+                    0,
+                ),
+                ("8 HTTP/2: balancer CPU µs per request", Better::Lower, 1),
+                ("8 HTTP/2: p50 latency ms", Better::Lower, 2),
+                ("8 HTTP/2: p99 latency ms", Better::Lower, 2),
+            ],
+        );
+    }
+
+    /// 9: an HLS-shaped mix: [`Bench::viewers`] viewers on keep-alive
+    /// connections, each polling the playlist every second and fetching the
+    /// next 1 MB segment (see `hls.rs`). The offered load is fixed (2 requests
+    /// and 1 MB per viewer per second): a balancer that keeps up shows it in
+    /// its latency and CPU, one that does not in req/s and late periods.
+    fn hls(&mut self) {
+        let viewers = self.viewers;
+        let run = |daemon: Option<&Daemon>, addr: SocketAddr| -> Measured {
+            let joined = self.rt.block_on(hls::connect(addr, viewers))?;
+            let (r, cpu) = with_cpu(daemon, || {
+                let r = self.rt.block_on(hls::watch(joined, self.duration));
+                r.doubt(viewers).map_or(Ok(r), Err)
+            })?;
+            let periods = (r.segment_us.len() as f64).max(1.0);
+            Ok(vec![
+                r.rate(),
+                per_gb(cpu, r.bytes),
+                ms(quantile(&r.playlist_us, 0.99)),
+                ms(quantile(&r.segment_us, 0.99)),
+                r.late as f64 * 100.0 / periods,
+            ])
+        };
+        let mut results = vec![self.direct(&|addr| run(None, addr))];
+        results.extend(
+            self.each_peer(9, &Front::Http, &self.http_nodes, |daemon, addr| {
+                run(Some(daemon), addr)
+            }),
+        );
+        self.add(
+            9,
+            results,
+            &[
+                (
+                    &format!("9 HLS, {viewers} viewers (playlist every 1 s + 1 MB segment): req/s"),
+                    Better::Higher,
+                    0,
+                ),
+                ("9 HLS: balancer CPU s per GB", Better::Lower, 3),
+                ("9 HLS: playlist p99 ms", Better::Lower, 2),
+                ("9 HLS: segment p99 ms", Better::Lower, 2),
+                ("9 HLS: periods started late %", Better::Lower, 1),
+            ],
+        );
+    }
+
+    /// Scenario 7 against one SecantusDB: the join times in ms and amslb's
+    /// idle CPU in ms per s, or why not.
+    fn joins(&self, standalone: bool) -> Result<(Vec<f64>, f64), Cell> {
         let amslb = self
             .peers
             .iter()
@@ -345,7 +492,7 @@ impl Bench {
                 StartError::Refused(why) => Cell::NotAvailable(why),
                 StartError::Failed(why) => Cell::Error(why),
             })?;
-        let measure = || -> Result<Vec<f64>, String> {
+        let measure = || -> Result<(Vec<f64>, f64), String> {
             routed_to(listen, node1, FIRST_JOIN_LIMIT)?;
             let mut times = Vec::with_capacity(JOINS);
             for i in 1..=JOINS {
@@ -358,6 +505,10 @@ impl Bench {
                 self.rt.block_on(ams.remove(&id))?;
                 only_routed_to(listen, node1, JOIN_LIMIT)?;
             }
+            let (_, idle_cpu) = with_cpu(Some(&daemon), || {
+                std::thread::sleep(IDLE_SPAN);
+                Ok(())
+            })?;
             // Which way amslb followed the registry decides what the figures mean.
             let polled = daemon.log_text().contains("change streams unavailable");
             if polled != standalone {
@@ -371,7 +522,7 @@ impl Bench {
                     }
                 ));
             }
-            Ok(times)
+            Ok((times, idle_cpu * 1000.0 / IDLE_SPAN.as_secs_f64()))
         };
         measure().map_err(|e| Cell::Error(format!("{e} (log: {})", daemon.log_tail())))
     }
@@ -454,23 +605,30 @@ impl Bench {
         Ok(())
     }
 
-    /// A warm-up run, then the measured one, on a small-response path.
+    /// A warm-up run, then the measured one, on a small-response path; with
+    /// the CPU seconds `daemon` used during the measured run.
     fn wrk_warm(
         &self,
+        daemon: Option<&Daemon>,
         addr: SocketAddr,
         path: &str,
         conns: usize,
         close: bool,
-    ) -> Result<WrkResult, String> {
+    ) -> Result<(WrkResult, f64), String> {
         let url = format!("http://{addr}{path}");
         self.wrk.run(&url, conns, WARMUP, close)?;
-        checked(self.wrk.run(&url, conns, self.duration, close))
+        with_cpu(daemon, || {
+            checked(self.wrk.run(&url, conns, self.duration, close))
+        })
     }
 
-    /// MB/s of 100 MB bodies fetched on [`LARGE_CONNS`] connections.
-    fn wrk_large(&self, url: &str) -> Result<f64, String> {
-        let r = checked(self.wrk.run(url, LARGE_CONNS, self.duration, false))?;
-        Ok(r.mbytes_per_s())
+    /// MB/s of 100 MB bodies fetched on [`LARGE_CONNS`] connections, and
+    /// the CPU seconds per GB `daemon` used for them.
+    fn wrk_large(&self, daemon: Option<&Daemon>, url: &str) -> Result<(f64, f64), String> {
+        let (r, cpu) = with_cpu(daemon, || {
+            checked(self.wrk.run(url, LARGE_CONNS, self.duration, false))
+        })?;
+        Ok((r.mbytes_per_s(), per_gb(cpu, r.bytes)))
     }
 
     /// Turns one scenario's outcomes into rows: row `i` takes each column's `i`th figure.
@@ -493,6 +651,53 @@ impl Bench {
                 decimals: *decimals,
                 cells,
             });
+        }
+    }
+}
+
+/// Runs `f` and returns its result with the CPU seconds (user + system, all
+/// threads and processes) `daemon` used meanwhile; NaN without a daemon (the
+/// backend measured directly, which has no balancer).
+fn with_cpu<T>(
+    daemon: Option<&Daemon>,
+    f: impl FnOnce() -> Result<T, String>,
+) -> Result<(T, f64), String> {
+    let before = daemon.map(Daemon::cpu_seconds);
+    let value = f()?;
+    let cpu = match (daemon, before) {
+        (Some(daemon), Some(before)) => daemon.cpu_seconds() - before,
+        _ => f64::NAN,
+    };
+    Ok((value, cpu))
+}
+
+/// CPU microseconds per unit of work (NaN when nothing was done).
+fn us_per(cpu_s: f64, count: u64) -> f64 {
+    if count == 0 {
+        return f64::NAN;
+    }
+    cpu_s * 1e6 / count as f64
+}
+
+/// CPU seconds per GB (10^9 bytes) moved (NaN when nothing was).
+fn per_gb(cpu_s: f64, bytes: u64) -> f64 {
+    if bytes == 0 {
+        return f64::NAN;
+    }
+    cpu_s / (bytes as f64 / 1e9)
+}
+
+/// The bench's certificate, or `None` with a note that `scenario` is skipped.
+fn certificate<'a>(
+    tls: &'a Result<TlsFiles, String>,
+    notes: &mut Vec<String>,
+    scenario: u8,
+) -> Option<&'a TlsFiles> {
+    match tls {
+        Ok(tls) => Some(tls),
+        Err(e) => {
+            notes.push(format!("scenario {scenario} skipped: certificate: {e}"));
+            None
         }
     }
 }

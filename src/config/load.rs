@@ -181,6 +181,7 @@ impl Config {
                     "only applies to protocol = \"http\" listeners".into(),
                 );
             }
+            super::rules::validate_listener(self, i)?;
             let udp = listener.protocol == Protocol::Udp;
             for (j, addr) in listener.bind.iter().enumerate() {
                 let key = format!("listener[{i}].bind[{j}]");
@@ -257,6 +258,7 @@ impl Config {
             }
         }
         warnings.extend(super::streaming::validate(self)?);
+        warnings.extend(super::rules::validate(self)?);
         Ok(warnings)
     }
 }
@@ -430,6 +432,96 @@ default_group = "origin"
         assert_eq!(loaded.config.listeners[2].protocol, Protocol::Https);
         let acme = loaded.config.tls.acme.as_ref().unwrap();
         assert_eq!(acme.domains, ["live.amslb.test"]);
+    }
+
+    /// Issue 17's block on top of the core example, accepted as written.
+    pub(crate) const EDGE_EXAMPLE: &str = r#"
+[[listener]]
+name = "web"
+bind = ["127.0.0.1:18480"]
+protocol = "http"
+default_group = "origin"
+host_groups = { "origin.example.test" = "origin", "edge.example.test" = "edge", "*.edge.example.test" = "edge" }
+trusted_proxies = ["127.0.9.0/24"]
+
+[[rule]]
+name = "lock-rest"
+path_prefix = ["/rest/", "/LiveApp/rest/"]
+client_not_in = ["127.0.5.0/24"]
+action = "deny"            # deny | allow | redirect
+status = 403
+
+[[limit]]
+name = "conns-per-client"
+max_connections = 50       # concurrent, per client address
+
+[[limit]]
+name = "publish-rate"
+routes = ["whip", "websocket-publish", "rtmp-publish", "srt-publish"]
+per_minute = 60            # new publish sessions per client address
+
+[cluster.node_tls]         # optional: TLS to every node (or per [[group]])
+ca_file = "/etc/amslb/nodes-ca.pem"
+"#;
+
+    #[test]
+    fn accepts_the_edge_example() {
+        let text = format!("{CORE_EXAMPLE}{EDGE_EXAMPLE}");
+        let loaded = parse(&text).expect("issue 17 example must parse");
+        let c = &loaded.config;
+        assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+        assert_eq!(c.listeners[2].host_groups.len(), 3);
+        assert_eq!(c.rules[0].client_not_in.len(), 1);
+        assert_eq!(c.limits[1].per_minute, Some(60));
+        let tls = c.cluster.node_tls.as_ref().unwrap();
+        assert!(tls.verify);
+        assert_eq!(tls.https_port, 5443);
+    }
+
+    #[test]
+    fn edge_mistakes_name_their_key() {
+        let base = format!("{CORE_EXAMPLE}{EDGE_EXAMPLE}");
+        let cases = [
+            (
+                "\"edge.example.test\" = \"edge\"",
+                "\"edge.example.test\" = \"egde\"",
+                "listener[2].host_groups.edge.example.test",
+            ),
+            ("status = 403", "status = 200", "rule[0].status"),
+            (
+                "per_minute = 60",
+                "per_minute = 60\nmax_connections = 3",
+                "limit[1]",
+            ),
+            (
+                "\"srt-publish\"]",
+                "\"srt-publish\", \"hls\"]",
+                "limit[1].routes[4]",
+            ),
+        ];
+        for (from, to, key) in cases {
+            let text = base.replace(from, to);
+            assert_eq!(parse(&text).unwrap_err().key, key, "{to}");
+        }
+        let text = base.replace(
+            "client_not_in = [\"127.0.5.0/24\"]",
+            "client_not_in = [\"127.0.5.0/33\"]",
+        );
+        assert_eq!(parse(&text).unwrap_err().key, "rule[0].client_not_in[0]");
+    }
+
+    #[test]
+    fn unreachable_rule_is_a_warning() {
+        let text = format!(
+            "{CORE_EXAMPLE}{EDGE_EXAMPLE}\n[[rule]]\nname = \"late\"\npath_prefix = [\"/rest/v2/\"]\nclient_in = [\"10.0.0.0/8\"]\naction = \"deny\"\n"
+        );
+        let loaded = parse(&text).unwrap();
+        assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+        assert!(
+            loaded.warnings[0].contains("rule[1] (late) can never match: lock-rest"),
+            "{:?}",
+            loaded.warnings
+        );
     }
 
     #[test]

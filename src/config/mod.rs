@@ -12,6 +12,7 @@ pub mod l4;
 mod load;
 pub mod mongo;
 pub mod ops;
+pub mod rules;
 pub mod state;
 pub mod sticky;
 pub mod streaming;
@@ -59,6 +60,12 @@ pub struct Config {
     /// State shared with the other amslb instances (drains), in MongoDB; absent: none.
     #[serde(default)]
     pub state: Option<state::StateConfig>,
+    /// Access rules, redirects, header edits and group choices, in order (see [`rules`]).
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<rules::RuleConfig>,
+    /// Per-client-address limits (see [`rules::LimitConfig`]).
+    #[serde(default, rename = "limit")]
+    pub limits: Vec<rules::LimitConfig>,
 }
 
 /// `[global]`: process-wide settings.
@@ -203,6 +210,14 @@ pub struct ListenerConfig {
     /// Serve `GET /amslb/v1/assign` (which node would take this stream).
     #[serde(default)]
     pub assign_api: bool,
+    /// Host name (exact or `*.` wildcard, lower case) → group: a request whose
+    /// Host matches goes to that group, whatever the path router says.
+    #[serde(default)]
+    pub host_groups: std::collections::BTreeMap<String, String>,
+    /// Peers whose `X-Forwarded-For` is believed: the client is the rightmost
+    /// address of the chain that is not one of these.
+    #[serde(default)]
+    pub trusted_proxies: Vec<rules::Cidr>,
 }
 
 fn default_group_name() -> String {
@@ -243,6 +258,9 @@ pub struct GroupConfig {
     /// factor times the group's mean load (Mirrokni et al.'s `c`).
     #[serde(default = "streaming::default_load_factor")]
     pub load_factor: f64,
+    /// TLS to this group's nodes, instead of `[cluster.node_tls]`.
+    #[serde(default)]
+    pub node_tls: Option<rules::NodeTlsConfig>,
 }
 
 /// Where the node list comes from.
@@ -301,6 +319,9 @@ pub struct ClusterConfig {
     /// only when no other node of its group has room.
     #[serde(default = "mongo::default_load_threshold")]
     pub load_threshold: f32,
+    /// TLS to every node (HTTPS and RTMPS), unless its group has its own `node_tls`.
+    #[serde(default)]
+    pub node_tls: Option<rules::NodeTlsConfig>,
 }
 
 fn default_http_port() -> u16 {

@@ -2,6 +2,7 @@
 //! requests to nodes.
 
 pub mod body;
+mod edge;
 pub mod headers;
 pub mod pool;
 pub mod proxy;

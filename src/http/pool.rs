@@ -8,6 +8,7 @@
 
 use super::body::UpstreamBody;
 use crate::listener::tune_stream;
+use crate::node_tls::NodeTls;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::net::SocketAddr;
@@ -56,6 +57,10 @@ pub enum ConnectError {
     /// The HTTP/1 handshake failed.
     #[error("http handshake with {0}: {1}")]
     Handshake(SocketAddr, hyper::Error),
+    /// The TLS handshake failed (`node_tls`): e.g. a certificate not signed by
+    /// `ca_file`, or not valid for the expected name.
+    #[error("TLS handshake with node {0} refused: {1}")]
+    Tls(SocketAddr, std::io::Error),
 }
 
 impl Pool {
@@ -108,16 +113,40 @@ impl Pool {
     }
 }
 
-/// Opens a new HTTP/1.1 connection to `addr` within `timeout`.
-pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
+/// Opens a new HTTP/1.1 connection to `addr` within `timeout`, over TLS
+/// when `tls` is given (the TLS handshake is bounded by the same timeout).
+pub async fn connect(
+    addr: SocketAddr,
+    tls: Option<&NodeTls>,
+    timeout: Duration,
+) -> Result<Sender, ConnectError> {
+    let started = tokio::time::Instant::now();
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
         Err(_) => return Err(ConnectError::Timeout(addr)),
     };
     tune_stream(&stream);
+    match tls {
+        None => handshake(addr, stream).await,
+        Some(tls) => {
+            let left = timeout.saturating_sub(started.elapsed());
+            let stream = match tokio::time::timeout(left, tls.handshake(stream, addr)).await {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(ConnectError::Tls(addr, e)),
+                Err(_) => return Err(ConnectError::Timeout(addr)),
+            };
+            handshake(addr, stream).await
+        }
+    }
+}
+
+async fn handshake<I>(addr: SocketAddr, io: I) -> Result<Sender, ConnectError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, conn) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ConnectError::Handshake(addr, e))?;
     tokio::spawn(async move {

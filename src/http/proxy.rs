@@ -1,6 +1,7 @@
 //! The request handler: classify, pick a node, forward, stream the answer back.
 
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
+use super::edge;
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::pool::{self, ConnectError, Sender};
 use super::record::Exchange;
@@ -9,6 +10,7 @@ use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
 use crate::failover::{Connected, Failover, Failure, Reporting};
 use crate::metrics::ListenerMetrics;
+use crate::node_tls::NodeTlsSet;
 use crate::route::{self, Route};
 use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
@@ -63,7 +65,7 @@ impl ProxyError {
 /// with the right status and a log line with the reason.
 pub async fn handle(
     ctx: Arc<ConnContext>,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let Some(view) = ListenerView::current(&ctx.runtime, &ctx.listener) else {
         // A reload removed the listener; its open connections answer until they close.
@@ -72,6 +74,7 @@ pub async fn handle(
             "listener is gone",
         ));
     };
+    let ctx = edge::client_context(&ctx, view.listener(), request.headers_mut());
     // Kept for the log line of a failure; both clones share, not copy, the text.
     let method = request.method().clone();
     let uri = request.uri().clone();
@@ -136,11 +139,20 @@ async fn proxy(
             headers,
         ));
     }
-    if sniff::applies(listener, &route, request.headers()) {
+    let policy = match edge::admit(ctx, view, &route, &mut request) {
+        Ok(admitted) => admitted,
+        Err(answer) => return Ok(*answer),
+    };
+    if !policy.chose_group() && sniff::applies(listener, &route, request.headers()) {
         prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
         return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
     }
-    let wanted = Wanted::for_route(&view.config, listener, &route, request.headers());
+    let wanted = policy.steer(Wanted::for_route(
+        &view.config,
+        listener,
+        &route,
+        request.headers(),
+    ));
     let snapshot = ctx.runtime.cluster.snapshot();
     let affinity = sticky_affinity(
         ctx,
@@ -185,6 +197,7 @@ async fn proxy(
         ctx.client.tls,
     );
 
+    policy.on_response(response.headers_mut());
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     strip_hop_by_hop(response.headers_mut(), switching);
     if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
@@ -316,10 +329,11 @@ pub(crate) async fn forward(
     };
     let mut failover = Failover::new(config, snapshot, wanted, report).first(affinity.node.clone());
     let connect_timeout = config.timeouts.connect;
+    let node_tls = &*ctx.runtime.node_tls;
     let mut redispatch_counted = false;
     loop {
         let connected = failover
-            .connect(|node| async move { checkout(&node, connect_timeout).await })
+            .connect(|node| async move { checkout(&node, node_tls, connect_timeout).await })
             .await;
         if failover.first_failed() && !std::mem::replace(&mut redispatch_counted, true) {
             ctx.runtime.sticky.count_redispatch();
@@ -396,13 +410,20 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
 }
 
 /// A connection to `node`, and whether it is a reused keep-alive one.
-async fn checkout(node: &Node, connect_timeout: Duration) -> Result<(Sender, bool), ConnectError> {
+async fn checkout(
+    node: &Node,
+    tls: &NodeTlsSet,
+    connect_timeout: Duration,
+) -> Result<(Sender, bool), ConnectError> {
     match node.pool().take() {
         Some(sender) => Ok((sender, true)),
-        None => Ok((
-            pool::connect(node.http_addr(), connect_timeout).await?,
-            false,
-        )),
+        None => {
+            let (addr, tls) = tls.http(node);
+            Ok((
+                pool::connect(addr, tls.map(|t| &**t), connect_timeout).await?,
+                false,
+            ))
+        }
     }
 }
 

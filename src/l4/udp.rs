@@ -19,6 +19,7 @@ use super::meter::SessionMeter;
 use super::srt;
 use crate::cluster::{Node, NodeLease, NodeSpec};
 use crate::config::ListenerConfig;
+use crate::config::rules::RouteName;
 use crate::metrics::{L4Metrics, OpenGuard};
 use crate::runtime::{ListenerView, Runtime};
 use crate::streaming::select::{self, Wanted};
@@ -232,6 +233,10 @@ impl UdpProxy {
         if self.session_count() >= l4.max_sessions {
             self.metrics.rejected();
             tracing::debug!(listener = %name, %peer, "udp session cap reached, datagram dropped");
+            return None;
+        }
+        if !(self.runtime).admit_publish(name, RouteName::SrtPublish, peer.ip()) {
+            self.metrics.rejected();
             return None;
         }
         let snapshot = self.runtime.cluster.snapshot();

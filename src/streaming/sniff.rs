@@ -240,6 +240,9 @@ struct Session {
 /// A WebSocket close frame from the server side (unmasked): 1011, internal error.
 const CLOSE_INTERNAL_ERROR: [u8; 4] = [0x88, 0x02, 0x03, 0xF3];
 
+/// A close frame with 1008, policy violation: a publish over its client's `[[limit]]`.
+const CLOSE_POLICY_VIOLATION: [u8; 4] = [0x88, 0x02, 0x03, 0xF0];
+
 impl Session {
     async fn run<C>(self, mut client: C, request: Request<Incoming>)
     where
@@ -255,6 +258,16 @@ impl Session {
                 (Target::ListenerDefault, None, false)
             }
         };
+        if publish
+            && !self.ctx.runtime.admit_publish(
+                &self.ctx.listener,
+                crate::config::rules::RouteName::WebsocketPublish,
+                self.ctx.client.addr.ip(),
+            )
+        {
+            let _ = client.write_all(&CLOSE_POLICY_VIOLATION).await;
+            return;
+        }
         let wanted = Wanted::for_target(
             &self.config,
             &self.listener,

@@ -7,6 +7,7 @@ pub mod haproxy;
 pub mod registry;
 pub mod secantus;
 pub mod sim;
+pub mod tls_node;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -296,4 +297,44 @@ pub async fn send_head(
         .unwrap();
     tokio::spawn(conn);
     sender.send_request(request).await.unwrap()
+}
+
+/// A TCP connection to `addr` from the local address `local` (any address in
+/// 127.0.0.0/8 works on Linux), so one test can be many clients.
+pub async fn connect_from(local: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(local, 0))?;
+    socket.connect(addr).await
+}
+
+/// [`send`] on a new connection from the local address `local`.
+pub async fn send_from(local: IpAddr, addr: SocketAddr, request: Request<Empty<Bytes>>) -> Fetched {
+    let stream = connect_from(local, addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Fetched {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Resident memory of process `pid` in KiB, from /proc.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
