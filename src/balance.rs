@@ -62,7 +62,7 @@ fn choose(
             (0..len)
                 .map(|i| &members.nodes[(start + i) % len])
                 .filter(|n| candidate(n))
-                .min_by_key(|n| n.active_sessions())
+                .min_by_key(|n| n.cluster_load())
                 .cloned()
         }
     }

@@ -58,52 +58,102 @@ pub mod reload;
 pub mod route;
 pub mod runtime;
 pub mod server;
+pub mod state;
 pub mod stats;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
 pub mod transport;
 pub mod tunnel;
+pub mod upgrade;
 pub mod workers;
 
 use server::{Server, StartError};
 use std::path::PathBuf;
+use tracing::{error, info};
 
 /// Binds every listener of the config read from `path` (already checked into
 /// `prepared`), starts the stats listener, access log and reload handling, and
-/// serves until SIGTERM or SIGINT, then shuts down gracefully.
+/// serves until SIGTERM or SIGINT (then shuts down gracefully within
+/// `shutdown_grace`) or until a SIGUSR2 upgrade hands everything to a new
+/// process (then finishes the open sessions within `hard_stop_after`).
 /// Installs the rustls crypto provider first, for embedders that do not start
 /// through the `amslb` command.
 pub async fn run(path: PathBuf, prepared: reload::Prepared) -> Result<(), StartError> {
     tls::install_crypto_provider();
+    let mut signals = Signals::install()?;
+    let takeover = upgrade::child::Takeover::connect_from_env()
+        .await
+        .map_err(|e| StartError::Upgrade(format!("taking over from the old process: {e}")))?;
     let server = Server::bind(prepared.config.clone())?;
     reload::start(server.runtime(), path, prepared).await?;
-    server.run(shutdown_signal()).await;
+    let mut running = server.start();
+    match takeover {
+        Some(takeover) => {
+            if let Err(e) = takeover.adopt(&mut running).await {
+                error!(error = %e, "upgrade: the old process failed during the hand-over; serving alone");
+                upgrade::announce(&running.runtime.config());
+            } else {
+                upgrade::announce(&running.runtime.config());
+                if let Err(e) = takeover.done().await {
+                    error!(error = %e, "upgrade: cannot tell the old process it may stop");
+                }
+            }
+        }
+        None => {
+            running.serve_udp();
+            upgrade::announce(&running.runtime.config());
+        }
+    }
+    let grace = loop {
+        let stop = tokio::select! {
+            _ = signals.term.recv() => true,
+            _ = signals.int.recv() => true,
+            _ = signals.usr2.recv() => false,
+        };
+        if stop {
+            let config = running.runtime.config();
+            upgrade::remove_pid_file(&config);
+            break config.global.shutdown_grace;
+        }
+        info!("SIGUSR2: upgrading, starting the new process");
+        match upgrade::parent::upgrade(&mut running).await {
+            Ok(pid) => {
+                let grace = running.runtime.config().global.hard_stop_after;
+                info!(
+                    pid,
+                    ?grace,
+                    "upgrade: the new process took over; this one finishes its open sessions, then exits"
+                );
+                break grace;
+            }
+            Err(e) => error!(error = %e, "upgrade failed, this process keeps serving"),
+        }
+    };
+    running.shutdown(grace).await;
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
+/// The signals that end serving: SIGTERM/SIGINT (stop) and SIGUSR2
+/// (upgrade). Installed first thing, since SIGUSR2's default action kills
+/// the process.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr2: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Result<Self, StartError> {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(mut term), Ok(mut int)) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = int.recv() => {}
-                }
-            }
-            _ => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        let install = |kind| {
+            signal(kind)
+                .map_err(|e| StartError::Upgrade(format!("cannot install a signal handler: {e}")))
+        };
+        Ok(Self {
+            term: install(SignalKind::terminate())?,
+            int: install(SignalKind::interrupt())?,
+            usr2: install(SignalKind::user_defined2())?,
+        })
     }
 }

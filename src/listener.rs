@@ -1,13 +1,111 @@
 //! Binding listening sockets with the options a load balancer needs, via socket2.
+//!
+//! During a seamless upgrade (see `crate::upgrade`) the new process is handed
+//! the old one's listening sockets before it binds anything: [`inherit`]
+//! stores them, and [`bind_tcp`]/[`bind_udp`] take the one already bound to
+//! the wanted address instead of binding a new socket, so the kernel's accept
+//! queue and UDP buffer carry over and no connection is refused in between.
+//! [`Listening`] is the other half: the sockets a running process would hand on.
 
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, PoisonError};
+
+/// Listening sockets received from the previous process, not yet claimed.
+static INHERITED: Mutex<Vec<Socket>> = Mutex::new(Vec::new());
+
+/// Offers `sockets` (received from the previous process) to the binds that follow.
+pub fn inherit(sockets: Vec<OwnedFd>) {
+    let mut inherited = INHERITED.lock().unwrap_or_else(PoisonError::into_inner);
+    inherited.extend(sockets.into_iter().map(Socket::from));
+}
+
+/// Closes the inherited sockets no listener of this config claimed (a
+/// listener the new config dropped); returns how many.
+pub fn release_unclaimed() -> usize {
+    let mut inherited = INHERITED.lock().unwrap_or_else(PoisonError::into_inner);
+    let count = inherited.len();
+    inherited.clear();
+    count
+}
+
+/// Takes the inherited socket of type `ty` bound to `addr`. A `:0` bind is
+/// never matched: it asks for a fresh port.
+fn take_inherited(addr: SocketAddr, ty: Type) -> Option<Socket> {
+    if addr.port() == 0 {
+        return None;
+    }
+    let mut inherited = INHERITED.lock().unwrap_or_else(PoisonError::into_inner);
+    let index = inherited.iter().position(|s| {
+        s.r#type().ok() == Some(ty) && s.local_addr().ok().and_then(|a| a.as_socket()) == Some(addr)
+    })?;
+    let socket = inherited.swap_remove(index);
+    tracing::info!(%addr, "listening socket taken over from the previous process");
+    Some(socket)
+}
+
+/// Which part of amslb owns a listening socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Owner {
+    /// A `[[listener]]` (TCP or UDP).
+    Listener,
+    /// The `[stats]` listener.
+    Stats,
+}
+
+/// Key of a listening socket: owner, name and the address as configured.
+type ListenKey = (Owner, Arc<str>, SocketAddr);
+
+/// Copies of every listening socket in use, so a seamless upgrade can hand
+/// them to the new process. A socket must be removed when its listener
+/// stops, or the copy would keep the port bound.
+#[derive(Debug, Default)]
+pub struct Listening {
+    sockets: Mutex<HashMap<ListenKey, OwnedFd>>,
+}
+
+impl Listening {
+    /// Records a copy of `socket`, the listener `name` bound at `addr`.
+    pub fn add(&self, owner: Owner, name: Arc<str>, addr: SocketAddr, socket: &impl AsFd) {
+        match socket.as_fd().try_clone_to_owned() {
+            Ok(copy) => {
+                self.lock().insert((owner, name, addr), copy);
+            }
+            Err(e) => {
+                tracing::warn!(listener = %name, %addr, error = %e, "cannot keep a copy of a listening socket; an upgrade will bind it anew");
+            }
+        }
+    }
+
+    /// Forgets the socket of listener `name` at `addr` (the listener stopped).
+    pub fn remove(&self, owner: Owner, name: &Arc<str>, addr: SocketAddr) {
+        self.lock().remove(&(owner, name.clone(), addr));
+    }
+
+    /// Fresh copies of every recorded socket, to send to a new process.
+    pub fn copies(&self) -> io::Result<Vec<OwnedFd>> {
+        self.lock().values().map(|fd| fd.try_clone()).collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ListenKey, OwnedFd>> {
+        self.sockets.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// Binds a TCP listener with SO_REUSEADDR and SO_REUSEPORT (so a new process can
 /// take over the port during an upgrade), IPV6_V6ONLY for IPv6 addresses (so
 /// `[::]:80` and `0.0.0.0:80` can be bound side by side) and the given backlog.
+///
+/// An inherited socket bound to `addr` is used instead, as it is (its
+/// backlog stays what the previous process set).
 pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<tokio::net::TcpListener> {
+    if let Some(socket) = take_inherited(addr, Type::STREAM) {
+        socket.set_nonblocking(true)?;
+        return tokio::net::TcpListener::from_std(socket.into());
+    }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
@@ -21,8 +119,13 @@ pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<tokio::net::TcpLis
     tokio::net::TcpListener::from_std(socket.into())
 }
 
-/// Binds a UDP socket with SO_REUSEADDR (and IPV6_V6ONLY for IPv6).
+/// Binds a UDP socket with SO_REUSEADDR (and IPV6_V6ONLY for IPv6), or
+/// takes the inherited one bound to `addr`.
 pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
+    if let Some(socket) = take_inherited(addr, Type::DGRAM) {
+        socket.set_nonblocking(true)?;
+        return tokio::net::UdpSocket::from_std(socket.into());
+    }
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_reuse_address(true)?;
     if addr.is_ipv6() {
@@ -57,6 +160,23 @@ mod tests {
         if let Err(e) = &v6 {
             assert_eq!(e.kind(), io::ErrorKind::AddrNotAvailable, "{e}");
         }
+    }
+
+    #[tokio::test]
+    async fn inherited_socket_keeps_its_queued_connections() {
+        let original = bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let addr = original.local_addr().unwrap();
+        // Queued in the kernel, not accepted by anyone yet.
+        let client = std::net::TcpStream::connect(addr).unwrap();
+        inherit(vec![OwnedFd::from(original.into_std().unwrap())]);
+        let taken = bind_tcp(addr, 16).unwrap();
+        let (_stream, peer) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), taken.accept())
+                .await
+                .unwrap()
+                .unwrap();
+        assert_eq!(peer, client.local_addr().unwrap(), "the same kernel socket");
+        assert_eq!(release_unclaimed(), 0);
     }
 
     #[tokio::test]

@@ -76,6 +76,12 @@ pub fn spawn_accept_loop(runtime: &Arc<Runtime>, bound: BoundListener) {
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert((bound.name.clone(), bound.addr), stop.clone());
+    runtime.listening.add(
+        crate::listener::Owner::Listener,
+        bound.name.clone(),
+        bound.addr,
+        &bound.socket,
+    );
     if let Some(workers) = runtime.workers.get() {
         workers.serve_copies(&bound.socket, |socket| {
             let copy = BoundListener {

@@ -50,6 +50,22 @@ enum Command {
         /// The config to translate (e.g. /etc/haproxy/haproxy.cfg, /etc/nginx/nginx.conf).
         file: PathBuf,
     },
+    /// Upgrade the running amslb in place without dropping a session: send
+    /// it SIGUSR2 (it starts the binary at its path, which takes over every
+    /// listener) and wait until the pid file names the new process.
+    Upgrade {
+        /// The pid file of the running amslb; default: `[global] pid_file`
+        /// of `--config`.
+        #[arg(long, value_name = "FILE")]
+        pid_file: Option<PathBuf>,
+        /// How long to wait for the new process to take over.
+        #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    amslb::config::duration::parse(text)
 }
 
 /// Config dialects `amslb import` reads.
@@ -70,6 +86,9 @@ fn main() -> ExitCode {
     amslb::tls::install_crypto_provider();
     if let Some(Command::Import { format, file }) = &cli.command {
         return import(*format, file);
+    }
+    if let Some(Command::Upgrade { pid_file, timeout }) = &cli.command {
+        return upgrade(cli.config.as_deref(), pid_file.as_deref(), *timeout);
     }
     let Some(path) = cli.config else {
         eprintln!("error: --config FILE is required (see amslb --help)");
@@ -187,6 +206,42 @@ fn serve(path: PathBuf, prepared: amslb::reload::Prepared) -> anyhow::Result<()>
         .block_on(amslb::run(path, prepared))
         .context("starting amslb")?;
     Ok(())
+}
+
+/// `amslb upgrade`: checks the config the new process will load (when
+/// given), signals the running process and waits for the pid file to name
+/// its successor.
+fn upgrade(
+    config: Option<&std::path::Path>,
+    pid_file: Option<&std::path::Path>,
+    timeout: std::time::Duration,
+) -> ExitCode {
+    let configured = match config {
+        Some(path) => match amslb::reload::prepare(path) {
+            Ok(prepared) => prepared.config.global.pid_file,
+            Err(e) => {
+                eprintln!("error: {e}\nthe running amslb was not signalled");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let Some(pid_file) = pid_file.map(PathBuf::from).or(configured) else {
+        eprintln!("error: give --pid-file FILE, or --config with [global] pid_file");
+        return ExitCode::from(2);
+    };
+    match amslb::upgrade::signal_upgrade(&pid_file, timeout) {
+        Ok((old, new)) => {
+            println!(
+                "upgraded: process {new} took over from {old}, which finishes its open sessions"
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn init_logging(level: Option<&str>) {

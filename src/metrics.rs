@@ -94,6 +94,8 @@ struct Families {
     health_failures: IntCounterVec,
     membership_up: IntGaugeVec,
     membership_last_update: GaugeVec,
+    shared_state_up: IntGauge,
+    shared_state_errors: IntCounter,
     cert_expiry: GaugeVec,
     acme_orders: IntCounterVec,
     limited: IntCounterVec,
@@ -219,6 +221,22 @@ impl Families {
                 "1 when the membership source (static, mongodb) answered its last query.",
                 &["source"],
             )?,
+            shared_state_up: {
+                let g = IntGauge::new(
+                    "amslb_shared_state_up",
+                    "1 when the [state] MongoDB answered its last query; 0 while amslb runs on its last known shared state.",
+                )?;
+                registry.register(Box::new(g.clone()))?;
+                g
+            },
+            shared_state_errors: {
+                let c = IntCounter::new(
+                    "amslb_shared_state_errors_total",
+                    "Failed reads and writes of the [state] MongoDB.",
+                )?;
+                registry.register(Box::new(c.clone()))?;
+                c
+            },
             membership_last_update: fgauge(
                 "amslb_membership_last_update_timestamp_seconds",
                 "Unix time of the last successful membership update.",
@@ -510,6 +528,14 @@ impl Metrics {
     /// Records the outcome of a membership source query (`source`: static, mongodb).
     pub fn membership_update(&self, source: &str, ok: bool) {
         self.membership_status(source, ok, ok.then(SystemTime::now));
+    }
+
+    /// Records whether the `[state]` MongoDB answered; a failure is counted.
+    pub fn shared_state(&self, up: bool) {
+        self.families.shared_state_up.set(i64::from(up));
+        if !up {
+            self.families.shared_state_errors.inc();
+        }
     }
 
     /// Publishes a membership source's state: reachable or not, and when it

@@ -25,7 +25,7 @@ use crate::access_log::AccessLog;
 use crate::cluster::source;
 use crate::config::diff::{self, Change};
 use crate::config::{self, Config, ConfigError, Protocol};
-use crate::listener::bind_tcp;
+use crate::listener::{Owner, bind_tcp};
 use crate::listeners::{BoundListener, bind_listener, spawn_accept_loop};
 use crate::runtime::Runtime;
 use crate::stats::auth::{Access, AccessError};
@@ -103,6 +103,9 @@ pub fn prepare(path: &Path) -> Result<Prepared, ReloadError> {
     })
 }
 
+/// Name of the stats listener among the listening sockets.
+const STATS: &str = "stats";
+
 type ReloadReply = oneshot::Sender<Result<ReloadReport, String>>;
 
 /// What the stats listener calls for admin actions: a channel to the reload task.
@@ -141,6 +144,10 @@ impl Control for AdminHandle {
             .iter()
             .map(|check| check.outcome.is_ok())
             .collect()
+    }
+
+    fn shared(&self) -> Option<Arc<crate::state::SharedState>> {
+        Some(self.runtime.shared.clone())
     }
 }
 
@@ -406,6 +413,9 @@ impl Lifecycle {
                 let keep = wanted.contains(key);
                 if !keep {
                     info!(listener = %key.0, addr = %key.1, "listener removed by reload");
+                    self.runtime
+                        .listening
+                        .remove(Owner::Listener, &key.0, key.1);
                     stop.cancel();
                     removed += 1;
                 }
@@ -499,7 +509,7 @@ impl Lifecycle {
             (None, _) => {
                 if let Some(old) = self.stats.take() {
                     info!(addr = %old.bind, "stats listener removed");
-                    old.stop.cancel();
+                    self.forget_stats(&old);
                 }
             }
             (Some(access), None) => {
@@ -512,8 +522,11 @@ impl Lifecycle {
                     return;
                 };
                 if let Some(old) = self.stats.take() {
-                    old.stop.cancel();
+                    self.forget_stats(&old);
                 }
+                self.runtime
+                    .listening
+                    .add(Owner::Stats, STATS.into(), bind, &socket);
                 let state = Arc::new(StatsState::new(
                     self.runtime.metrics.clone(),
                     self.runtime.cluster.clone(),
@@ -528,5 +541,13 @@ impl Lifecycle {
                 self.stats = Some(RunningStats { bind, stop, state });
             }
         }
+    }
+
+    /// Stops a stats listener that a reload moved or removed.
+    fn forget_stats(&self, old: &RunningStats) {
+        self.runtime
+            .listening
+            .remove(Owner::Stats, &STATS.into(), old.bind);
+        old.stop.cancel();
     }
 }

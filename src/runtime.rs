@@ -39,6 +39,8 @@ pub struct Runtime {
     /// Running accept loops by (listener name, address); cancelling a token
     /// stops that loop only (reload removing a listener), its connections go on.
     pub accept_loops: Mutex<HashMap<(Arc<str>, SocketAddr), CancellationToken>>,
+    /// Copies of the listening sockets, for a seamless upgrade to hand on.
+    pub listening: crate::listener::Listening,
     /// Extra serving threads, started when the server runs.
     pub workers: OnceLock<crate::workers::Workers>,
     /// The running membership source (`[cluster] source`), once the server
@@ -54,6 +56,8 @@ pub struct Runtime {
     /// Node health checks (`[health]`); the proxy reports passive failures
     /// here, and a reload reconfigures it in place.
     pub health: Arc<Health>,
+    /// Node drains, shared with the other instances under `[state]`.
+    pub shared: Arc<crate::state::SharedState>,
     /// TLS to nodes (`node_tls`), shared by the pools and the health checks.
     pub node_tls: Arc<crate::node_tls::NodeTlsSet>,
     /// Per-client-address limit tables (`[[limit]]`).
@@ -72,8 +76,9 @@ impl Runtime {
         let slots = Arc::new(Semaphore::new(config.global.max_connections));
         // The family names and labels are constants; `metrics_registry_builds`
         // in metrics.rs proves they register, so this cannot fail at run time.
-        let metrics = Metrics::new(cluster.clone()).expect("metric families are valid");
+        let metrics = Arc::new(Metrics::new(cluster.clone()).expect("metric families are valid"));
         Arc::new(Self {
+            shared: crate::state::SharedState::new(&config, metrics.clone()),
             sticky: ArcSwap::from_pointee(Sticky::from_config(&config)),
             health: Health::with_node_tls(&config, node_tls.clone()),
             node_tls,
@@ -84,9 +89,10 @@ impl Runtime {
             hard_stop: CancellationToken::new(),
             tasks: TaskTracker::new(),
             connection_slots: slots,
-            metrics: Arc::new(metrics),
+            metrics,
             access_log: ArcSwap::from_pointee(None),
             accept_loops: Mutex::default(),
+            listening: Default::default(),
             workers: OnceLock::new(),
             membership: Mutex::default(),
             tls: ArcSwapOption::new(tls),

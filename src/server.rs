@@ -4,13 +4,14 @@
 use crate::cluster::{Cluster, source, static_source};
 use crate::config::{Config, Protocol};
 use crate::l4::{tcp::TcpProxy, tls::TlsLoadError, udp::UdpProxy};
-use crate::listener::bind_udp;
+use crate::listener::{Owner, bind_udp};
 use crate::listeners::{BindError, BoundListener, bind_listener, spawn_accept_loop};
 use crate::runtime::Runtime;
 use crate::tls::server_config::tcp_server_config;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Why amslb could not start.
@@ -25,6 +26,9 @@ pub enum StartError {
     /// The stats listener, access log or reload handling could not start.
     #[error(transparent)]
     Ops(#[from] crate::reload::ReloadError),
+    /// Signal handling or taking over from an upgrading process failed.
+    #[error("{0}")]
+    Upgrade(String),
     /// A `node_tls` table's CA file is unusable.
     #[error("TLS to nodes: {0}")]
     NodeTls(#[from] crate::node_tls::NodeTlsError),
@@ -41,6 +45,8 @@ pub enum StartError {
 /// A bound UDP socket of a `udp` listener (SRT) and its session relay.
 #[derive(Debug)]
 struct BoundUdp {
+    /// The address as configured.
+    addr: SocketAddr,
     socket: tokio::net::UdpSocket,
     proxy: Arc<UdpProxy>,
 }
@@ -91,7 +97,11 @@ impl Server {
                 for &addr in &listener.bind {
                     let socket = bind_udp(addr).map_err(|e| bind_error(addr, e))?;
                     let proxy = proxy.clone();
-                    udp.push(BoundUdp { socket, proxy });
+                    udp.push(BoundUdp {
+                        addr,
+                        socket,
+                        proxy,
+                    });
                 }
                 continue;
             }
@@ -141,8 +151,27 @@ impl Server {
     /// give in-flight requests `global.shutdown_grace` to finish, then close
     /// whatever is still open (tunnels).
     pub async fn run(self, stop: impl std::future::Future<Output = ()>) {
+        let mut running = self.start();
+        running.serve_udp();
+        stop.await;
+        let grace = running.runtime.config().global.shutdown_grace;
+        running.shutdown(grace).await;
+    }
+
+    /// Starts membership, shared state, health checks, worker threads, TLS
+    /// tasks and every TCP accept loop. UDP listeners wait for
+    /// [`Running::serve_udp`], so a process taking over from an old one can
+    /// adopt its sessions first.
+    pub fn start(self) -> Running {
         let runtime = self.runtime;
         start_membership_source(&runtime);
+        crate::state::spawn(
+            &runtime.config(),
+            runtime.shared.clone(),
+            runtime.cluster.clone(),
+            runtime.shutdown.clone(),
+            runtime.hard_stop.clone(),
+        );
         runtime.health.spawn(
             runtime.cluster.clone(),
             runtime.shutdown.clone(),
@@ -153,13 +182,22 @@ impl Server {
         for bound in self.bound {
             spawn_accept_loop(&runtime, bound);
         }
-        for bound in self.udp {
-            if let Ok(addr) = bound.socket.local_addr() {
-                info!(listener = %bound.proxy.name(), %addr, "listening (udp)");
-            }
-            let socket = Arc::new(bound.socket);
-            tokio::spawn(bound.proxy.serve(socket, runtime.shutdown.clone()));
-        }
+        let udp = self
+            .udp
+            .into_iter()
+            .map(|bound| {
+                let socket = Arc::new(bound.socket);
+                let name: Arc<str> = bound.proxy.name().into();
+                runtime
+                    .listening
+                    .add(Owner::Listener, name, bound.addr, &socket);
+                UdpListener {
+                    proxy: bound.proxy,
+                    socket,
+                    receiving: None,
+                }
+            })
+            .collect();
         if let Some(tls) = runtime.tls() {
             tls.spawn_tasks(
                 &runtime.config().tls,
@@ -167,8 +205,64 @@ impl Server {
                 runtime.metrics.clone(),
             );
         }
-        stop.await;
-        let grace = runtime.config().global.shutdown_grace;
+        Running { runtime, udp }
+    }
+}
+
+/// A UDP listener of a running server and its receive loop, if running.
+#[derive(Debug)]
+pub struct UdpListener {
+    /// The session relay.
+    pub proxy: Arc<UdpProxy>,
+    /// The listening socket.
+    pub socket: Arc<tokio::net::UdpSocket>,
+    receiving: Option<(CancellationToken, tokio::task::JoinHandle<()>)>,
+}
+
+/// A started server: TCP listeners accept, UDP listeners as told.
+#[derive(Debug)]
+pub struct Running {
+    /// The shared state.
+    pub runtime: Arc<Runtime>,
+    /// The UDP listeners.
+    pub udp: Vec<UdpListener>,
+}
+
+impl Running {
+    /// Starts (or restarts) the receive loop of every UDP listener.
+    pub fn serve_udp(&mut self) {
+        for udp in &mut self.udp {
+            if udp.receiving.is_some() {
+                continue;
+            }
+            if let Ok(addr) = udp.socket.local_addr() {
+                info!(listener = %udp.proxy.name(), %addr, "listening (udp)");
+            }
+            let stop = self.runtime.shutdown.child_token();
+            let task = tokio::spawn(udp.proxy.clone().serve(
+                udp.socket.clone(),
+                stop.clone(),
+                self.runtime.shutdown.clone(),
+            ));
+            udp.receiving = Some((stop, task));
+        }
+    }
+
+    /// Stops the receive loop of every UDP listener and waits until each has
+    /// finished the datagram it was relaying; sessions keep running.
+    pub async fn pause_udp(&mut self) {
+        for udp in &mut self.udp {
+            if let Some((stop, task)) = udp.receiving.take() {
+                stop.cancel();
+                let _ = task.await;
+            }
+        }
+    }
+
+    /// Stops accepting and receiving, gives in-flight requests and tunnels
+    /// `grace` to finish, then closes whatever is still open.
+    pub async fn shutdown(self, grace: Duration) {
+        let runtime = self.runtime;
         info!(
             ?grace,
             "shutting down: no new connections, waiting for in-flight requests"

@@ -311,7 +311,7 @@ impl Sticky {
 #[derive(Debug, Default)]
 pub struct Affinity {
     /// The node the client is tied to, when it is healthy (draining or not:
-    /// a draining node keeps its sticky clients).
+    /// a draining node keeps its sticky clients until its drain is complete).
     pub node: Option<Arc<Node>>,
     /// The client named a node that is down: it gets another node and, in
     /// insert mode, a new cookie.
@@ -380,12 +380,14 @@ impl Sticky {
         if named.is_none() {
             named = cookie_key.as_deref().and_then(|k| self.find(nodes, k));
         }
-        let redispatched = named.is_some_and(|n| !n.is_healthy());
+        // A finished drain (`is_out`) lets its sticky clients go, like a down node.
+        let keeps = |n: &&Arc<Node>| n.is_healthy() && !n.is_out();
+        let redispatched = named.is_some_and(|n| !keeps(&n));
         if redispatched {
             self.count_redispatch();
         }
         Affinity {
-            node: named.filter(|n| n.is_healthy()).cloned(),
+            node: named.filter(keeps).cloned(),
             redispatched,
             cookie_key,
             other_keys,

@@ -8,40 +8,16 @@ mod support;
 
 use l4_parts::*;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use support::unique_loopback as loopback;
 use tokio::net::UdpSocket;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn srt_publish_through_udp_listener_arrives_intact() {
-    require("ffmpeg", "ffmpeg");
-    let protocols = Command::new("ffmpeg")
-        .args(["-hide_banner", "-protocols"])
-        .output()
-        .unwrap();
-    assert!(
-        String::from_utf8_lossy(&protocols.stdout)
-            .lines()
-            .any(|l| l.trim() == "srt"),
-        "this ffmpeg has no SRT support: install Debian's ffmpeg (built with libsrt)"
-    );
     let dir = tempfile::tempdir().unwrap();
     let node_ip = loopback();
     let out = dir.path().join("in.ts");
-    // The node: ffmpeg as an SRT listener, saving what it receives.
-    let node = Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
-        .args([
-            "-i",
-            &format!("srt://{node_ip}:4200?mode=listener&latency=50000"),
-        ])
-        .args(["-c", "copy", "-f", "mpegts"])
-        .arg(&out)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let node = srt_node(SocketAddr::new(node_ip, 4200), &out);
     let lb = Lb::start(&config(
         "session_idle = \"5s\"",
         "udp",

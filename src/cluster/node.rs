@@ -51,10 +51,15 @@ pub struct Node {
     spec: NodeSpec,
     /// Sessions (requests in flight, tunnels) this balancer has open on the node.
     active: AtomicUsize,
+    /// Sessions the other amslb instances reported open on the node (`[state]` heartbeats).
+    remote: AtomicUsize,
     /// Last verdict of the health checks; nodes start up so a fresh balancer serves at once.
     healthy: AtomicBool,
     /// No new sessions, existing ones continue.
     draining: AtomicBool,
+    /// A drain is complete (its deadline passed or no session is left):
+    /// sticky clients leave too; open tunnels still run to their end.
+    out: AtomicBool,
     /// The membership source has not heard from the node for too long.
     stale: AtomicBool,
     /// Reported cpu use in percent, as `f32` bits; NaN means unknown.
@@ -104,8 +109,10 @@ impl Node {
         Self {
             spec,
             active: AtomicUsize::new(0),
+            remote: AtomicUsize::new(0),
             healthy: AtomicBool::new(true),
             draining,
+            out: AtomicBool::new(false),
             stale: AtomicBool::new(false),
             cpu: AtomicU32::new(f32::NAN.to_bits()),
             memory: AtomicU32::new(f32::NAN.to_bits()),
@@ -207,6 +214,16 @@ impl Node {
         self.draining.swap(draining, Ordering::Relaxed)
     }
 
+    /// Whether the node's drain is complete: sticky clients leave it too.
+    pub fn is_out(&self) -> bool {
+        self.out.load(Ordering::Relaxed)
+    }
+
+    /// Marks the drain complete (or not); returns the previous state.
+    pub fn set_out(&self, out: bool) -> bool {
+        self.out.swap(out, Ordering::Relaxed)
+    }
+
     /// Share of new sessions offered, 0..=[`FULL_WEIGHT`].
     pub fn weight(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
@@ -221,6 +238,18 @@ impl Node {
     /// Sessions open on the node through this balancer.
     pub fn active_sessions(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Records the sessions the other instances reported open on the node.
+    pub fn set_remote_sessions(&self, sessions: usize) {
+        self.remote.store(sessions, Ordering::Relaxed);
+    }
+
+    /// The node's load over every amslb instance: its sessions here plus what
+    /// the live peers last reported (just the sessions here without `[state]`).
+    /// Least-conn and the stream-hash load bound place by this.
+    pub fn cluster_load(&self) -> usize {
+        self.active_sessions() + self.remote.load(Ordering::Relaxed)
     }
 
     /// Counts a session on the node until the returned lease is dropped.

@@ -246,6 +246,9 @@ impl Config {
             *per_group.entry(node.group.as_str()).or_default() += 1;
         }
         mongo::validate(&self.cluster, &group_names, &mut warnings)?;
+        if let Some(state) = &self.state {
+            super::state::validate(state, &self.cluster)?;
+        }
         super::sticky::validate(
             &self.sticky,
             (self.cluster.nodes.iter().enumerate())

@@ -14,6 +14,7 @@ mod load;
 pub mod mongo;
 pub mod ops;
 pub mod rules;
+pub mod state;
 pub mod sticky;
 pub mod streaming;
 pub mod tls;
@@ -57,6 +58,9 @@ pub struct Config {
     /// Node health checks.
     #[serde(default)]
     pub health: health::HealthConfig,
+    /// State shared with the other amslb instances (drains), in MongoDB; absent: none.
+    #[serde(default)]
+    pub state: Option<state::StateConfig>,
     /// Access rules, redirects, header edits and group choices, in order (see [`rules`]).
     #[serde(default, rename = "rule")]
     pub rules: Vec<rules::RuleConfig>,
@@ -91,6 +95,14 @@ pub struct Global {
     pub region_preference: Vec<String>,
     /// Request header through which a CDN or GeoDNS names the client's region.
     pub region_header: Option<String>,
+    /// File holding the running process's pid, replaced atomically by the
+    /// new process of a seamless upgrade once it has taken the listeners
+    /// (`kill -USR2 $(cat pid_file)`).
+    pub pid_file: Option<std::path::PathBuf>,
+    /// After a seamless upgrade, how long the old process keeps serving its
+    /// open tunnels and in-flight requests before closing them (HAProxy's name).
+    #[serde(with = "duration")]
+    pub hard_stop_after: Duration,
 }
 
 impl Default for Global {
@@ -105,6 +117,8 @@ impl Default for Global {
             region: None,
             region_preference: Vec::new(),
             region_header: None,
+            pid_file: None,
+            hard_stop_after: Duration::from_secs(24 * 3600),
         }
     }
 }

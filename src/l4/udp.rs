@@ -22,7 +22,7 @@
 
 use super::meter::SessionMeter;
 use super::srt;
-use crate::cluster::NodeLease;
+use crate::cluster::{Node, NodeLease, NodeSpec};
 use crate::config::ListenerConfig;
 use crate::config::rules::RouteName;
 use crate::metrics::{L4Metrics, OpenGuard, UdpDrops};
@@ -33,6 +33,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 use tokio::net::UdpSocket;
@@ -74,8 +75,28 @@ struct Session {
     node_cookie: OnceLock<u32>,
     /// Cancelled when a new caller on the same address replaces the session.
     replaced: CancellationToken,
+    /// Cancelled when the session is handed to a new process (upgrade).
+    moved: CancellationToken,
     _open: OpenGuard,
     _connection: OpenGuard,
+}
+
+/// A session handed over to the process that replaces this one: the client,
+/// its node and a copy of the connected socket towards the node. The node
+/// keeps seeing the same source address, so SRT never notices the change.
+#[derive(Debug)]
+pub struct MovedSession {
+    /// The client's address.
+    pub client: SocketAddr,
+    /// The node the session is on.
+    pub node: NodeSpec,
+    /// The node's SYN cookie, for a caller placed by its SRT handshake
+    /// (its repeated conclusions still carry amslb's cookie).
+    pub node_cookie: Option<u32>,
+    /// `session_idle` of the session.
+    pub idle: Duration,
+    /// The session's connected socket towards the node.
+    pub socket: OwnedFd,
 }
 
 /// A running `udp` listener's shared state. Group, balancing, backup,
@@ -138,12 +159,19 @@ impl UdpProxy {
         self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Receives client datagrams on `socket` until `shutdown` is cancelled.
-    pub async fn serve(self: Arc<Self>, socket: Arc<UdpSocket>, shutdown: CancellationToken) {
+    /// Receives client datagrams on `socket` until `stop` is cancelled;
+    /// sessions opened here end when `shutdown` is (a stop alone, before an
+    /// upgrade hands them over, leaves them running).
+    pub async fn serve(
+        self: Arc<Self>,
+        socket: Arc<UdpSocket>,
+        stop: CancellationToken,
+        shutdown: CancellationToken,
+    ) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
         loop {
             let received = tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = stop.cancelled() => return,
                 r = socket.recv_from(&mut buf) => r,
             };
             let (n, peer) = match received {
@@ -269,25 +297,58 @@ impl UdpProxy {
                 return None;
             }
         };
-        let listener_metrics = self.metrics.listener();
-        let session = Arc::new(Session {
-            to_node,
-            meter: SessionMeter::new(listener_metrics.clone(), self.runtime.metrics.node(&node)),
-            lease: node.lease(),
-            idle: l4.session_idle,
-            srt: conclusion.is_some(),
-            node_cookie: OnceLock::new(),
-            replaced: CancellationToken::new(),
-            _open: self.metrics.session_opened(node.id()),
-            _connection: listener_metrics.connection_opened(),
-        });
+        let session = self.new_session(to_node, &node, l4.session_idle, conclusion.is_some());
         self.sessions().insert(peer, session.clone());
         let stream = wanted.key.as_deref().unwrap_or("-");
         tracing::info!(listener = %name, %peer, node = node.id(), stream, publish, "udp session opened");
-        let this = self.clone();
-        let (listener, shutdown, run) = (listener.clone(), shutdown.clone(), session.clone());
         let handshake = session.srt.then(|| first.to_vec());
         let connect_timeout = view.config.timeouts.connect;
+        self.relay(
+            peer,
+            &session,
+            listener,
+            shutdown,
+            handshake,
+            connect_timeout,
+        );
+        Some(session)
+    }
+
+    fn new_session(
+        &self,
+        to_node: UdpSocket,
+        node: &Arc<Node>,
+        idle: Duration,
+        srt: bool,
+    ) -> Arc<Session> {
+        let listener_metrics = self.metrics.listener();
+        Arc::new(Session {
+            to_node,
+            meter: SessionMeter::new(listener_metrics.clone(), self.runtime.metrics.node(node)),
+            lease: node.lease(),
+            idle,
+            srt,
+            node_cookie: OnceLock::new(),
+            replaced: CancellationToken::new(),
+            moved: CancellationToken::new(),
+            _open: self.metrics.session_opened(node.id()),
+            _connection: listener_metrics.connection_opened(),
+        })
+    }
+
+    /// Relays the node's side of `session` (after the SRT `handshake` with
+    /// the node, when amslb answered the caller's) until it ends.
+    fn relay(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        session: &Arc<Session>,
+        listener: &Arc<UdpSocket>,
+        shutdown: &CancellationToken,
+        handshake: Option<Vec<u8>>,
+        connect_timeout: Duration,
+    ) {
+        let this = self.clone();
+        let (listener, shutdown, run) = (listener.clone(), shutdown.clone(), session.clone());
         tokio::spawn(async move {
             let relay = async {
                 if let Some(conclusion) = handshake {
@@ -296,15 +357,83 @@ impl UdpProxy {
                 }
                 Err::<(), _>(this.node_to_client(&run, &listener, peer).await)
             };
+            // Biased: the relay is polled before `moved`, so a hand-over stops
+            // it only while it waits to receive, never between a datagram's
+            // receive and its send (none read here is dropped).
             let why = tokio::select! {
+                biased;
                 () = shutdown.cancelled() => "shutdown".to_string(),
                 () = run.meter.idle(run.idle) => "idle".to_string(),
                 () = run.replaced.cancelled() => "replaced by a new caller".to_string(),
                 Err(e) = relay => format!("error: {e}"),
+                () = run.moved.cancelled() => "handed over to the new process".to_string(),
             };
             this.close(peer, &run, &why);
         });
-        Some(session)
+    }
+
+    /// Stops every session here and hands them over (an upgrade): the new
+    /// process relays them on the same node sockets. Call it only once the
+    /// receive loop ([`UdpProxy::serve`]) has stopped, so no datagram is
+    /// read here and no session opened after. A caller still in its SRT
+    /// handshake with the node is not handed over: it repeats its handshake
+    /// and the new process places it afresh.
+    pub fn hand_off(&self) -> Vec<MovedSession> {
+        let sessions: Vec<_> = self.sessions().drain().collect();
+        let mut moved = Vec::with_capacity(sessions.len());
+        for (client, session) in sessions {
+            session.moved.cancel();
+            let node_cookie = session.node_cookie.get().copied();
+            if session.srt && node_cookie.is_none() {
+                continue;
+            }
+            match session.to_node.as_fd().try_clone_to_owned() {
+                Ok(socket) => moved.push(MovedSession {
+                    client,
+                    node: session.lease.node().spec().clone(),
+                    node_cookie,
+                    idle: session.idle,
+                    socket,
+                }),
+                Err(e) => {
+                    tracing::warn!(listener = %self.name, %client, error = %e, "udp session cannot be handed over")
+                }
+            }
+        }
+        moved
+    }
+
+    /// Takes over a session handed over by the previous process; `listener`
+    /// is the listening socket it arrived on. The node is this process's own
+    /// when membership knows it, else one built from the handed-over spec.
+    pub fn adopt(
+        self: &Arc<Self>,
+        moved: MovedSession,
+        listener: &Arc<UdpSocket>,
+        shutdown: &CancellationToken,
+    ) -> io::Result<()> {
+        let socket = std::net::UdpSocket::from(moved.socket);
+        socket.set_nonblocking(true)?;
+        let to_node = UdpSocket::from_std(socket)?;
+        let node = match self.runtime.cluster.snapshot().node(&moved.node.id) {
+            Some(node) if node.spec().addr == moved.node.addr => node.clone(),
+            _ => Arc::new(Node::new(moved.node)),
+        };
+        let session = self.new_session(to_node, &node, moved.idle, moved.node_cookie.is_some());
+        if let Some(cookie) = moved.node_cookie {
+            let _ = session.node_cookie.set(cookie);
+        }
+        self.sessions().insert(moved.client, session.clone());
+        tracing::info!(listener = %self.name, peer = %moved.client, node = node.id(), "udp session taken over from the previous process");
+        self.relay(
+            moved.client,
+            &session,
+            listener,
+            shutdown,
+            None,
+            Duration::ZERO,
+        );
+        Ok(())
     }
 
     /// The node's side of an SRT handshake amslb began with the caller: an

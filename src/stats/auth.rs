@@ -121,6 +121,12 @@ impl Access {
     }
 }
 
+/// The user name of a basic `Authorization` header, for audit records.
+pub fn user_of(authorization: Option<&HeaderValue>) -> Option<String> {
+    let (user, _) = decode_basic(authorization?.as_bytes())?;
+    String::from_utf8(user).ok()
+}
+
 /// Splits `Basic base64(user:password)` into its parts.
 fn decode_basic(header: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
     let (scheme, rest) = header.split_at_checked(6)?;

@@ -10,6 +10,7 @@ pub mod status;
 
 use crate::cluster::Cluster;
 use crate::metrics::Metrics;
+use crate::state::{Drain, SharedState, now_ms};
 use arc_swap::ArcSwap;
 use auth::{Access, Verdict};
 use bytes::Bytes;
@@ -50,6 +51,11 @@ pub trait Control: Send + Sync {
     fn groups(&self) -> Vec<String>;
     /// Recent health check results of a node, oldest first (true = passed).
     fn health_history(&self, node: &str) -> Vec<bool>;
+    /// The drains (shared with the other instances under `[state]`); `None`
+    /// where a caller has none, and then a drain is this node flag alone.
+    fn shared(&self) -> Option<Arc<SharedState>> {
+        None
+    }
 }
 
 /// Everything a stats request handler reads.
@@ -214,7 +220,9 @@ pub async fn handle<B>(state: &StatsState, peer: IpAddr, req: Request<B>) -> Rep
                 if !same_origin(&req) {
                     return error_reply(StatusCode::FORBIDDEN, "cross-origin request refused");
                 }
-                node_action(state, peer, rest)
+                let user = auth::user_of(req.headers().get(header::AUTHORIZATION));
+                let by = format!("{}@{peer}", user.as_deref().unwrap_or("-"));
+                node_action(state, &by, rest, req.uri().query().unwrap_or("")).await
             }
             Some(_) => method_not_allowed("POST"),
             None if matches!(path, "/" | "/metrics" | "/api/v1/status") => {
@@ -233,8 +241,37 @@ fn method_not_allowed(allow: &'static str) -> Reply {
     r
 }
 
-/// `POST /api/v1/nodes/{id}/drain` and `.../undrain`.
-fn node_action(state: &StatsState, peer: IpAddr, rest: &str) -> Reply {
+/// Longest a `wait` drain request is held open without a deadline.
+const MAX_DRAIN_WAIT: Duration = Duration::from_secs(3600);
+
+/// What a drain request asks besides the drain itself.
+#[derive(Debug, Default)]
+struct DrainQuery {
+    /// `deadline=10m`: the node is out then, sessions or not.
+    deadline: Option<Duration>,
+    /// `wait=1`: answer only once the node is out (empty, or the deadline
+    /// passed), for a preStop or ASG lifecycle hook.
+    wait: bool,
+}
+
+fn drain_query(query: &str) -> Result<DrainQuery, String> {
+    let mut parsed = DrainQuery::default();
+    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+        match &*key {
+            "deadline" => {
+                parsed.deadline = Some(
+                    crate::config::duration::parse(&value).map_err(|e| format!("deadline: {e}"))?,
+                );
+            }
+            "wait" => parsed.wait = matches!(&*value, "" | "1" | "true" | "yes"),
+            other => return Err(format!("unknown parameter {other:?} (deadline, wait)")),
+        }
+    }
+    Ok(parsed)
+}
+
+/// `POST /api/v1/nodes/{id}/drain[?deadline=10m][&wait=1]` and `.../undrain`.
+async fn node_action(state: &StatsState, by: &str, rest: &str, query: &str) -> Reply {
     let Some((id, action)) = rest.rsplit_once('/') else {
         return error_reply(
             StatusCode::NOT_FOUND,
@@ -249,17 +286,53 @@ fn node_action(state: &StatsState, peer: IpAddr, rest: &str) -> Reply {
     let Some(id) = percent_decode(id) else {
         return error_reply(StatusCode::BAD_REQUEST, "bad node id encoding");
     };
+    let query = match drain_query(query) {
+        Ok(q) => q,
+        Err(e) => return error_reply(StatusCode::BAD_REQUEST, &e),
+    };
     let snapshot = state.cluster.snapshot();
-    let Some(node) = snapshot.node(&id) else {
+    let Some(node) = snapshot.node(&id).cloned() else {
         return error_reply(StatusCode::NOT_FOUND, "no such node");
     };
-    let was = node.set_draining(drain);
-    if was != drain {
-        info!(node = %id, group = node.group(), %peer, draining = drain, "node drain state changed through the admin API");
+    let Some(drains) = state.control.shared() else {
+        let was = node.set_draining(drain);
+        return json_reply(
+            StatusCode::OK,
+            &serde_json::json!({ "node": id, "draining": drain, "changed": was != drain }),
+        );
+    };
+    let was = drains.get(&id);
+    let now = now_ms();
+    let record = drain.then(|| Drain {
+        by: by.to_string(),
+        instance: drains.instance().to_string(),
+        at_ms: now,
+        deadline_ms: query
+            .deadline
+            .map(|d| now.saturating_add(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))),
+    });
+    if let Err(e) = drains.set(&state.cluster, &id, record.clone()).await {
+        warn!(node = %id, by, error = %e, "drain change refused");
+        return error_reply(StatusCode::SERVICE_UNAVAILABLE, &e);
+    }
+    info!(node = %id, group = node.group(), by, draining = drain, deadline = ?query.deadline, "node drain state changed through the admin API");
+    if drain && query.wait {
+        let limit = query.deadline.unwrap_or(MAX_DRAIN_WAIT) + Duration::from_secs(1);
+        let started = tokio::time::Instant::now();
+        while !node.is_out() && started.elapsed() < limit {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
     json_reply(
         StatusCode::OK,
-        &serde_json::json!({ "node": id, "draining": drain, "changed": was != drain }),
+        &serde_json::json!({
+            "node": id,
+            "draining": drain,
+            "changed": was.is_some() != drain,
+            "out": node.is_out(),
+            "sessions": node.active_sessions(),
+            "drain": record.as_ref().map(Drain::to_json),
+        }),
     )
 }
 

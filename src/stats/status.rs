@@ -47,7 +47,12 @@ fn node_json(
         "state": node_state(node),
         "healthy": node.is_healthy(),
         "draining": node.is_draining(),
+        // Who drained it, when, until when (null: not drained through the API).
+        "drain": control.shared().and_then(|d| d.get(node.id())).map(|d| d.to_json()),
+        "out": node.is_out(),
         "active_sessions": node.active_sessions(),
+        // Sessions on the node over every live amslb instance (`[state]`).
+        "cluster_sessions": node.cluster_load(),
         // Open RTMP, RTMPS and SRT sessions relayed to the node (all listeners).
         "l4_sessions": streaming,
         "requests": by_class(counters.as_ref().map(|c| c.requests_by_class()).unwrap_or_default()),
@@ -130,6 +135,8 @@ pub fn status(metrics: &Metrics, cluster: &Cluster, control: &dyn Control) -> Va
         "membership": membership,
         "certificates": certificates,
         "access_log_dropped": o.access_log_dropped,
+        // The other live amslb instances sharing `[state]` (empty without it).
+        "instances": control.shared().map_or_else(|| json!([]), |s| s.peers_json()),
     })
 }
 

@@ -19,7 +19,7 @@ impl Candidate for Arc<Node> {
         Node::id(self)
     }
     fn load(&self) -> usize {
-        self.active_sessions()
+        self.cluster_load()
     }
 }
 

@@ -244,6 +244,31 @@ pub fn config_on(
     text
 }
 
+/// An SRT node: ffmpeg (built with libsrt) as an SRT listener on `addr`,
+/// saving what it receives to `out` (MPEG-TS); ends when the caller does.
+pub fn srt_node(addr: SocketAddr, out: &Path) -> Child {
+    require("ffmpeg", "ffmpeg");
+    let protocols = Command::new("ffmpeg")
+        .args(["-hide_banner", "-protocols"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&protocols.stdout)
+            .lines()
+            .any(|l| l.trim() == "srt"),
+        "this ffmpeg has no SRT support: install Debian's ffmpeg (built with libsrt)"
+    );
+    Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
+        .args(["-i", &format!("srt://{addr}?mode=listener&latency=50000")])
+        .args(["-c", "copy", "-f", "mpegts"])
+        .arg(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 /// Runs ffmpeg publishing a generated H.264 test pattern (320x240, 25 fps) for
 /// `secs` seconds to `url` in real time; returns the process.
 pub fn publish(url: &str, secs: u32, format: &str) -> Child {

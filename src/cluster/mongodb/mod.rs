@@ -90,6 +90,18 @@ impl SourceStatus {
     }
 }
 
+/// A driver client for `uri` with short timeouts, so a MongoDB that does
+/// not answer fails an operation in seconds instead of the driver's 30.
+/// Values the operator put in the URI win.
+pub async fn client(uri: &MongoUri) -> mongodb::error::Result<Client> {
+    let mut opts = ClientOptions::parse(uri.expose()).await?;
+    opts.server_selection_timeout
+        .get_or_insert(SERVER_SELECTION_TIMEOUT);
+    opts.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
+    opts.app_name.get_or_insert_with(|| "amslb".into());
+    Client::with_options(opts)
+}
+
 /// Why the source cannot start.
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
@@ -275,13 +287,7 @@ impl Runner {
     /// Builds the client. No network I/O for `mongodb://` URIs; `mongodb+srv://`
     /// resolves DNS here, which may fail and is retried like an outage.
     async fn connect(&self) -> Result<Collection<Document>, SourceError> {
-        let mut opts = ClientOptions::parse(self.uri.expose()).await?;
-        // Respect values the operator put in the URI; otherwise stay short.
-        opts.server_selection_timeout
-            .get_or_insert(SERVER_SELECTION_TIMEOUT);
-        opts.connect_timeout.get_or_insert(CONNECT_TIMEOUT);
-        opts.app_name.get_or_insert_with(|| "amslb".into());
-        let client = Client::with_options(opts)?;
+        let client = client(&self.uri).await?;
         Ok(client.database(&self.database).collection(&self.collection))
     }
 

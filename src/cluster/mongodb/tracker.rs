@@ -38,6 +38,8 @@ pub struct Tracker {
     published: Option<Vec<NodeSpec>>,
     /// Addresses of the host names nodes registered.
     resolver: Arc<Resolver>,
+    /// Nodes whose document is gone but that are kept for their open sessions.
+    lingering: std::collections::HashSet<String>,
 }
 
 impl Tracker {
@@ -51,6 +53,7 @@ impl Tracker {
             warned: HashMap::new(),
             published: None,
             resolver: Arc::new(Resolver::default()),
+            lingering: std::collections::HashSet::new(),
         }
     }
 
@@ -179,6 +182,31 @@ impl Tracker {
         for (id, host) in unresolved {
             self.warn_once(&id, format!("host name {host:?} does not resolve"));
         }
+        // Scale-in without cuts: a node whose document went away (an
+        // auto-scaler removed it) keeps, like a stale node, its open sessions
+        // and sticky clients while it has sessions here and passes health
+        // checks; it takes no new session and leaves once empty or down.
+        let mut lingering = std::collections::HashSet::new();
+        for node in snapshot.nodes() {
+            let kept = specs.iter().any(|s| s.id == node.id())
+                || self.published.is_none()
+                || node.active_sessions() == 0
+                || !node.is_healthy();
+            if kept {
+                continue;
+            }
+            if !self.lingering.contains(node.id()) {
+                tracing::info!(
+                    node = node.id(),
+                    sessions = node.active_sessions(),
+                    "node's document is gone: kept for its open sessions, no new ones"
+                );
+            }
+            lingering.insert(node.id().to_string());
+            specs.push(node.spec().clone());
+            states.push((node.id().to_string(), true, node.reported_load()));
+        }
+        self.lingering = lingering;
         specs.sort_by(|a, b| a.id.cmp(&b.id));
         if self.published.as_ref() != Some(&specs) {
             log_changes(self.published.as_deref().unwrap_or_default(), &specs);
@@ -192,7 +220,7 @@ impl Tracker {
             let Some(node) = current.get(id.as_str()) else {
                 continue;
             };
-            if node.set_stale(stale) != stale {
+            if node.set_stale(stale) != stale && !self.lingering.contains(&id) {
                 if stale {
                     tracing::warn!(
                         node = id,
@@ -269,6 +297,46 @@ mod tests {
         t.publish(&cluster, 1);
         assert_eq!(cluster.snapshot().nodes().count(), 0);
         assert!(t.warned.is_empty());
+    }
+
+    #[test]
+    fn node_whose_document_goes_keeps_its_sessions_until_empty_or_down() {
+        let cluster = Cluster::new();
+        let mut t = tracker();
+        t.replace_all(
+            &[
+                ams("o1", "127.0.5.1", WALL, "5"),
+                ams("o2", "127.0.5.2", WALL, "5"),
+            ],
+            0,
+            WALL,
+        );
+        t.publish(&cluster, 0);
+        let o1 = cluster.snapshot().node("o1").unwrap().clone();
+        let session = o1.lease();
+        // The auto-scaler removes o1: its document is deleted.
+        t.remove("o1");
+        t.publish(&cluster, 1);
+        let kept = cluster
+            .snapshot()
+            .node("o1")
+            .cloned()
+            .expect("kept while in use");
+        assert!(Arc::ptr_eq(&kept, &o1), "same node, same state");
+        assert!(kept.is_stale() && !kept.is_usable(), "no new sessions");
+        // Empty: it leaves.
+        drop(session);
+        t.publish(&cluster, 2);
+        assert!(cluster.snapshot().node("o1").is_none());
+        assert_eq!(ids(&cluster, "origin"), ["o2"]);
+
+        // Failing health checks end the grace at once, sessions or not.
+        let o2 = cluster.snapshot().node("o2").unwrap().clone();
+        let _session = o2.lease();
+        t.remove("o2");
+        o2.set_healthy(false);
+        t.publish(&cluster, 3);
+        assert!(cluster.snapshot().node("o2").is_none());
     }
 
     #[test]
