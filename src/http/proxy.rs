@@ -322,8 +322,13 @@ pub(crate) async fn forward(
 ) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
     let upload = Upload::new(request.body());
     let client_timeout = config.timeouts.client;
-    let mut request = request
-        .map(|body| UpstreamBody::Client(UnsyncBoxBody::new(ClientBody::new(body, upload.clone(), client_timeout))));
+    let mut request = request.map(|body| {
+        UpstreamBody::Client(UnsyncBoxBody::new(ClientBody::new(
+            body,
+            upload.clone(),
+            client_timeout,
+        )))
+    });
     let health = &ctx.runtime.health;
     let report = Reporting {
         health,
