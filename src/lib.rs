@@ -8,15 +8,20 @@
 //! 1. Plain settings and helpers: [`config`] (the file, its validation, and
 //!    [`config::diff`]: what a reload changes and what only a restart
 //!    applies), [`route`] (classify a request line), [`listener`] (socket
-//!    options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`].
+//!    options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`],
+//!    `fdlimit` (the binary's open-file limit), [`import`] (HAProxy/nginx configs to
+//!    lb.toml).
 //! 2. Cluster data: [`cluster`]: nodes, groups and the membership snapshot,
 //!    and the membership sources behind [`cluster::MembershipSource`]
 //!    (static list, MongoDB registry).
 //! 3. [`metrics`]: the Prometheus families, fed by everything below.
 //! 4. Pure decisions: [`balance`] (pick a node), [`sticky`] (cookie and
-//!    WHIP/WHEP affinity).
+//!    WHIP/WHEP affinity), [`policy`] (rules, per-client limits, trusted
+//!    proxies, host routing).
 //! 5. Background state: [`health`] (probes, passive checks), [`access_log`],
-//!    [`tls`] (certificates, ACME, the handshake).
+//!    [`tls`] (certificates, ACME, the handshake), [`node_tls`] (TLS to
+//!    nodes, shared by probes and proxies), [`state`] (drains and session
+//!    counts shared with other instances through MongoDB).
 //! 6. [`transport`]: connections to nodes, pooled per node address.
 //! 7. [`runtime`]: the state shared by every connection (config snapshot,
 //!    membership, health, pools, TLS, affinity), one `Arc`.
@@ -29,6 +34,7 @@
 //! 10. [`listeners`]: the listener registry (accept loops by name and address).
 //! 11. [`server`] (start and shut down) and [`reload`] (the config lifetime
 //!     after start); [`run`] is the one place that wires them together.
+//! 12. [`upgrade`]: handing every listener to a new process on SIGUSR2.
 //!
 //! Data flows one way: listener → connection ([`listeners`]) → classify
 //! ([`route`]) → pick a node ([`streaming::select`] with [`balance`] over a
