@@ -65,6 +65,14 @@ fn restart_reason(
     match key {
         "global.max_connections" => return Some("the connection slots are sized at start"),
         "global.workers" => return Some("serving threads start with the process"),
+        k if k == "state" || k.starts_with("state.") => {
+            return Some("the shared state ([state]) connects at start");
+        }
+        k if k.starts_with("cluster.node_tls")
+            || (k.starts_with("group.") && k.contains(".node_tls")) =>
+        {
+            return Some("TLS to nodes is set up at start");
+        }
         _ => {}
     }
     let rest = key.strip_prefix("listener.")?;
@@ -279,6 +287,26 @@ address = "127.0.0.1"
         );
         let new = BASE.replace("protocol = \"tcp\"", "protocol = \"tcp\"\ncert = \"a.pem\"");
         assert_eq!(keys(BASE, &new), [("listener.rtmp.cert".to_string(), true)]);
+    }
+
+    #[test]
+    fn shared_state_and_node_tls_need_a_restart() {
+        let new = BASE.to_string()
+            + "[state]\ndatabase = \"lb\"\n"
+            + "[cluster.node_tls]\nserver_name = \"nodes.internal\"\n";
+        let changed = keys(BASE, &new);
+        assert!(!changed.is_empty(), "{changed:?}");
+        assert!(changed.iter().all(|(_, restart)| *restart), "{changed:?}");
+        assert!(
+            changed.iter().any(|(k, _)| k.starts_with("state")),
+            "{changed:?}"
+        );
+        assert!(
+            changed
+                .iter()
+                .any(|(k, _)| k.starts_with("cluster.node_tls")),
+            "{changed:?}"
+        );
     }
 
     #[test]
