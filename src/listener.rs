@@ -85,6 +85,12 @@ impl Listening {
         self.lock().remove(&(owner, name.clone(), addr));
     }
 
+    /// Forgets every socket: the process is stopping (or has handed its
+    /// listeners on), and a kept copy would leave the ports accepting.
+    pub fn clear(&self) {
+        self.lock().clear();
+    }
+
     /// Fresh copies of every recorded socket, to send to a new process.
     pub fn copies(&self) -> io::Result<Vec<OwnedFd>> {
         self.lock().values().map(|fd| fd.try_clone()).collect()

@@ -268,6 +268,7 @@ impl Running {
             "shutting down: no new connections, waiting for in-flight requests"
         );
         runtime.shutdown.cancel();
+        runtime.listening.clear();
         runtime.tasks.close();
         if tokio::time::timeout(grace, runtime.tasks.wait())
             .await

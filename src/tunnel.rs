@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::either::Either;
 
 /// A connection whose close can be turned into a reset: after
@@ -95,6 +95,22 @@ pub fn upgraded(upgraded: hyper::upgrade::Upgraded) -> UpgradedIo {
     use hyper_util::rt::TokioIo;
     let upgraded = match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => return Prefixed::new(parts.read_buf, Either::Left(parts.io.into_inner())),
+        Err(upgraded) => upgraded,
+    };
+    // Client connections come wrapped in their write timeout; the tunnel's
+    // own idle timeout (`timeouts.tunnel`) takes over from here.
+    let upgraded = match upgraded.downcast::<TokioIo<WriteTimeout<TcpStream>>>() {
+        Ok(parts) => {
+            let io = parts.io.into_inner().io;
+            return Prefixed::new(parts.read_buf, Either::Left(io));
+        }
+        Err(upgraded) => upgraded,
+    };
+    let upgraded = match upgraded.downcast::<TokioIo<WriteTimeout<ServerTls>>>() {
+        Ok(parts) => {
+            let io = parts.io.into_inner().io;
+            return Prefixed::new(parts.read_buf, Either::Right(Either::Left(Box::new(io))));
+        }
         Err(upgraded) => upgraded,
     };
     match upgraded.downcast::<TokioIo<ServerTls>>() {
@@ -334,6 +350,136 @@ where
         counter.fetch_add(n as u64, Ordering::Relaxed);
         let now = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         last_activity.store(now, Ordering::Relaxed);
+    }
+}
+
+/// The error text of a [`WriteTimeout`] expiry, so callers can tell it apart.
+pub(crate) const WRITE_TIMEOUT: &str = "client read nothing for timeouts.client";
+
+/// A timer that measures one wait at a time: armed when a poll finds nothing
+/// to do, disarmed when the next one makes progress. One allocation for the
+/// life of its owner, a timer-wheel reset per wait.
+#[derive(Debug)]
+pub struct IdleTimer {
+    limit: Duration,
+    sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+}
+
+impl IdleTimer {
+    /// A disarmed timer whose waits may last `limit`.
+    pub fn new(limit: Duration) -> Self {
+        Self {
+            limit,
+            sleep: None,
+            armed: false,
+        }
+    }
+
+    /// Called when a poll came back pending: starts the wait if none is
+    /// running and tells whether it has lasted `limit` (registering `cx`
+    /// to be woken when it will).
+    pub fn expired(&mut self, cx: &mut Context<'_>) -> bool {
+        let deadline = Instant::now() + self.limit;
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            sleep.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        sleep.as_mut().poll(cx).is_ready()
+    }
+
+    /// Called when a poll made progress: the wait is over.
+    pub fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+/// A client connection whose writes may not wait longer than `timeouts.client`
+/// (it lives here, below the HTTP layer, so [`upgraded`] can unwrap it):
+/// a client that stops reading (a full socket buffer) is cut off, which drops
+/// the response body and with it the node connection and its lease. Reads
+/// are untouched (hyper's header-read timeout and the body timers cover them).
+#[derive(Debug)]
+pub struct WriteTimeout<IO> {
+    io: IO,
+    timer: IdleTimer,
+}
+
+impl<IO> WriteTimeout<IO> {
+    /// Wraps `io`; a write pending for `limit` fails with `TimedOut`.
+    pub fn new(io: IO, limit: Duration) -> Self {
+        Self {
+            io,
+            timer: IdleTimer::new(limit),
+        }
+    }
+
+    fn track<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match polled {
+            Poll::Pending if self.timer.expired(cx) => {
+                Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, WRITE_TIMEOUT)))
+            }
+            Poll::Pending => Poll::Pending,
+            done => {
+                self.timer.disarm();
+                done
+            }
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for WriteTimeout<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for WriteTimeout<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.track(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.track(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.track(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_shutdown(cx);
+        this.track(cx, polled)
     }
 }
 
