@@ -267,8 +267,21 @@ impl Running {
             ?grace,
             "shutting down: no new connections, waiting for in-flight requests"
         );
-        runtime.shutdown.cancel();
+        // Stop accepting first; a connection accepted an instant ago has not
+        // sent its request yet, and a graceful close now would cut it (seen
+        // across upgrades): let it be read before every connection is told
+        // to finish.
+        for stop in runtime
+            .accept_loops
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            stop.cancel();
+        }
         runtime.listening.clear();
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        runtime.shutdown.cancel();
         runtime.tasks.close();
         if tokio::time::timeout(grace, runtime.tasks.wait())
             .await
