@@ -258,12 +258,14 @@ balance = "stream-hash"
         );
         assert_eq!(upgraded, expected, "{}: WebSocket {upgraded}", node.id());
     }
-    // The SDK checked the node with a HEAD on http_url before connecting.
+    // The SDK checked the node with a HEAD on http_url before connecting
+    // (the browser follows the node's 302 `/LiveApp` → `/LiveApp/`, as AMS
+    // answers a deployed app, so the node may see either).
     assert!(
         chosen
             .seen()
             .iter()
-            .any(|s| s.method == "HEAD" && s.uri == "/LiveApp"),
+            .any(|s| s.method == "HEAD" && (s.uri == "/LiveApp" || s.uri == "/LiveApp/")),
         "no HEAD /LiveApp on {}: {:?}",
         chosen.id(),
         chosen
