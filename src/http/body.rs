@@ -89,6 +89,12 @@ pub fn local_response(status: StatusCode, text: &str) -> Response<ResponseBody> 
         status.as_u16(),
         status.canonical_reason().unwrap_or("")
     );
+    plain_text(status, body)
+}
+
+/// A response with `body` as plain text, not cacheable: every answer amslb
+/// writes itself (errors, refusals, rule answers) goes out this way.
+pub fn plain_text(status: StatusCode, body: String) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(body))));
     *response.status_mut() = status;
     let headers = response.headers_mut();

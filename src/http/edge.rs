@@ -11,10 +11,8 @@ use crate::policy::{clients, hosts};
 use crate::route::{Route, RouteKind};
 use crate::runtime::ListenerView;
 use crate::streaming::select::Wanted;
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tracing::info;
@@ -214,13 +212,5 @@ fn answer(status: u16, body: Option<&str>) -> Response<ResponseBody> {
             status.canonical_reason().unwrap_or("")
         ),
     };
-    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(text))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    super::body::plain_text(status, text)
 }
