@@ -2,9 +2,9 @@
 //! short body amslb wrote itself (errors, redirects).
 
 use super::guard::NodeBody;
-use super::idle::BoxError;
 use super::record::Exchange;
 use crate::cluster::NodeLease;
+use crate::transport::BoxError;
 use crate::transport::Lent;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
