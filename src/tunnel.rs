@@ -8,6 +8,8 @@
 //! vanishes leaves a ghost publisher on the node, and a node that resets is
 //! noticed by the client only at its next write.
 
+mod sockets;
+
 use bytes::{Buf, Bytes};
 use std::io;
 use std::pin::Pin;
@@ -122,6 +124,40 @@ pub fn upgraded(upgraded: hyper::upgrade::Upgraded) -> UpgradedIo {
             Bytes::new(),
             Either::Right(Either::Right(TokioIo::new(upgraded))),
         ),
+    }
+}
+
+impl UpgradedIo {
+    /// The plain TCP socket and the bytes already read from it, or `self`
+    /// when it is TLS or a transport hyper keeps wrapped.
+    fn into_socket(self) -> Result<(Bytes, TcpStream), Self> {
+        match self.inner {
+            Either::Left(socket) => Ok((self.prefix, socket)),
+            inner => Err(Prefixed::new(self.prefix, inner)),
+        }
+    }
+}
+
+/// Relays between two upgraded connections like [`relay`]; between two plain
+/// TCP sockets (a WebSocket on a plain listener to a plain node) readiness
+/// driven, so an idle tunnel holds no buffer (`tunnel/sockets.rs`).
+pub async fn relay_upgraded(
+    client: UpgradedIo,
+    node: UpgradedIo,
+    idle: Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> Relayed {
+    match (client.into_socket(), node.into_socket()) {
+        (Ok(client), Ok(node)) => sockets::relay(client, node, idle, stop).await,
+        (client, node) => {
+            let rewrap = |io: Result<(Bytes, TcpStream), UpgradedIo>| match io {
+                Ok((prefix, socket)) => Prefixed::new(prefix, Either::Left(socket)),
+                Err(io) => io,
+            };
+            // Boxed: the buffered relay's state is much larger than the
+            // readiness one's, and the task is sized for the larger.
+            Box::pin(relay(rewrap(client), rewrap(node), idle, stop)).await
+        }
     }
 }
 

@@ -649,7 +649,7 @@ fn spawn_tunnel(
                 return;
             }
         };
-        let relayed = tunnel::relay(
+        let relayed = tunnel::relay_upgraded(
             tunnel::upgraded(client),
             tunnel::upgraded(node_io),
             idle,

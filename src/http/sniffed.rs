@@ -95,10 +95,7 @@ const CLOSE_INTERNAL_ERROR: [u8; 4] = [0x88, 0x02, 0x03, 0xF3];
 const CLOSE_POLICY_VIOLATION: [u8; 4] = [0x88, 0x02, 0x03, 0xF0];
 
 impl Session {
-    async fn run<C>(self, mut client: C, request: Request<Incoming>)
-    where
-        C: AsyncRead + AsyncWrite + Unpin + tunnel::Reset,
-    {
+    async fn run(self, mut client: tunnel::UpgradedIo, request: Request<Incoming>) {
         let mut sniffer = Sniffer::new(&self.app);
         let verdict = sniff(&mut client, &mut sniffer, self.listener.sniff_timeout).await;
         let (target, key, publish) = match &verdict {
@@ -149,7 +146,7 @@ impl Session {
             replayed = sniffer.held().len(),
             "sniffed websocket routed"
         );
-        let relayed = tunnel::relay(
+        let relayed = tunnel::relay_upgraded(
             client,
             node_io,
             self.config.timeouts.tunnel,

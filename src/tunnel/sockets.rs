@@ -1,0 +1,305 @@
+//! The tunnel between two plain TCP sockets, driven by readiness.
+//!
+//! Most tunnels are idle WebSocket signalling: thousands may be open with
+//! nothing moving. [`super::relay`] keeps a read buffer per direction and a
+//! task per direction's future for each of them; here one future waits for
+//! either socket to become readable, reads through one scratch buffer per
+//! thread and writes straight on. Only bytes the other side cannot take at
+//! once are copied out and kept until it can (backpressure: that direction
+//! reads nothing more meanwhile). An idle tunnel holds its two sockets, a
+//! timer and nothing else.
+
+use super::{Relayed, Reset, Side, TunnelEnd};
+use bytes::Bytes;
+use std::cell::RefCell;
+use std::future::Future;
+use std::io::{self, ErrorKind};
+use std::net::Shutdown;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+/// Largest read of one step, as [`super::BUFFER`] for the buffered relay.
+const SCRATCH: usize = super::BUFFER;
+
+thread_local! {
+    /// The read buffer every readiness-driven tunnel of this thread shares:
+    /// it is only used between two awaits, never held across one.
+    static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
+}
+
+/// One direction of the tunnel.
+#[derive(Debug, Default)]
+struct Flow {
+    /// Bytes read but not yet written to the other side.
+    pending: Vec<u8>,
+    /// The source sent its EOF.
+    eof: bool,
+    /// The EOF was passed on (write shutdown of the destination).
+    done: bool,
+    /// Bytes read from the source.
+    moved: u64,
+}
+
+/// Why a step of a direction failed.
+enum Fault {
+    Read,
+    Write,
+}
+
+impl Flow {
+    /// A direction whose source already sent `prefix`.
+    fn with_prefix(prefix: Bytes) -> Self {
+        Self {
+            moved: prefix.len() as u64,
+            pending: prefix.to_vec(),
+            ..Self::default()
+        }
+    }
+
+    /// Waiting for the source: nothing is held for the destination.
+    fn wants_read(&self) -> bool {
+        !self.eof && self.pending.is_empty()
+    }
+
+    /// Waiting for the destination to take what is held.
+    fn wants_write(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Reads what `from` has and writes it to `to`, keeping what `to` cannot
+    /// take now. `Ok(true)` when bytes moved.
+    fn read(&mut self, from: &TcpStream, to: &TcpStream) -> Result<bool, Fault> {
+        SCRATCH_BUFFER.with_borrow_mut(|buf| match from.try_read(buf) {
+            Ok(0) => {
+                self.eof = true;
+                Ok(false)
+            }
+            Ok(n) => {
+                let sent = match to.try_write(&buf[..n]) {
+                    Ok(sent) => sent,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
+                    Err(_) => return Err(Fault::Write),
+                };
+                self.pending.extend_from_slice(&buf[sent..n]);
+                self.moved += n as u64;
+                Ok(true)
+            }
+            // Readiness was stale: wait again.
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            Err(_) => Err(Fault::Read),
+        })
+    }
+
+    /// Writes what is held to `to`; frees the copy once it is all out.
+    fn flush(&mut self, to: &TcpStream) -> Result<bool, Fault> {
+        match to.try_write(&self.pending) {
+            Ok(sent) => {
+                self.pending.drain(..sent);
+                if self.pending.is_empty() {
+                    self.pending = Vec::new();
+                }
+                Ok(sent > 0)
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
+            Err(_) => Err(Fault::Write),
+        }
+    }
+
+    /// Passes the source's EOF on as a half-close once all is written.
+    fn pass_eof(&mut self, to: &TcpStream) -> Result<(), Fault> {
+        if self.eof && !self.done && self.pending.is_empty() {
+            self.done = true;
+            match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
+                // The destination closed already: nothing left to tell it.
+                Err(e) if e.kind() != ErrorKind::NotConnected => return Err(Fault::Write),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Relays between `client` and `node` like [`super::relay`] (half-close passed
+/// on, the first error resets the other side, `idle` and `stop` end it),
+/// first writing `client_prefix` to the node and `node_prefix` to the client:
+/// bytes already read from each before the tunnel began.
+pub async fn relay(
+    (client_prefix, client): (Bytes, TcpStream),
+    (node_prefix, node): (Bytes, TcpStream),
+    idle: Duration,
+    stop: impl Future<Output = ()>,
+) -> Relayed {
+    let mut up = Flow::with_prefix(client_prefix);
+    let mut down = Flow::with_prefix(node_prefix);
+    let timer = tokio::time::sleep(idle);
+    tokio::pin!(timer, stop);
+    let end = loop {
+        if up.done && down.done {
+            break Ok(TunnelEnd::Closed);
+        }
+        let step: Result<bool, (Fault, Side, Side)> = tokio::select! {
+            ready = client.readable(), if up.wants_read() => step(ready, Fault::Read, || up.read(&client, &node), Side::Client, Side::Node),
+            ready = node.writable(), if up.wants_write() => step(ready, Fault::Write, || up.flush(&node), Side::Client, Side::Node),
+            ready = node.readable(), if down.wants_read() => step(ready, Fault::Read, || down.read(&node, &client), Side::Node, Side::Client),
+            ready = client.writable(), if down.wants_write() => step(ready, Fault::Write, || down.flush(&client), Side::Node, Side::Client),
+            () = &mut timer => break Ok(TunnelEnd::Idle),
+            () = &mut stop => break Ok(TunnelEnd::Shutdown),
+        };
+        let step = step.and_then(|moved| {
+            up.pass_eof(&node)
+                .map_err(|f| (f, Side::Client, Side::Node))?;
+            down.pass_eof(&client)
+                .map_err(|f| (f, Side::Node, Side::Client))?;
+            Ok(moved)
+        });
+        match step {
+            Ok(true) => timer.as_mut().reset(Instant::now() + idle),
+            Ok(false) => {}
+            Err((fault, from, to)) => {
+                break Err(match fault {
+                    Fault::Read => from,
+                    Fault::Write => to,
+                });
+            }
+        }
+    };
+    let end = match end {
+        Ok(end) => end,
+        Err(failed) => {
+            match failed {
+                Side::Client => node.reset_on_close(),
+                Side::Node => client.reset_on_close(),
+            }
+            TunnelEnd::Error
+        }
+    };
+    Relayed {
+        to_node: up.moved,
+        to_client: down.moved,
+        end,
+    }
+}
+
+/// One step of a direction once its socket is ready (`unready`: the fault if
+/// waiting failed; `from` and `to`: the direction's source and destination,
+/// to name the side that failed).
+fn step(
+    ready: io::Result<()>,
+    unready: Fault,
+    act: impl FnOnce() -> Result<bool, Fault>,
+    from: Side,
+    to: Side,
+) -> Result<bool, (Fault, Side, Side)> {
+    ready
+        .map_err(|_| unready)
+        .and_then(|()| act())
+        .map_err(|fault| (fault, from, to))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A connected pair of loopback sockets: (ours, the tunnel's end).
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ours = TcpStream::connect(listener.local_addr().unwrap());
+        let (ours, (theirs, _)) = tokio::join!(ours, async { listener.accept().await.unwrap() });
+        (ours.unwrap(), theirs)
+    }
+
+    fn start(
+        client: TcpStream,
+        node: TcpStream,
+        idle: Duration,
+    ) -> tokio::task::JoinHandle<Relayed> {
+        tokio::spawn(relay(
+            (Bytes::from_static(b"pre:"), client),
+            (Bytes::new(), node),
+            idle,
+            std::future::pending(),
+        ))
+    }
+
+    #[tokio::test]
+    async fn relays_both_ways_with_the_prefix_and_passes_half_close() {
+        let (mut client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        let tunnel = start(client_end, node_end, Duration::from_secs(10));
+        client.write_all(b"hello").await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        node.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"pre:hello");
+        // The client's half-close left the other direction open.
+        node.write_all(b"world").await.unwrap();
+        node.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"world");
+        let relayed = tunnel.await.unwrap();
+        assert_eq!(
+            relayed,
+            Relayed {
+                to_node: 9,
+                to_client: 5,
+                end: TunnelEnd::Closed
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn bulk_data_arrives_intact_past_a_slow_reader() {
+        let (mut client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        let tunnel = start(client_end, node_end, Duration::from_secs(10));
+        // Far more than the socket buffers hold: the tunnel has to keep what
+        // the node cannot take and stop reading meanwhile.
+        let data: Vec<u8> = (0..8 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            client.write_all(&sent).await.unwrap();
+            client.shutdown().await.unwrap();
+            client
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        node.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), data.len() + 4);
+        assert!(got[4..] == data[..], "bytes changed on the way");
+        drop(node);
+        drop(writer.await.unwrap());
+        assert_eq!(tunnel.await.unwrap().to_node, data.len() as u64 + 4);
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_ends_and_a_reset_is_passed_on() {
+        let (_client, client_end) = pair().await;
+        let (_node, node_end) = pair().await;
+        let relayed = start(client_end, node_end, Duration::from_millis(100))
+            .await
+            .unwrap();
+        assert_eq!(relayed.end, TunnelEnd::Idle);
+
+        let (client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        let tunnel = start(client_end, node_end, Duration::from_secs(10));
+        let mut prefix = [0u8; 4];
+        node.read_exact(&mut prefix).await.unwrap();
+        client.reset_on_close();
+        drop(client);
+        assert_eq!(tunnel.await.unwrap().end, TunnelEnd::Error);
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(2), node.read(&mut buf))
+            .await
+            .expect("the node learns at once");
+        assert_eq!(
+            read.map_err(|e| e.kind()),
+            Err(ErrorKind::ConnectionReset),
+            "the client's reset reaches the node as a reset"
+        );
+    }
+}
