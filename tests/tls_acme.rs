@@ -35,6 +35,7 @@ fn tls_config(dir: &Path, pebble: &Pebble, challenge: ChallengeKind) -> TlsConfi
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(2),
             lock_lease: Duration::from_secs(60),
+            storage_key_file: None,
         }),
         ..TlsConfig::default()
     }
