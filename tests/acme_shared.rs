@@ -274,6 +274,17 @@ async fn one_order_serves_both(challenge: &'static str) {
         instances[0].amslb.log(),
         instances[1].amslb.log()
     );
+    let mut issued = 0.0;
+    for instance in &instances {
+        issued += instance
+            .metric("amslb_acme_orders_total{result=\"issued\"}")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert_eq!(
+        issued, 1.0,
+        "amslb_acme_orders_total issued, summed over both"
+    );
     let (orderer, other) = if orders[0] == 1 {
         (&instances[0], &instances[1])
     } else {
@@ -436,4 +447,69 @@ async fn mongodb_down_keeps_serving_the_cached_certificate() {
         }
         assert_eq!(instance.orders(), 0);
     }
+}
+
+/// The order lock in MongoDB: a second holder waits while the lease runs;
+/// once it has run out the lock is taken over with a higher fence, and the
+/// stale holder's writes (challenges, certificate) are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_lock_holder_is_fenced_off() {
+    use amslb::tls::acme::storage::{Challenge, Storage, StorageError, Target};
+    let deployment = Deployment::new("tls-alpn-01").await;
+    let tmp = tempdir("acme-fence");
+    let place = Place::new("A", tmp.path());
+    let loaded =
+        amslb::config::parse_str(&deployment.config(&place), Path::new("lb.toml")).unwrap();
+    let key = amslb::config::tls::read_storage_key(&deployment.key_file).unwrap();
+    let metrics =
+        Arc::new(amslb::metrics::Metrics::new(Arc::new(amslb::cluster::Cluster::new())).unwrap());
+    let storage = || {
+        Storage::new(
+            Target::of(&loaded.config).unwrap(),
+            amslb::tls::acme::seal::StorageKey::new(&key),
+            metrics.clone(),
+        )
+    };
+    let (first, second) = (storage(), storage());
+    let lease = Duration::from_millis(1500);
+    let old = first
+        .acquire(DOMAIN, lease)
+        .await
+        .unwrap()
+        .expect("free lock");
+    assert!(
+        second.acquire(DOMAIN, lease).await.unwrap().is_none(),
+        "a live lease keeps the lock"
+    );
+    tokio::time::sleep(lease + Duration::from_millis(200)).await;
+    let new = second
+        .acquire(DOMAIN, lease)
+        .await
+        .unwrap()
+        .expect("stale lock taken over");
+    assert!(new.fence() > old.fence());
+    let answer = [Challenge::Http01 {
+        token: "t".into(),
+        key_authorization: "t.k".into(),
+    }];
+    let refused = first.publish(&old, &answer).await.unwrap_err();
+    assert!(matches!(refused, StorageError::Refused(_)), "{refused}");
+    let refused = first
+        .store_certificate(&old, "chain", "key")
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, StorageError::Refused(_)), "{refused}");
+    second.publish(&new, &answer).await.unwrap();
+    // The stale holder's release leaves the new holder's lock alone.
+    first.release(&old).await;
+    let doc = deployment
+        .certs_collection()
+        .await
+        .find_one(doc! { "_id": DOMAIN })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.get_i64("fence").unwrap(), new.fence());
+    assert!(doc.get_i64("lock_until_ms").unwrap() > 0, "still held");
+    assert_eq!(doc.get_array("challenges").unwrap().len(), 1);
 }

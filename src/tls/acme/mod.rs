@@ -51,6 +51,17 @@ pub enum AcmeError {
     Storage(#[from] StorageError),
 }
 
+/// What one renewal attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// A certificate was ordered, obtained and installed.
+    Ordered,
+    /// Another instance had stored a fresh certificate; it was installed.
+    Reused,
+    /// Another instance holds the order lock.
+    Busy,
+}
+
 /// A certificate an order just obtained.
 struct Issued {
     entry: CertEntry,
@@ -143,13 +154,17 @@ impl AcmeManager {
                 }
             }
             let pause = match self.renew_once().await {
-                Ok(true) => {
+                Ok(Renewal::Ordered) => {
                     metrics.acme_order("issued");
                     failures = 0;
                     continue;
                 }
+                Ok(Renewal::Reused) => {
+                    failures = 0;
+                    continue;
+                }
                 // Another instance holds the lock: look again after a short while.
-                Ok(false) => self.config.retry_min,
+                Ok(Renewal::Busy) => self.config.retry_min,
                 // Shared storage is down (logged once): nobody orders meanwhile.
                 Err(AcmeError::Storage(StorageError::Unavailable(_))) => self.config.retry_min,
                 Err(e) => {
@@ -179,8 +194,8 @@ impl AcmeManager {
             .is_some_and(|due| due > SystemTime::now())
     }
 
-    /// One renewal under the order lock. `Ok(false)` if the lock is held elsewhere.
-    pub async fn renew_once(&self) -> Result<bool, AcmeError> {
+    /// One renewal under the order lock.
+    pub async fn renew_once(&self) -> Result<Renewal, AcmeError> {
         if let Some(storage) = &self.storage {
             let Some(lease) = storage
                 .acquire(self.cert_name(), self.config.lock_lease)
@@ -190,7 +205,7 @@ impl AcmeManager {
                     cert = self.cert_name(),
                     "another instance is ordering (shared lock); waiting"
                 );
-                return Ok(false);
+                return Ok(Renewal::Busy);
             };
             let result = self.renew_shared(storage, &lease).await;
             storage.release(&lease).await;
@@ -203,7 +218,7 @@ impl AcmeManager {
             .map_err(|e| CertError::new(&lock, format!("cannot take order lock: {e}")))?;
         let Some(_lease) = lease else {
             tracing::info!(lock = %lock.display(), "another instance is ordering; waiting");
-            return Ok(false);
+            return Ok(Renewal::Busy);
         };
         // Another instance may have renewed while we waited for the lock.
         let path = self.cert_path();
@@ -211,7 +226,7 @@ impl AcmeManager {
             && self.fresh(&stored)
         {
             self.certs.install(stored);
-            return Ok(true);
+            return Ok(Renewal::Reused);
         }
         let account = account::load_or_create(
             &self.config,
@@ -223,7 +238,7 @@ impl AcmeManager {
         write_private(&path, combined.as_bytes())?;
         tracing::info!(file = %path.display(), not_after = ?entry.not_after, "certificate obtained");
         self.certs.install(entry);
-        Ok(true)
+        Ok(Renewal::Ordered)
     }
 
     /// The renewal of [`AcmeManager::renew_once`] with shared storage, under `lease`.
@@ -231,7 +246,7 @@ impl AcmeManager {
         &self,
         storage: &Storage,
         lease: &storage::Lease,
-    ) -> Result<bool, AcmeError> {
+    ) -> Result<Renewal, AcmeError> {
         let path = self.cert_path();
         // Another instance may have stored a fresh one while we waited.
         if let Some((stored, combined)) = storage.load_certificate(self.cert_name(), &path).await?
@@ -239,7 +254,7 @@ impl AcmeManager {
         {
             self.cache(&path, &combined);
             self.certs.install(stored);
-            return Ok(true);
+            return Ok(Renewal::Reused);
         }
         let account =
             account::load_or_create(&self.config, account::Place::Shared(storage)).await?;
@@ -259,7 +274,7 @@ impl AcmeManager {
         );
         self.cache(&path, &combined);
         self.certs.install(entry);
-        Ok(true)
+        Ok(Renewal::Ordered)
     }
 
     /// Places an order and returns the new certificate.
