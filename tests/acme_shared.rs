@@ -149,15 +149,34 @@ allow = ["127.0.0.0/8"]
         [a, b]
     }
 
-    async fn certs_collection(&self) -> mongodb::Collection<Document> {
+    /// The certificate's document in `amslb.acme_certs`.
+    async fn stored(&self) -> Document {
         secantus::client(&self.db.uri(None))
             .await
             .database("amslb")
-            .collection("acme_certs")
+            .collection::<Document>("acme_certs")
+            .find_one(doc! { "_id": DOMAIN })
+            .await
+            .unwrap()
+            .expect("certificate document")
     }
 }
 
 impl Instance {
+    /// Waits up to 20 s until the log contains `line`.
+    async fn wait_log(&self, line: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !self.amslb.log().contains(line) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not log {line:?}:\n{}",
+                self.name,
+                self.amslb.log()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn orders(&self) -> usize {
         self.amslb.log().matches(ORDERING).count()
     }
@@ -326,13 +345,7 @@ async fn one_order_serves_both(challenge: &'static str) {
         assert!(!place.certs_dir.join(".acme/account.json").exists());
     }
     // In MongoDB the private key is encrypted; the lock is free again.
-    let stored = deployment
-        .certs_collection()
-        .await
-        .find_one(doc! { "_id": DOMAIN })
-        .await
-        .unwrap()
-        .expect("certificate document");
+    let stored = deployment.stored().await;
     assert!(
         stored
             .get_str("chain")
@@ -355,13 +368,7 @@ async fn one_order_serves_both(challenge: &'static str) {
     for instance in &instances {
         assert_eq!(instance.orders(), 0, "{}", instance.amslb.log());
     }
-    let stored = deployment
-        .certs_collection()
-        .await
-        .find_one(doc! { "_id": DOMAIN })
-        .await
-        .unwrap()
-        .unwrap();
+    let stored = deployment.stored().await;
     assert_eq!(stored.get_i64("fence").unwrap(), fence, "no new lock taken");
 }
 
@@ -413,16 +420,7 @@ async fn mongodb_down_keeps_serving_the_cached_certificate() {
     }
     let outage = "ACME storage unavailable: the certificates cached in certs_dir keep serving";
     for instance in &instances {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !instance.amslb.log().contains(outage) {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} did not log the outage:\n{}",
-                instance.name,
-                instance.amslb.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        instance.wait_log(outage).await;
     }
     // A few more failed reads (every second or so) are not logged again.
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -435,16 +433,7 @@ async fn mongodb_down_keeps_serving_the_cached_certificate() {
     // MongoDB back: storage resumes, still no order.
     deployment.db.restart(&[]);
     for instance in &instances {
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while !instance.amslb.log().contains("ACME storage resumes") {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{} did not resume:\n{}",
-                instance.name,
-                instance.amslb.log()
-            );
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        instance.wait_log("ACME storage resumes").await;
         assert_eq!(instance.orders(), 0);
     }
 }
@@ -502,13 +491,7 @@ async fn stale_lock_holder_is_fenced_off() {
     second.publish(&new, &answer).await.unwrap();
     // The stale holder's release leaves the new holder's lock alone.
     first.release(&old).await;
-    let doc = deployment
-        .certs_collection()
-        .await
-        .find_one(doc! { "_id": DOMAIN })
-        .await
-        .unwrap()
-        .unwrap();
+    let doc = deployment.stored().await;
     assert_eq!(doc.get_i64("fence").unwrap(), new.fence());
     assert!(doc.get_i64("lock_until_ms").unwrap() > 0, "still held");
     assert_eq!(doc.get_array("challenges").unwrap().len(), 1);

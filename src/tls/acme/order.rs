@@ -77,7 +77,6 @@ pub async fn obtain(
         published.add(answer)?;
         pending.push(domain);
     }
-    drop(authorizations);
     if let Some((storage, lease)) = shared
         && !pending.is_empty()
     {
@@ -99,7 +98,6 @@ pub async fn obtain(
         })?;
         challenge.set_ready().await?;
     }
-    drop(authorizations);
     let status = order.poll_ready(&POLL).await?;
     if status != OrderStatus::Ready {
         return Err(AcmeError::Order(format!("order ended {status:?}")));

@@ -163,7 +163,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    if !text.len().is_multiple_of(2) {
         return None;
     }
     (0..text.len())
@@ -495,9 +495,9 @@ pub async fn follow(
     shutdown: CancellationToken,
 ) {
     let collection = loop {
-        match storage.collection(CERTS).await {
-            Ok(c) => break c,
-            Err(_) => {} // logged once by the outage tracking
+        // A failure is logged once by the outage tracking.
+        if let Ok(c) = storage.collection(CERTS).await {
+            break c;
         }
         tokio::select! {
             () = shutdown.cancelled() => return,
