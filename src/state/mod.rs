@@ -10,7 +10,8 @@
 //! this process only.
 //!
 //! A drained node takes no new session; it is *out* (sticky clients leave it
-//! too) once its deadline passes or it has no session left. Open tunnels are
+//! too) once its deadline passes or it has no session left through any
+//! instance (its [`Node::cluster_load`] is 0). Open tunnels are
 //! never cut by a drain: they end on their own.
 //!
 //! Every ~2 s each instance writes a heartbeat to `instances` with its open
@@ -254,14 +255,17 @@ impl SharedState {
     }
 
     /// Brings every node in line with the drains at `now`: a drained node is
-    /// draining; it is out once its deadline passed or no session is left.
+    /// draining; it is out once its deadline passed or no session is left on
+    /// it through any instance.
     pub fn apply(&self, cluster: &Cluster, now: i64) {
         let known = self.lock();
         for node in cluster.snapshot().nodes() {
             let drain = known.get(node.id());
             node.set_draining(node.spec().drain || drain.is_some());
+            // Sessions through every instance count (the peers' from their
+            // heartbeats; only this one's while MongoDB is down).
             let out = drain.is_some_and(|d| {
-                d.deadline_ms.is_some_and(|deadline| now >= deadline) || node.active_sessions() == 0
+                d.deadline_ms.is_some_and(|deadline| now >= deadline) || node.cluster_load() == 0
             });
             if node.set_out(out) != out && out {
                 info!(
