@@ -282,8 +282,10 @@ async fn one_order_serves_both(challenge: &'static str) {
     let deployment = Deployment::new(challenge).await;
     let (dir_a, dir_b) = (tempdir("acme-a"), tempdir("acme-b"));
     let places = [Place::new("A", dir_a.path()), Place::new("B", dir_b.path())];
+    let started = std::time::Instant::now();
     let instances = deployment.start(&places);
     let leaf = both_serve(&deployment, &instances).await;
+    let took = started.elapsed();
 
     let orders: Vec<usize> = instances.iter().map(Instance::orders).collect();
     assert_eq!(
@@ -313,6 +315,12 @@ async fn one_order_serves_both(challenge: &'static str) {
     assert!(
         !reached.is_empty() && reached.iter().all(|r| *r == other.name),
         "Pebble's validation reached only {} (the instance that did not order): {reached:?}",
+        other.name
+    );
+    eprintln!(
+        "{challenge}: {} ordered, Pebble's {} validation connection(s) reached {}, both served the certificate {took:?} after start",
+        orderer.name,
+        reached.len(),
         other.name
     );
     assert!(

@@ -506,6 +506,10 @@ pub async fn follow(
     };
     // The answers this follower published, to withdraw them when they go.
     let mut published: HashMap<String, Challenge> = HashMap::new();
+    // The stored leaf last looked at, so a certificate that cannot be used
+    // (another storage key, older than the served one) is decrypted and
+    // logged once, not on every read.
+    let mut looked_at: Option<Vec<u8>> = None;
     let take = |read: Result<Vec<Document>, String>| {
         let docs = match read {
             Ok(docs) => docs,
@@ -524,7 +528,7 @@ pub async fn follow(
             .collect();
         sync_challenges(&mut published, stored, certs.challenges());
         if let Some(doc) = doc {
-            take_certificate(&storage, &certs, doc);
+            take_certificate(&storage, &certs, doc, &mut looked_at);
         }
     };
     crate::state::follow(&collection, &shutdown, take).await;
@@ -567,7 +571,12 @@ fn sync_challenges(
 
 /// Installs the certificate in `doc` if it differs from the one served,
 /// writing it to `certs_dir` first (the cache a restart serves from).
-fn take_certificate(storage: &Storage, certs: &Certificates, doc: &Document) {
+fn take_certificate(
+    storage: &Storage,
+    certs: &Certificates,
+    doc: &Document,
+    looked_at: &mut Option<Vec<u8>>,
+) {
     let Ok(name) = doc.get_str("_id") else {
         return;
     };
@@ -585,9 +594,10 @@ fn take_certificate(storage: &Storage, certs: &Certificates, doc: &Document) {
             .ok()
             .map(|c| c.as_ref().to_vec())
     });
-    if stored_leaf.is_none() || stored_leaf == served_leaf {
+    if stored_leaf.is_none() || stored_leaf == served_leaf || stored_leaf == *looked_at {
         return;
     }
+    looked_at.clone_from(&stored_leaf);
     match storage.certificate_of(doc, &cache) {
         Ok(Some((entry, combined))) => {
             // Never replace a served certificate by an older one.
