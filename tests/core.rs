@@ -234,6 +234,41 @@ fn client_ip(listener: SocketAddr) -> String {
     conn.local_addr().unwrap().ip().to_string()
 }
 
+/// Keep-alive to nodes: requests from many short client connections share a
+/// few node connections, also after bodiless answers (HEAD, 304) and
+/// streamed bodies, each given back to its pool when its answer is done.
+#[tokio::test]
+async fn node_connections_are_reused_across_requests() {
+    let origin = sim_node("origin-1").await;
+    let (publish, play) = (listener_addr(18080), listener_addr(18081));
+    let text = config(
+        publish,
+        play,
+        &[("origin-1", "origin", origin.addr)],
+        "[health]\nenabled = false\n",
+    );
+    let _amslb = Amslb::start(&text, &[publish, play]);
+    for i in 0..150 {
+        let method = if i % 3 == 0 { "HEAD" } else { "GET" };
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("/LiveApp/streams/s{i}.m3u8"))
+            .header("host", "live.test")
+            .body(Empty::new())
+            .unwrap();
+        let answer = send(publish, request).await;
+        assert_eq!(answer.status, 200, "request {i}");
+        assert_eq!(answer.node(), "origin-1");
+    }
+    let opened = origin.connections();
+    // One per event loop thread at most (each keeps its own idle connections),
+    // with a little room for a connection closed while being given back.
+    assert!(
+        (1..=6).contains(&opened),
+        "150 requests opened {opened} node connections"
+    );
+}
+
 #[tokio::test]
 async fn dead_node_is_retried_on_a_live_one() {
     let c = cluster().await;
