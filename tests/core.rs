@@ -110,7 +110,7 @@ fn is_edge(node: &str) -> bool {
 #[tokio::test]
 async fn routing_table_rows_land_on_the_right_group() {
     let c = cluster().await;
-    // (listener, path, expected group) — one row per line of DESIGN.md §2 that HTTP carries.
+    // (listener, path, expected group) — one row per HTTP line of README's routing table.
     let rows: &[(SocketAddr, &str, &str)] = &[
         (c.publish, "/LiveApp/streams/s1.m3u8", "edge"),
         (c.publish, "/LiveApp/streams/s1_adaptive.m3u8", "edge"),
