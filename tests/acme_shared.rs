@@ -1,5 +1,5 @@
-//! ACME storage shared through the `[state]` MongoDB (issue 16): two real
-//! amslb binaries with separate `certs_dir`, one SecantusDB, one Pebble.
+//! ACME storage shared through the `[state]` MongoDB: two real amslb
+//! binaries with separate `certs_dir`, one SecantusDB, one Pebble.
 //!
 //! Pebble reaches "the deployment" through a TCP relay standing in for the
 //! NLB in front of the instances; it sends every validation connection to
