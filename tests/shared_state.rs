@@ -83,6 +83,17 @@ impl Instance {
             .unwrap_or_else(|| panic!("node {id} not on the status page: {doc}"))
     }
 
+    /// Open sessions on n1 and n2 as this instance counts them cluster-wide.
+    async fn cluster_sessions(&self) -> u64 {
+        let mut total = 0;
+        for id in ["n1", "n2"] {
+            total += self.status_node(id).await["cluster_sessions"]
+                .as_u64()
+                .unwrap_or(0);
+        }
+        total
+    }
+
     async fn post(&self, path: &str) -> ops_support::Answer {
         http("POST", &format!("http://{}{path}", self.stats), None).await
     }
@@ -168,7 +179,7 @@ async fn drain_through_one_instance_reaches_the_other_within_a_second() {
         waited >= Duration::from_millis(2900) && waited < Duration::from_secs(6),
         "the hook answered after {waited:?}, the deadline is 3 s"
     );
-    // Out on both at the deadline (B had no session on it, so it was out already).
+    // Out on both at the deadline (B counts A's WebSocket too, so it was not out before).
     for lb in [&a, &b] {
         within(Duration::from_secs(1), "node out", async || {
             lb.status_node(&drained).await["out"] == true
@@ -280,7 +291,7 @@ async fn open_ws(lb: &Instance) -> (Ws, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_balances_sessions_over_both_instances() {
-    let db = Secantus::start(&[]);
+    let mut db = Secantus::start(&[]);
     let nodes = sim_nodes(&["n1", "n2"]).await;
     let a = start_balancing("A", &db, &nodes, "least-conn");
     let b = start_balancing("B", &db, &nodes, "least-conn");
@@ -291,7 +302,7 @@ async fn least_conn_balances_sessions_over_both_instances() {
     for _ in 0..50 {
         open.push(open_ws(&a).await);
     }
-    let (on_n2, kept): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, n)| n == "n2");
+    let (on_n2, mut kept): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, n)| n == "n2");
     assert_eq!(
         (on_n2.len(), kept.len()),
         (25, 25),
@@ -337,6 +348,87 @@ async fn least_conn_balances_sessions_over_both_instances() {
             "{id} has {count} of 75 sessions (n1 {n1}, n2 {n2})"
         );
     }
+
+    // MongoDB killed with all 75 sessions open: they go on, new sessions are
+    // still placed through both instances, B falls back to its own counts,
+    // the outage is logged once and exported; counts resume when it is back.
+    db.kill();
+    for lb in [&a, &b] {
+        within(Duration::from_secs(20), "outage exported", async || {
+            lb.metric("amslb_shared_state_up").await == Some(0.0)
+        })
+        .await;
+    }
+    for (ws, _) in kept.iter_mut().take(3).chain(from_b.iter_mut().take(3)) {
+        echo(ws, "during the outage").await;
+    }
+    let mut during = vec![open_ws(&a).await, open_ws(&b).await];
+    echo(&mut during[0].0, "new via A").await;
+    echo(&mut during[1].0, "new via B").await;
+    within(
+        Duration::from_secs(10),
+        "B places by its own counts",
+        async || b.cluster_sessions().await == 51,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let outage = "does not answer: routing goes on with the last known drains";
+    for lb in [&a, &b] {
+        assert_eq!(
+            lb.amslb.log().matches(outage).count(),
+            1,
+            "{}",
+            lb.amslb.log()
+        );
+    }
+    db.restart(&[]);
+    within(
+        Duration::from_secs(30),
+        "cluster-wide counts resume",
+        async || b.cluster_sessions().await == 77,
+    )
+    .await;
+    assert_eq!(b.metric("amslb_shared_state_up").await, Some(1.0));
     drop(kept);
     drop(from_b);
+    drop(during);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drained_node_is_out_when_its_last_session_anywhere_ends() {
+    let db = Secantus::start(&[]);
+    let nodes = sim_nodes(&["n1", "n2"]).await;
+    let a = start("A", &db, &nodes);
+    let b = start("B", &db, &nodes);
+    let (mut ws, drained) = open_ws(&a).await;
+    echo(&mut ws, "hi").await;
+    within(
+        Duration::from_secs(10),
+        "A's session reaches B",
+        async || b.status_node(&drained).await["cluster_sessions"] == 1,
+    )
+    .await;
+
+    // Drain without a deadline through A: B holds no session on the node,
+    // but A does, so on neither instance is the node out.
+    let set = a.post(&format!("/api/v1/nodes/{drained}/drain")).await;
+    assert_eq!(set.status, 200, "{}", set.body);
+    within(Duration::from_secs(3), "B applies the drain", async || {
+        b.status_node(&drained).await["draining"] == true
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for lb in [&a, &b] {
+        assert_eq!(lb.status_node(&drained).await["out"], false);
+    }
+
+    // The last session ends (on A): out on both, B after A's next heartbeat.
+    ws.close(None).await.unwrap();
+    drop(ws);
+    for lb in [&a, &b] {
+        within(Duration::from_secs(10), "node out", async || {
+            lb.status_node(&drained).await["out"] == true
+        })
+        .await;
+    }
 }

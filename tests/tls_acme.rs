@@ -8,7 +8,7 @@ mod tls_support;
 
 use amslb::config::tls::{AcmeConfig, ChallengeKind, TlsConfig};
 use amslb::tls::Certificates;
-use amslb::tls::acme::AcmeManager;
+use amslb::tls::acme::{AcmeManager, Renewal};
 use http_body_util::BodyExt;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -35,6 +35,7 @@ fn tls_config(dir: &Path, pebble: &Pebble, challenge: ChallengeKind) -> TlsConfi
             retry_min: Duration::from_millis(500),
             retry_max: Duration::from_secs(2),
             lock_lease: Duration::from_secs(60),
+            storage_key_file: None,
         }),
         ..TlsConfig::default()
     }
@@ -249,14 +250,14 @@ async fn second_instance_waits_for_the_order_lock() {
     let (a, b) = tokio::join!(first.renew_once(), second.renew_once());
     let outcomes = [a.unwrap(), b.unwrap()];
     assert_eq!(
-        outcomes.iter().filter(|done| **done).count(),
+        outcomes.iter().filter(|r| **r == Renewal::Ordered).count(),
         1,
         "exactly one instance orders while the other sees the lock: {outcomes:?}"
     );
     // After the lock is free, the other instance finds the fresh certificate
     // on disk and does not order again (the stored file stays the same).
     let stored = std::fs::read(dir.join(format!("{DOMAIN}.pem"))).unwrap();
-    assert!(second.renew_once().await.unwrap());
+    assert_eq!(second.renew_once().await.unwrap(), Renewal::Reused);
     assert_eq!(
         std::fs::read(dir.join(format!("{DOMAIN}.pem"))).unwrap(),
         stored

@@ -202,7 +202,7 @@ impl Config {
             }
         }
         super::l4::validate(self)?;
-        self.tls.validate(&self.listeners)?;
+        self.tls.validate(&self.listeners, self.state.is_some())?;
         if let Some(stats) = &self.stats {
             super::ops::validate_stats(stats)?;
             if let Some((_, other)) = binds

@@ -94,6 +94,38 @@ pub struct AcmeConfig {
     /// consider its owner dead and take it over.
     #[serde(default = "default_lock_lease", with = "duration")]
     pub lock_lease: Duration,
+    /// With `[state]`: file holding the key that encrypts the private keys
+    /// (certificate and account) amslb keeps in MongoDB, as 64 hex digits
+    /// (`openssl rand -hex 32`). Every instance sharing the state needs the
+    /// same key; it never leaves this file.
+    #[serde(default)]
+    pub storage_key_file: Option<PathBuf>,
+}
+
+/// Length of the storage key in bytes (AES-256).
+pub const STORAGE_KEY_LEN: usize = 32;
+
+/// Reads the storage key from `path`: 64 hex digits, surrounding whitespace
+/// ignored. The error is the reason, for a config error or a log line.
+pub fn read_storage_key(path: &std::path::Path) -> Result<[u8; STORAGE_KEY_LEN], String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let hex = text.trim();
+    let bad = || {
+        format!(
+            "{} must hold {STORAGE_KEY_LEN} random bytes as {} hex digits (make one with `openssl rand -hex 32`)",
+            path.display(),
+            STORAGE_KEY_LEN * 2
+        )
+    };
+    if hex.len() != STORAGE_KEY_LEN * 2 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad());
+    }
+    let mut key = [0u8; STORAGE_KEY_LEN];
+    for (i, byte) in key.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
+    }
+    Ok(key)
 }
 
 fn default_renew_at() -> f64 {
@@ -119,7 +151,11 @@ fn default_lock_lease() -> Duration {
 impl TlsConfig {
     /// Checks what serde cannot, including that the listeners an ACME challenge
     /// needs exist; returns the dotted key and reason of the first error.
-    pub fn validate(&self, listeners: &[ListenerConfig]) -> Result<(), (String, String)> {
+    pub fn validate(
+        &self,
+        listeners: &[ListenerConfig],
+        shared_state: bool,
+    ) -> Result<(), (String, String)> {
         if self.certs_dir.as_os_str().is_empty() {
             return Err(("tls.certs_dir".into(), "must not be empty".into()));
         }
@@ -185,6 +221,24 @@ impl TlsConfig {
         }
         if acme.lock_lease < Duration::from_secs(1) {
             return fail("lock_lease", "must be at least 1s".into());
+        }
+        match (&acme.storage_key_file, shared_state) {
+            (Some(path), true) => read_storage_key(path)
+                .map(drop)
+                .or_else(|reason| fail("storage_key_file", reason))?,
+            (None, true) => {
+                return fail(
+                    "storage_key_file",
+                    "required with [state]: the ACME keys kept in MongoDB are encrypted with it (make one with `openssl rand -hex 32`)".into(),
+                );
+            }
+            (Some(_), false) => {
+                return fail(
+                    "storage_key_file",
+                    "only used with [state] (ACME storage in MongoDB); without it the keys stay in certs_dir".into(),
+                );
+            }
+            (None, false) => {}
         }
         let (needed, port) = match acme.challenge {
             ChallengeKind::TlsAlpn01 => (Protocol::Https, 443),
@@ -263,7 +317,7 @@ protocol = "https"
             Some(std::path::Path::new("/etc/amslb/acme-ca.pem"))
         );
         assert!((acme.renew_at - 2.0 / 3.0).abs() < 1e-9);
-        tls.validate(&listeners()).unwrap();
+        tls.validate(&listeners(), false).unwrap();
     }
 
     #[test]
@@ -272,7 +326,7 @@ protocol = "https"
         assert_eq!(tls.certs_dir, PathBuf::from("certs"));
         assert_eq!(tls.watch_interval, Duration::from_secs(10));
         assert!(tls.acme.is_none());
-        tls.validate(&listeners()).unwrap();
+        tls.validate(&listeners(), false).unwrap();
     }
 
     #[test]
@@ -284,7 +338,7 @@ protocol = "https"
         assert_eq!(acme.challenge, ChallengeKind::Http01);
         assert_eq!(acme.retry_min, Duration::from_secs(1));
         assert_eq!(acme.lock_lease, Duration::from_secs(30));
-        tls.validate(&listeners()).unwrap();
+        tls.validate(&listeners(), false).unwrap();
     }
 
     #[test]
@@ -321,11 +375,15 @@ protocol = "https"
         ];
         for (from, to, key) in cases {
             let tls = parse(&ISSUE_EXAMPLE.replace(from, to));
-            assert_eq!(tls.validate(&listeners()).unwrap_err().0, key, "{to}");
+            assert_eq!(
+                tls.validate(&listeners(), false).unwrap_err().0,
+                key,
+                "{to}"
+            );
         }
         let tls = parse(&(ISSUE_EXAMPLE.to_string() + "renew_at = 1.5\n"));
         assert_eq!(
-            tls.validate(&listeners()).unwrap_err().0,
+            tls.validate(&listeners(), false).unwrap_err().0,
             "tls.acme.renew_at"
         );
     }
@@ -337,7 +395,7 @@ protocol = "https"
             .into_iter()
             .filter(|l| l.name == "http")
             .collect();
-        let (key, reason) = tls.validate(&only_http).unwrap_err();
+        let (key, reason) = tls.validate(&only_http, false).unwrap_err();
         assert_eq!(key, "tls.acme.challenge");
         assert!(reason.contains("\"https\""), "{reason}");
         let tls = parse(&ISSUE_EXAMPLE.replace("tls-alpn-01", "http-01"));
@@ -346,8 +404,49 @@ protocol = "https"
             .filter(|l| l.name == "https")
             .collect();
         assert_eq!(
-            tls.validate(&only_https).unwrap_err().0,
+            tls.validate(&only_https, false).unwrap_err().0,
             "tls.acme.challenge"
+        );
+    }
+
+    #[test]
+    fn shared_storage_needs_a_readable_key_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let with_key = |path: &std::path::Path| {
+            parse(&format!(
+                "{ISSUE_EXAMPLE}storage_key_file = {:?}\n",
+                path.display().to_string()
+            ))
+        };
+        // [state] without a key file: refused, saying how to make one.
+        let (key, reason) = parse(ISSUE_EXAMPLE)
+            .validate(&listeners(), true)
+            .unwrap_err();
+        assert_eq!(key, "tls.acme.storage_key_file");
+        assert!(reason.contains("openssl rand -hex 32"), "{reason}");
+        // Missing file: the reason names it.
+        let missing = tmp.path().join("missing.key");
+        let (key, reason) = with_key(&missing).validate(&listeners(), true).unwrap_err();
+        assert_eq!(key, "tls.acme.storage_key_file");
+        assert!(
+            reason.contains("missing.key") && reason.contains("cannot read"),
+            "{reason}"
+        );
+        // Too short, or not hex.
+        let bad = tmp.path().join("bad.key");
+        for text in ["abcd\n", &"zz".repeat(32)] {
+            std::fs::write(&bad, text).unwrap();
+            let (_, reason) = with_key(&bad).validate(&listeners(), true).unwrap_err();
+            assert!(reason.contains("64 hex digits"), "{reason}");
+        }
+        let good = tmp.path().join("good.key");
+        std::fs::write(&good, format!("{}\n", "0f".repeat(32))).unwrap();
+        with_key(&good).validate(&listeners(), true).unwrap();
+        assert_eq!(read_storage_key(&good).unwrap(), [0x0f; STORAGE_KEY_LEN]);
+        // A key file without [state] is a mistake worth naming.
+        assert_eq!(
+            with_key(&good).validate(&listeners(), false).unwrap_err().0,
+            "tls.acme.storage_key_file"
         );
     }
 }

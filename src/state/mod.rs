@@ -10,7 +10,8 @@
 //! this process only.
 //!
 //! A drained node takes no new session; it is *out* (sticky clients leave it
-//! too) once its deadline passes or it has no session left. Open tunnels are
+//! too) once its deadline passes or it has no session left through any
+//! instance (its [`Node::cluster_load`] is 0). Open tunnels are
 //! never cut by a drain: they end on their own.
 //!
 //! Every ~2 s each instance writes a heartbeat to `instances` with its open
@@ -153,9 +154,7 @@ pub struct SharedState {
     peers: Mutex<Vec<Peer>>,
     shared: bool,
     instance: String,
-    metrics: Arc<Metrics>,
-    /// An outage was logged and not yet its end.
-    outage_logged: AtomicBool,
+    outage: Outage,
 }
 
 impl SharedState {
@@ -171,8 +170,11 @@ impl SharedState {
             peers: Mutex::default(),
             shared: config.state.is_some(),
             instance,
-            metrics,
-            outage_logged: AtomicBool::new(false),
+            outage: Outage::new(
+                metrics,
+                "routing goes on with the last known drains",
+                "shared drains resume",
+            ),
         })
     }
 
@@ -253,14 +255,17 @@ impl SharedState {
     }
 
     /// Brings every node in line with the drains at `now`: a drained node is
-    /// draining; it is out once its deadline passed or no session is left.
+    /// draining; it is out once its deadline passed or no session is left on
+    /// it through any instance.
     pub fn apply(&self, cluster: &Cluster, now: i64) {
         let known = self.lock();
         for node in cluster.snapshot().nodes() {
             let drain = known.get(node.id());
             node.set_draining(node.spec().drain || drain.is_some());
+            // Sessions through every instance count (the peers' from their
+            // heartbeats; only this one's while MongoDB is down).
             let out = drain.is_some_and(|d| {
-                d.deadline_ms.is_some_and(|deadline| now >= deadline) || node.active_sessions() == 0
+                d.deadline_ms.is_some_and(|deadline| now >= deadline) || node.cluster_load() == 0
             });
             if node.set_out(out) != out && out {
                 info!(
@@ -345,18 +350,55 @@ impl SharedState {
     }
 
     fn answered(&self) {
-        self.metrics.shared_state(true);
-        if self.outage_logged.swap(false, Ordering::Relaxed) {
-            info!("the [state] MongoDB answers again; shared drains resume");
-        }
+        self.outage.answered();
     }
 
     fn failed(&self, error: &str) {
+        self.outage.failed(error);
+    }
+}
+
+/// An outage of the `[state]` MongoDB as one user of it sees it: logged once
+/// when it starts and once when it ends, and exported as
+/// `amslb_shared_state_up` / `amslb_shared_state_errors_total`.
+#[derive(Debug)]
+pub struct Outage {
+    metrics: Arc<Metrics>,
+    /// An outage was logged and not yet its end.
+    logged: AtomicBool,
+    /// What goes on meanwhile, for the log line at its start.
+    meanwhile: &'static str,
+    /// What resumes, for the log line at its end.
+    resumes: &'static str,
+}
+
+impl Outage {
+    /// Outage tracking for one user of the `[state]` MongoDB; `meanwhile`
+    /// and `resumes` complete its two log lines.
+    pub fn new(metrics: Arc<Metrics>, meanwhile: &'static str, resumes: &'static str) -> Self {
+        Self {
+            metrics,
+            logged: AtomicBool::new(false),
+            meanwhile,
+            resumes,
+        }
+    }
+
+    /// MongoDB answered: the outage (if any) is over.
+    pub fn answered(&self) {
+        self.metrics.shared_state(true);
+        if self.logged.swap(false, Ordering::Relaxed) {
+            info!("the [state] MongoDB answers again; {}", self.resumes);
+        }
+    }
+
+    /// MongoDB failed with `error`: logged only at the start of an outage.
+    pub fn failed(&self, error: &str) {
         self.metrics.shared_state(false);
-        if !self.outage_logged.swap(true, Ordering::Relaxed) {
+        if !self.logged.swap(true, Ordering::Relaxed) {
             warn!(
                 error,
-                "the [state] MongoDB does not answer: routing goes on with the last known drains"
+                "the [state] MongoDB does not answer: {}", self.meanwhile
             );
         }
     }
@@ -412,8 +454,16 @@ pub fn spawn(
         let collection = database.collection::<Document>(DRAINS);
         let _ = drains.store.set(collection.clone());
         let instances = database.collection::<Document>(INSTANCES);
+        let take = |read: Result<Vec<Document>, String>| match read {
+            Ok(docs) => {
+                drains.answered();
+                drains.replace(&docs);
+                drains.apply(&cluster, now_ms());
+            }
+            Err(e) => drains.failed(&e),
+        };
         tokio::join!(
-            follow(&drains, &cluster, &collection, &shutdown),
+            follow(&collection, &shutdown, take),
             heartbeats(&drains, &cluster, &instances, &hard_stop),
         );
     });
@@ -458,12 +508,15 @@ async fn heartbeats(
     let _ = tokio::time::timeout(Duration::from_secs(1), remove).await;
 }
 
-/// Reads the drains whenever they change (or on the resync/poll tick) until shutdown.
-async fn follow(
-    drains: &SharedState,
-    cluster: &Cluster,
+/// Reads `collection` whole whenever it changes (change stream), every
+/// [`RESYNC_EVERY`] anyway, or every [`POLL_EVERY`] where change streams are
+/// not offered, until `shutdown`; hands each read (or why it failed) to
+/// `take`. The one follower of shared collections: drains here, ACME
+/// certificates and challenges in `tls::acme::storage`.
+pub async fn follow(
     collection: &Collection<Document>,
     shutdown: &CancellationToken,
+    mut take: impl FnMut(Result<Vec<Document>, String>),
 ) {
     let mut stream = None;
     let mut stream_tried = None::<tokio::time::Instant>;
@@ -483,13 +536,9 @@ async fn follow(
                 .await
         };
         match tokio::time::timeout(OP_TIMEOUT, read).await {
-            Ok(Ok(docs)) => {
-                drains.answered();
-                drains.replace(&docs);
-                drains.apply(cluster, now_ms());
-            }
-            Ok(Err(e)) => drains.failed(&e.to_string()),
-            Err(_) => drains.failed("no answer in time"),
+            Ok(Ok(docs)) => take(Ok(docs)),
+            Ok(Err(e)) => take(Err(e.to_string())),
+            Err(_) => take(Err("no answer in time".into())),
         }
         match stream.as_mut() {
             Some(events) => tokio::select! {

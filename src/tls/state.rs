@@ -6,6 +6,8 @@
 //! store while open connections keep the key they handshook with.
 
 use super::acme::AcmeManager;
+use super::acme::seal::StorageKey;
+use super::acme::storage::{self, Storage, Target};
 use super::certs::CertError;
 use super::resolver::{Certificates, Location};
 use super::server_config::https_server_config;
@@ -28,6 +30,8 @@ pub struct TlsState {
     loaded: Fingerprint,
     /// Stops the watch and ACME tasks of the settings in effect.
     tasks: Mutex<Option<CancellationToken>>,
+    /// Where ACME state is shared (`[state]`, which needs a restart to change).
+    shared: Option<Target>,
 }
 
 impl std::fmt::Debug for TlsState {
@@ -96,6 +100,7 @@ impl TlsState {
             acceptor: TlsAcceptor::from(server_config),
             loaded,
             tasks: Mutex::default(),
+            shared: Target::of(config),
         })))
     }
 
@@ -166,9 +171,35 @@ impl TlsState {
                 stop.clone(),
             ));
         }
-        if let Some(acme) = &config.acme {
-            let manager = AcmeManager::new(acme.clone(), self.certs.clone());
-            tokio::spawn(manager.run(stop, metrics));
-        }
+        let Some(acme) = &config.acme else {
+            return;
+        };
+        let manager = match (&self.shared, &acme.storage_key_file) {
+            (Some(target), Some(key_file)) => {
+                // Checked when the config was loaded; the file may have gone since.
+                let key = match crate::config::tls::read_storage_key(key_file) {
+                    Ok(key) => StorageKey::new(&key),
+                    Err(reason) => {
+                        tracing::error!(
+                            key = "tls.acme.storage_key_file",
+                            reason,
+                            "ACME stays off: the shared storage key cannot be read"
+                        );
+                        return;
+                    }
+                };
+                let shared = Arc::new(Storage::new(target.clone(), key, metrics.clone()));
+                let manager = AcmeManager::shared(acme.clone(), self.certs.clone(), shared.clone());
+                tokio::spawn(storage::follow(
+                    shared,
+                    self.certs.clone(),
+                    manager.cert_name().to_string(),
+                    stop.clone(),
+                ));
+                manager
+            }
+            _ => AcmeManager::new(acme.clone(), self.certs.clone()),
+        };
+        tokio::spawn(manager.run(stop, metrics));
     }
 }

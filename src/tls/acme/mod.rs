@@ -6,11 +6,18 @@
 //! task sleeps until [`schedule::renewal_time`], takes the order lock, re-reads
 //! the file (another instance may have renewed it meanwhile), orders, and swaps
 //! the new certificate in; failures back off while the old certificate serves.
+//!
+//! With `[state]`, the lock, account, challenge answers and certificate live
+//! in shared storage instead ([`storage`]): one instance orders, every
+//! instance answers the CA and serves the result, and `certs_dir` is each
+//! instance's cache of it.
 
 pub mod account;
 pub mod lock;
 pub mod order;
 pub mod schedule;
+pub mod seal;
+pub mod storage;
 
 use super::certs::{CertEntry, CertError};
 use super::files::{create_private_dir, write_private};
@@ -20,6 +27,7 @@ use crate::metrics::Metrics;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
+use storage::{Storage, StorageError};
 use tokio_util::sync::CancellationToken;
 
 /// Longest sleep before re-checking the stored certificate, so that a file
@@ -38,6 +46,31 @@ pub enum AcmeError {
     /// The order went somewhere it should not.
     #[error("ACME order: {0}")]
     Order(String),
+    /// Shared storage (`[state]`) failed or refused a write.
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+}
+
+/// What one renewal attempt did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Renewal {
+    /// A certificate was ordered, obtained and installed.
+    Ordered,
+    /// Another instance had stored a fresh certificate; it was installed.
+    Reused,
+    /// Another instance holds the order lock.
+    Busy,
+}
+
+/// A certificate an order just obtained.
+struct Issued {
+    entry: CertEntry,
+    /// The chain, PEM.
+    chain: String,
+    /// The private key, PEM.
+    key: String,
+    /// Chain then key, as stored in `certs_dir`.
+    combined: String,
 }
 
 /// Keeps the `[tls.acme]` certificate present and fresh.
@@ -46,6 +79,8 @@ pub struct AcmeManager {
     certs: Arc<Certificates>,
     /// This process' jitter draw (see [`schedule::renewal_time`]).
     draw: f64,
+    /// Shared storage (`[state]`); `None`: everything lives in `certs_dir`.
+    storage: Option<Arc<Storage>>,
 }
 
 impl AcmeManager {
@@ -55,6 +90,16 @@ impl AcmeManager {
             config,
             certs,
             draw: rand::random::<f64>(),
+            storage: None,
+        }
+    }
+
+    /// A manager keeping lock, account, challenges and certificate in
+    /// `storage`, with `certs.dir()` as the local cache.
+    pub fn shared(config: AcmeConfig, certs: Arc<Certificates>, storage: Arc<Storage>) -> Self {
+        Self {
+            storage: Some(storage),
+            ..Self::new(config, certs)
         }
     }
 
@@ -109,13 +154,19 @@ impl AcmeManager {
                 }
             }
             let pause = match self.renew_once().await {
-                Ok(true) => {
+                Ok(Renewal::Ordered) => {
                     metrics.acme_order("issued");
                     failures = 0;
                     continue;
                 }
+                Ok(Renewal::Reused) => {
+                    failures = 0;
+                    continue;
+                }
                 // Another instance holds the lock: look again after a short while.
-                Ok(false) => self.config.retry_min,
+                Ok(Renewal::Busy) => self.config.retry_min,
+                // Shared storage is down (logged once): nobody orders meanwhile.
+                Err(AcmeError::Storage(StorageError::Unavailable(_))) => self.config.retry_min,
                 Err(e) => {
                     metrics.acme_order("failed");
                     failures += 1;
@@ -137,8 +188,29 @@ impl AcmeManager {
         }
     }
 
-    /// One renewal under the order lock. `Ok(false)` if the lock is held elsewhere.
-    pub async fn renew_once(&self) -> Result<bool, AcmeError> {
+    /// Whether `entry` needs no renewal yet.
+    fn fresh(&self, entry: &CertEntry) -> bool {
+        self.renewal_due(Some(entry))
+            .is_some_and(|due| due > SystemTime::now())
+    }
+
+    /// One renewal under the order lock.
+    pub async fn renew_once(&self) -> Result<Renewal, AcmeError> {
+        if let Some(storage) = &self.storage {
+            let Some(lease) = storage
+                .acquire(self.cert_name(), self.config.lock_lease)
+                .await?
+            else {
+                tracing::info!(
+                    cert = self.cert_name(),
+                    "another instance is ordering (shared lock); waiting"
+                );
+                return Ok(Renewal::Busy);
+            };
+            let result = self.renew_shared(storage, &lease).await;
+            storage.release(&lease).await;
+            return result;
+        }
         let state = self.state_dir();
         create_private_dir(&state)?;
         let lock = state.join("order.lock");
@@ -146,23 +218,76 @@ impl AcmeManager {
             .map_err(|e| CertError::new(&lock, format!("cannot take order lock: {e}")))?;
         let Some(_lease) = lease else {
             tracing::info!(lock = %lock.display(), "another instance is ordering; waiting");
-            return Ok(false);
+            return Ok(Renewal::Busy);
         };
         // Another instance may have renewed while we waited for the lock.
         let path = self.cert_path();
-        if let Ok(stored) = CertEntry::load_combined(&path) {
-            let fresh = self
-                .renewal_due(Some(&stored))
-                .is_some_and(|due| due > SystemTime::now());
-            if fresh {
-                self.certs.install(stored);
-                return Ok(true);
-            }
+        if let Ok(stored) = CertEntry::load_combined(&path)
+            && self.fresh(&stored)
+        {
+            self.certs.install(stored);
+            return Ok(Renewal::Reused);
         }
-        let account = account::load_or_create(&self.config, &state.join("account.json")).await?;
+        let account = account::load_or_create(
+            &self.config,
+            account::Place::File(&state.join("account.json")),
+        )
+        .await?;
+        let issued = self.order(&account, None).await?;
+        let (entry, combined) = (issued.entry, issued.combined);
+        write_private(&path, combined.as_bytes())?;
+        tracing::info!(file = %path.display(), not_after = ?entry.not_after, "certificate obtained");
+        self.certs.install(entry);
+        Ok(Renewal::Ordered)
+    }
+
+    /// The renewal of [`AcmeManager::renew_once`] with shared storage, under `lease`.
+    async fn renew_shared(
+        &self,
+        storage: &Storage,
+        lease: &storage::Lease,
+    ) -> Result<Renewal, AcmeError> {
+        let path = self.cert_path();
+        // Another instance may have stored a fresh one while we waited.
+        if let Some((stored, combined)) = storage.load_certificate(self.cert_name(), &path).await?
+            && self.fresh(&stored)
+        {
+            self.cache(&path, &combined);
+            self.certs.install(stored);
+            return Ok(Renewal::Reused);
+        }
+        let account =
+            account::load_or_create(&self.config, account::Place::Shared(storage)).await?;
+        let Issued {
+            entry,
+            chain,
+            key,
+            combined,
+        } = self.order(&account, Some((storage, lease))).await?;
+        // Fenced: refused if our lease ran out and another instance took over.
+        storage.store_certificate(lease, &chain, &key).await?;
+        tracing::info!(
+            cert = self.cert_name(),
+            fence = lease.fence(),
+            not_after = ?entry.not_after,
+            "certificate obtained and stored for every instance"
+        );
+        self.cache(&path, &combined);
+        self.certs.install(entry);
+        Ok(Renewal::Ordered)
+    }
+
+    /// Places an order and returns the new certificate.
+    async fn order(
+        &self,
+        account: &instant_acme::Account,
+        shared: Option<order::Shared<'_>>,
+    ) -> Result<Issued, AcmeError> {
         tracing::info!(domains = ?self.config.domains, challenge = ?self.config.challenge, "ordering certificate");
-        let (chain, key) = order::obtain(&account, &self.config, self.certs.challenges()).await?;
+        let (chain, key) =
+            order::obtain(account, &self.config, self.certs.challenges(), shared).await?;
         let combined = format!("{}\n{}", chain.trim_end(), key);
+        let path = self.cert_path();
         // Parse before storing: a certificate we cannot serve must not replace one we can.
         let entry = CertEntry::from_pem(
             self.cert_name(),
@@ -171,9 +296,21 @@ impl AcmeManager {
             combined.as_bytes(),
             &path,
         )?;
-        write_private(&path, combined.as_bytes())?;
-        tracing::info!(file = %path.display(), not_after = ?entry.not_after, "certificate obtained");
-        self.certs.install(entry);
-        Ok(true)
+        Ok(Issued {
+            entry,
+            chain,
+            key,
+            combined,
+        })
+    }
+
+    /// Writes the certificate to the local cache; a failure only costs the
+    /// cache (the certificate is served and stored anyway).
+    fn cache(&self, path: &std::path::Path, combined: &str) {
+        if let Err(e) = create_private_dir(&self.certs.dir())
+            .and_then(|()| write_private(path, combined.as_bytes()))
+        {
+            tracing::warn!(error = %e, "cannot cache the certificate in certs_dir; serving it anyway");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! One ACME order: prove control of the domains, then get the certificate.
 
 use super::AcmeError;
+use super::storage::{CHALLENGE_SETTLE, Challenge, Lease, Storage};
 use crate::config::tls::{AcmeConfig, ChallengeKind};
 use crate::tls::challenge::ChallengeStore;
 use instant_acme::{
@@ -14,12 +15,19 @@ const POLL: RetryPolicy = RetryPolicy::new()
     .backoff(1.5)
     .timeout(Duration::from_secs(120));
 
+/// Shared storage for the answers of an order, and the lease it holds.
+pub type Shared<'a> = (&'a Storage, &'a Lease);
+
 /// Runs an order for `config.domains` and returns (chain PEM, private key PEM).
-/// The challenge answers are published in `challenges` only while the order runs.
+/// The challenge answers are published in `challenges` only while the order
+/// runs, and with `shared` also in shared storage (fenced by the lease), so
+/// that every instance answers the CA; the CA is asked to validate only once
+/// they had time to reach every instance.
 pub async fn obtain(
     account: &Account,
     config: &AcmeConfig,
     challenges: &ChallengeStore,
+    shared: Option<Shared<'_>>,
 ) -> Result<(String, String), AcmeError> {
     let identifiers: Vec<Identifier> = config
         .domains
@@ -29,13 +37,14 @@ pub async fn obtain(
     let mut order = account.new_order(&NewOrder::new(&identifiers)).await?;
     let mut published = Published {
         store: challenges,
-        tokens: Vec::new(),
-        domains: Vec::new(),
+        answers: Vec::new(),
     };
     let kind = match config.challenge {
         ChallengeKind::TlsAlpn01 => ChallengeType::TlsAlpn01,
         ChallengeKind::Http01 => ChallengeType::Http01,
     };
+    // First every answer is published, then the CA is told they are ready.
+    let mut pending = Vec::new();
     let mut authorizations = order.authorizations();
     while let Some(authz) = authorizations.next().await {
         let mut authz = authz?;
@@ -51,18 +60,42 @@ pub async fn obtain(
             }
         }
         let domain = authz.identifier().to_string();
-        let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
+        let challenge = authz.challenge(kind.clone()).ok_or_else(|| {
             AcmeError::Order(format!("the CA offers no {kind:?} challenge for {domain}"))
         })?;
         let key_authorization = challenge.key_authorization();
-        match config.challenge {
-            ChallengeKind::Http01 => {
-                published.add_http01(&challenge.token, key_authorization.as_str())
-            }
-            ChallengeKind::TlsAlpn01 => {
-                published.add_tls_alpn01(&domain, key_authorization.digest().as_ref())?
-            }
+        let answer = match config.challenge {
+            ChallengeKind::Http01 => Challenge::Http01 {
+                token: challenge.token.clone(),
+                key_authorization: key_authorization.as_str().to_string(),
+            },
+            ChallengeKind::TlsAlpn01 => Challenge::TlsAlpn01 {
+                domain: domain.clone(),
+                digest: key_authorization.digest().as_ref().to_vec(),
+            },
+        };
+        published.add(answer)?;
+        pending.push(domain);
+    }
+    if let Some((storage, lease)) = shared
+        && !pending.is_empty()
+    {
+        storage
+            .publish(lease, &published.answers)
+            .await
+            .map_err(AcmeError::Storage)?;
+        tokio::time::sleep(CHALLENGE_SETTLE).await;
+    }
+    let mut authorizations = order.authorizations();
+    while let Some(authz) = authorizations.next().await {
+        let mut authz = authz?;
+        if !pending.contains(&authz.identifier().to_string()) {
+            continue;
         }
+        let domain = authz.identifier().to_string();
+        let mut challenge = authz.challenge(kind.clone()).ok_or_else(|| {
+            AcmeError::Order(format!("the CA offers no {kind:?} challenge for {domain}"))
+        })?;
         challenge.set_ready().await?;
     }
     let status = order.poll_ready(&POLL).await?;
@@ -86,30 +119,21 @@ pub async fn obtain(
 /// Challenge answers published for one order, withdrawn when it ends however it ends.
 struct Published<'a> {
     store: &'a ChallengeStore,
-    tokens: Vec<String>,
-    domains: Vec<String>,
+    answers: Vec<Challenge>,
 }
 
 impl Published<'_> {
-    fn add_http01(&mut self, token: &str, key_authorization: &str) {
-        self.store.add_http01(token, key_authorization);
-        self.tokens.push(token.to_string());
-    }
-
-    fn add_tls_alpn01(&mut self, domain: &str, digest: &[u8]) -> Result<(), AcmeError> {
-        self.store.add_tls_alpn01(domain, digest)?;
-        self.domains.push(domain.to_string());
+    fn add(&mut self, answer: Challenge) -> Result<(), AcmeError> {
+        answer.add_to(self.store)?;
+        self.answers.push(answer);
         Ok(())
     }
 }
 
 impl Drop for Published<'_> {
     fn drop(&mut self) {
-        for token in &self.tokens {
-            self.store.remove_http01(token);
-        }
-        for domain in &self.domains {
-            self.store.remove_tls_alpn01(domain);
+        for answer in &self.answers {
+            answer.remove_from(self.store);
         }
     }
 }
