@@ -111,6 +111,95 @@ impl Drop for RtmpNode {
     }
 }
 
+/// nginx's `stream` TLS terminator on `addr` in front of `upstream`, with a
+/// given certificate: what an AMS node's RTMPS port is to amslb (RTMPS in,
+/// RTMP to the node behind it). Logs one line per connection with whether
+/// its TLS session was resumed.
+pub struct TlsFront {
+    pub addr: SocketAddr,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+impl TlsFront {
+    /// Starts the terminator with the PEM `cert` chain and `key`.
+    pub fn start(addr: SocketAddr, upstream: SocketAddr, cert: &str, key: &str) -> Self {
+        require("nginx", "nginx");
+        assert!(
+            Path::new(STREAM_MODULE).exists(),
+            "{STREAM_MODULE} is missing: apt-get install libnginx-mod-stream"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let conf = format!(
+            "load_module {STREAM_MODULE};\n\
+             master_process off;\n\
+             pid {dir}/nginx.pid;\n\
+             error_log {dir}/error.log info;\n\
+             events {{ worker_connections 128; }}\n\
+             stream {{\n\
+               log_format tls \"$remote_addr reused=$ssl_session_reused sni=$ssl_server_name bytes=$bytes_received\";\n\
+               access_log {dir}/access.log tls;\n\
+               server {{ listen {addr} ssl; proxy_pass {upstream};\n\
+                 ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                 ssl_protocols TLSv1.2 TLSv1.3; ssl_session_tickets on; }} }}\n",
+            dir = dir.path().display(),
+            cert = cert_path.display(),
+            key = key_path.display(),
+        );
+        let conf_path = dir.path().join("nginx.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = Command::new("nginx")
+            .arg("-c")
+            .arg(&conf_path)
+            .arg("-p")
+            .arg(dir.path())
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .arg("-g")
+            .arg("daemon off;")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nginx");
+        let front = Self {
+            addr,
+            dir,
+            child: Some(child),
+        };
+        wait_tcp(addr, Duration::from_secs(10), || front.log());
+        front
+    }
+
+    /// The terminator's error log, for assertion messages.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
+    }
+
+    /// One line per finished connection: `ADDR reused=r|. sni=NAME bytes=N`
+    /// (N: bytes received from the client).
+    pub fn connections(&self) -> Vec<String> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Waits until `addr` accepts TCP connections.
 pub fn wait_tcp(addr: SocketAddr, limit: Duration, log: impl Fn() -> String) {
     let start = Instant::now();

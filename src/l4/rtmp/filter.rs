@@ -12,10 +12,11 @@
 
 use super::amf0::{self, Value};
 use super::chunk::{self, ChunkReader, TYPE_AMF0_COMMAND, TYPE_SET_CHUNK_SIZE};
+use crate::tunnel::Reset;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use tokio::io::{AsyncRead, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// Largest node message re-framed (a video key frame of a played stream can be
 /// large; a publisher never gets anything near this).
@@ -79,8 +80,10 @@ impl NodeFilter {
     }
 }
 
-/// The node's read side as the client should see it, through a
-/// [`NodeFilter`] (pair it with the node's write side with `tokio::io::join`).
+/// The node connection as the client should see it: reads go through a
+/// [`NodeFilter`], writes pass straight on. Wrapping the whole connection
+/// (rather than a split read half) keeps one type for plain and TLS nodes and
+/// lets a reset reach the node's socket ([`Reset`]).
 #[derive(Debug)]
 pub struct Filtered<S> {
     inner: S,
@@ -91,7 +94,7 @@ pub struct Filtered<S> {
 }
 
 impl<S> Filtered<S> {
-    /// Wraps the node's read side `inner`.
+    /// Wraps the node connection `inner`.
     pub fn new(inner: S, filter: NodeFilter) -> Self {
         Self {
             inner,
@@ -126,6 +129,30 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filtered<S> {
         dest.put_slice(&this.out[this.out_pos..this.out_pos + n]);
         this.out_pos += n;
         Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Filtered<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+impl<S: Reset> Reset for Filtered<S> {
+    fn reset_on_close(&self) {
+        self.inner.reset_on_close();
     }
 }
 

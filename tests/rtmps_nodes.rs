@@ -1,0 +1,254 @@
+//! RTMPS from amslb to nodes (`node_tls` on the `tcp`/`tls` listeners) and
+//! the TLS server name (SNI) choosing the group on a `tls` listener, through
+//! the real `amslb` binary. The node is nginx-rtmp behind nginx's `stream`
+//! TLS terminator with a certificate from a private CA; ffmpeg publishes and
+//! ffprobe counts what the node recorded.
+
+mod l4_parts;
+mod support;
+mod tls_support;
+
+use l4_parts::*;
+use rustls::pki_types::ServerName;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// 3 s at 25 fps.
+const FRAMES: u64 = 75;
+
+async fn publish_and_wait(url: String, secs: u32) {
+    let (ok, err) =
+        blocking(move || wait_child(publish(&url, secs, "flv"), Duration::from_secs(60))).await;
+    assert!(ok, "ffmpeg publish failed: {err}");
+}
+
+fn assert_recorded(node: &RtmpNode, stream: &str) {
+    let (codec, w, h, frames) = probe(&node.recording(stream));
+    assert_eq!((codec.as_str(), w, h), ("h264", 320, 240), "{}", node.log());
+    assert_eq!(frames, FRAMES, "every frame published must arrive");
+}
+
+/// Waits until amslb's log contains `text`.
+async fn wait_log(amslb: &support::Amslb, text: &str) {
+    let start = Instant::now();
+    while !amslb.log().contains(text) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no {text:?} in the log:\n{}",
+            amslb.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A plain RTMP listener in front of two nodes whose group has `node_tls`:
+/// "bad" presents a certificate of the CA for another name, "good" the
+/// configured `server_name`. Every publish is carried over RTMPS to the good
+/// node; the bad one is refused with a log line and the next node tried; the
+/// second session resumes the first one's TLS session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
+    let ca = tls_support::TestCa::new();
+    let dir = tls_support::tempdir("rtmps-ca");
+    let ca_file = dir.path().join("nodes-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+
+    let node = RtmpNode::start();
+    // The default rtmps_port (AMS's 8443) on each node's address.
+    let (cert, key) = ca.leaf(&["node.example.test"]);
+    let good = TlsFront::start(
+        SocketAddr::new(node.addr.ip(), 8443),
+        node.addr,
+        &cert,
+        &key,
+    );
+    let bad_ip = support::unique_loopback();
+    let (cert, key) = ca.leaf(&["other.example.test"]);
+    // Behind it nothing listens: a session let through would fail.
+    let bad = TlsFront::start(
+        SocketAddr::new(bad_ip, 8443),
+        SocketAddr::new(bad_ip, 1935),
+        &cert,
+        &key,
+    );
+
+    let listen = support::listener_addr(1935);
+    let mut text = config_on(
+        listen,
+        "",
+        "tcp",
+        &[("bad", bad_ip, 1935), ("good", node.addr.ip(), 1935)],
+    );
+    text.push_str(&format!(
+        "\n[cluster.node_tls]\nca_file = \"{}\"\nserver_name = \"node.example.test\"\n",
+        ca_file.display()
+    ));
+    let amslb = support::Amslb::start(&text, &[listen]);
+
+    // Round-robin over two nodes: in two sessions the bad node is tried first
+    // at least once.
+    for stream in ["s1", "s2"] {
+        publish_and_wait(format!("rtmp://{listen}/live/{stream}"), 3).await;
+        assert_recorded(&node, stream);
+    }
+    wait_log(&amslb, "trying another node").await;
+    let log = amslb.log();
+    let refused = format!("TLS handshake with node {bad_ip}:8443 refused");
+    assert!(
+        log.lines().any(|l| l.contains(&refused)
+            && l.contains("certificate not valid for name")
+            && l.contains("node.example.test")),
+        "{log}"
+    );
+    let good_refused = format!("TLS handshake with node {}:8443 refused", node.addr.ip());
+    assert!(
+        !log.contains(&good_refused),
+        "the good node is accepted: {log}"
+    );
+    // Both publishes went over TLS to the good node's RTMPS port. amslb's
+    // readiness check (a connection that sends nothing, relayed as such)
+    // made the first full handshake; both publishes resumed, though the bad
+    // node was tried in between (its tickets are kept apart).
+    let sessions: Vec<String> = good
+        .connections()
+        .into_iter()
+        .filter(|l| l.contains("sni=node.example.test"))
+        .collect();
+    let publishes: Vec<&String> = sessions
+        .iter()
+        .filter(|l| !l.ends_with("bytes=0"))
+        .collect();
+    assert_eq!(publishes.len(), 2, "{sessions:?}\n{}", good.log());
+    assert!(
+        publishes.iter().all(|l| l.contains("reused=r")),
+        "{sessions:?}"
+    );
+    assert!(bad.connections().iter().all(|l| l.ends_with("bytes=0")));
+}
+
+/// A node that is only a TCP listener: records which connection sent what.
+async fn raw_node() -> TcpListener {
+    for _ in 0..20 {
+        if let Ok(l) = TcpListener::bind(SocketAddr::new(support::unique_loopback(), 1935)).await {
+            return l;
+        }
+    }
+    panic!("no free loopback address for a node");
+}
+
+/// Reads the first line a connection to `node` sends, if one arrives soon.
+async fn first_line(node: &TcpListener) -> Option<String> {
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(5), node.accept())
+        .await
+        .ok()?
+        .ok()?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while !line.ends_with(b"\n") {
+        conn.read_exact(&mut byte).await.ok()?;
+        line.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&line).trim().to_string())
+}
+
+/// On a `tls` (RTMPS) listener `host_groups` goes by the server name the
+/// client sent: exact names, wildcards, and the default group for a name
+/// that matches nothing.
+#[tokio::test]
+async fn rtmps_server_name_chooses_the_group() {
+    let ca = tls_support::TestCa::new();
+    let dir = tls_support::tempdir("rtmps-sni");
+    let (cert, key) = ca.leaf(&[
+        "origin.example.test",
+        "edge.example.test",
+        "*.edge.example.test",
+        "other.example.test",
+    ]);
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert_path, cert).unwrap();
+    std::fs::write(&key_path, key).unwrap();
+    let origin = raw_node().await;
+    let edge = raw_node().await;
+    let listen = support::listener_addr(1936);
+    let config = format!(
+        r#"
+[timeouts]
+connect = "1s"
+
+[health]
+enabled = false
+
+[[listener]]
+name = "rtmps"
+bind = ["{listen}"]
+protocol = "tls"
+cert = "{cert}"
+key = "{key}"
+default_group = "origin"
+host_groups = {{ "origin.example.test" = "origin", "edge.example.test" = "edge", "*.edge.example.test" = "edge" }}
+
+[[group]]
+name = "origin"
+
+[[group]]
+name = "edge"
+
+[cluster]
+source = "static"
+
+[[cluster.node]]
+id = "origin-1"
+address = "{origin_ip}"
+group = "origin"
+rtmp_port = 1935
+
+[[cluster.node]]
+id = "edge-1"
+address = "{edge_ip}"
+group = "edge"
+rtmp_port = 1935
+"#,
+        cert = cert_path.display(),
+        key = key_path.display(),
+        origin_ip = origin.local_addr().unwrap().ip(),
+        edge_ip = edge.local_addr().unwrap().ip(),
+    );
+    let amslb = support::Amslb::start(&config, &[listen]);
+    let cases = [
+        ("origin.example.test", "origin"),
+        ("edge.example.test", "edge"),
+        ("a.edge.example.test", "edge"),
+        ("other.example.test", "origin"),
+    ];
+    for (name, group) in cases {
+        let tcp = TcpStream::connect(listen).await.unwrap();
+        let mut client = tls_support::connector(std::slice::from_ref(&ca.der), &[])
+            .connect(ServerName::try_from(name).unwrap(), tcp)
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}\n{}", amslb.log()));
+        client
+            .write_all(format!("hello from {name}\n").as_bytes())
+            .await
+            .unwrap();
+        let (wanted, other) = match group {
+            "origin" => (&origin, &edge),
+            _ => (&edge, &origin),
+        };
+        let line = first_line(wanted).await;
+        assert_eq!(
+            line.as_deref(),
+            Some(format!("hello from {name}").as_str()),
+            "{name} lands on the {group} group\n{}",
+            amslb.log()
+        );
+        // Nothing reached the other group meanwhile.
+        let stray = tokio::time::timeout(Duration::from_millis(100), other.accept()).await;
+        assert!(
+            stray.is_err(),
+            "{name}: a connection reached the wrong group"
+        );
+        drop(client);
+    }
+}
