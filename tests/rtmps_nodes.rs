@@ -252,3 +252,62 @@ rtmp_port = 1935
         drop(client);
     }
 }
+
+/// `tcp` health checks of a group with `node_tls` complete a TLS handshake
+/// on the RTMPS port, verified like the sessions: the right name is up, a
+/// certificate for another name is down with the reason.
+#[tokio::test]
+async fn tcp_health_checks_speak_tls_to_the_rtmps_port() {
+    let ca = tls_support::TestCa::new();
+    let dir = tls_support::tempdir("rtmps-health");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (cert, key) = ca.leaf(&["node.example.test"]);
+    let tls = support::tls_node::TlsNode::start(
+        "rtmps",
+        SocketAddr::new(support::unique_loopback(), 0),
+        &cert,
+        &key,
+    )
+    .await;
+    let node = std::sync::Arc::new(amslb::cluster::Node::new(amslb::cluster::NodeSpec {
+        id: "rtmps".into(),
+        group: "ingest".into(),
+        addr: tls.addr.ip(),
+        http_port: 5080,
+        rtmp_port: 1935,
+        srt_port: 4200,
+        drain: false,
+        region: None,
+    }));
+    let probe = |name: &'static str| {
+        let text = format!(
+            "[[group]]\nname = \"ingest\"\n[cluster]\nsource = \"static\"\n\
+             [cluster.node_tls]\nca_file = \"{}\"\nserver_name = \"{name}\"\nrtmps_port = {}\n",
+            ca_file.display(),
+            tls.addr.port()
+        );
+        let config = amslb::config::parse_str(&text, std::path::Path::new("t.toml"))
+            .unwrap()
+            .config;
+        let set = amslb::node_tls::NodeTlsSet::from_config(&config).unwrap();
+        let node = node.clone();
+        async move {
+            let health = amslb::config::health::HealthConfig::default();
+            amslb::health::probe(amslb::health::CheckKind::Tcp, &node, &health, &set).await
+        }
+    };
+    assert_eq!(probe("node.example.test").await, amslb::health::Outcome::Ok);
+    // The node records the handshake once it has read the client's Finished.
+    let start = Instant::now();
+    while tls.handshakes.lock().unwrap().is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(5), "no TLS handshake");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let down = probe("other.example.test").await;
+    assert!(
+        matches!(down, amslb::health::Outcome::Io(ref e)
+            if e.contains("TLS handshake with node") && e.contains("not valid for name")),
+        "{down:?}"
+    );
+}
