@@ -14,7 +14,10 @@
 //! to `benches/results/latest.md`. Loopback only; bounded to a few minutes.
 //! `BENCH_SECS` overrides the length of each measured run (default 5);
 //! `BENCH_VIEWERS` the number of HLS viewers in scenario 9 (default 500);
-//! `AMSLB_BIN` runs another amslb binary than the one built with the bench.
+//! `AMSLB_BIN` runs another amslb binary than the one built with the bench;
+//! `AMSLB_BASELINE` adds an older build as one more column, run right after
+//! amslb in every scenario, with an "amslb ÷ before" ratio (before/after of a
+//! change in one run).
 
 #[path = "compare/backend.rs"]
 mod backend;
@@ -93,7 +96,10 @@ fn main() {
         dir: dir.to_path_buf(),
         ws_nodes: vec![addrs.host(3), addrs.host(4)],
         addrs,
-        peers: Peer::find_all(&amslb_binary()),
+        peers: Peer::find_all(
+            &amslb_binary(),
+            std::env::var_os("AMSLB_BASELINE").map(PathBuf::from),
+        ),
         wrk,
         h2load: H2load::find(dir),
         viewers: env_number("BENCH_VIEWERS").unwrap_or(VIEWERS),

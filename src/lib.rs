@@ -3,7 +3,8 @@
 //! # Module map
 //!
 //! Modules are layered; each uses only its own layer and the ones above it
-//! in this list (`.ci/layers` checks it and lists what still points up).
+//! in this list (`.ci/layers` checks it; no edge points up and no two
+//! top-level modules use each other).
 //!
 //! 1. Plain settings and helpers: [`config`] (the file, its validation, and
 //!    [`config::diff`]: what a reload changes and what only a restart
@@ -17,7 +18,9 @@
 //! 3. [`metrics`]: the Prometheus families, fed by everything below.
 //! 4. Pure decisions: [`balance`] (pick a node), [`sticky`] (cookie and
 //!    WHIP/WHEP affinity), [`policy`] (rules, per-client limits, trusted
-//!    proxies, host routing).
+//!    proxies, host routing), [`streaming`] ([`streaming::select`], the one
+//!    placement for every protocol; which command a signalling WebSocket
+//!    starts with; the assign API's answer).
 //! 5. Background state: [`health`] (probes, passive checks), [`access_log`],
 //!    [`tls`] (certificates, ACME, the handshake), [`node_tls`] (TLS to
 //!    nodes, shared by probes and proxies), [`state`] (drains and session
@@ -26,10 +29,9 @@
 //! 7. [`runtime`]: the state shared by every connection (config snapshot,
 //!    membership, health, pools, TLS, affinity), one `Arc`.
 //! 8. Proxies: [`http`] (h1/h2 serving for plain and HTTPS listeners, the
-//!    request handler), [`l4`] (RTMP/RTMPS/SRT relays), [`streaming`]
-//!    ([`streaming::select`], the one placement for every protocol;
-//!    WebSocket sniffing; the assign API), [`failover`] (the connect and
-//!    retry loop HTTP and L4 share).
+//!    request handler in named phases, the sniffed WebSocket session),
+//!    [`l4`] (RTMP/RTMPS/SRT relays), [`failover`] (the connect and retry
+//!    loop HTTP and L4 share).
 //! 9. [`stats`]: `/metrics`, the status page and the admin API.
 //! 10. [`listeners`]: the listener registry (accept loops by name and address).
 //! 11. [`server`] (start and shut down) and [`reload`] (the config lifetime

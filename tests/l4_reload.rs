@@ -7,38 +7,14 @@ mod support;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
+use support::l4_echo::{self, tcp_round, udp_round};
 use support::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::TcpStream;
 
-/// A node on `ip`: RTMP port 1935 echoes TCP bytes prefixed with its id, SRT
-/// port 4200 echoes datagrams prefixed with its id.
+/// A node with L4 echo ports on a fresh loopback address.
 async fn node(id: &'static str) -> IpAddr {
     let ip = unique_loopback();
-    let tcp = TcpListener::bind((ip, 1935)).await.unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 1024];
-                while let Ok(n @ 1..) = s.read(&mut buf).await {
-                    let mut out = format!("{id}:").into_bytes();
-                    out.extend_from_slice(&buf[..n]);
-                    if s.write_all(&out).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    let udp = UdpSocket::bind((ip, 4200)).await.unwrap();
-    tokio::spawn(async move {
-        let mut buf = [0u8; 2048];
-        while let Ok((n, from)) = udp.recv_from(&mut buf).await {
-            let mut out = format!("{id}:").into_bytes();
-            out.extend_from_slice(&buf[..n]);
-            let _ = udp.send_to(&out, from).await;
-        }
-    });
+    l4_echo::serve(ip, id).await;
     ip
 }
 
@@ -60,29 +36,6 @@ fn config(
     )
 }
 
-/// Sends `message` on `s` and returns the answer.
-async fn tcp_round(s: &mut TcpStream, message: &[u8]) -> String {
-    s.write_all(message).await.unwrap();
-    let mut buf = vec![0u8; 1024];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("an answer in 5 s")
-        .unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
-/// One datagram from a fresh client address and the answer.
-async fn udp_round(srt: SocketAddr) -> String {
-    let client = UdpSocket::bind((srt.ip(), 0)).await.unwrap();
-    client.send_to(b"hello", srt).await.unwrap();
-    let mut buf = [0u8; 1024];
-    let (n, _) = tokio::time::timeout(Duration::from_secs(5), client.recv_from(&mut buf))
-        .await
-        .expect("an answer in 5 s")
-        .unwrap();
-    String::from_utf8_lossy(&buf[..n]).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_moving_the_group_applies_to_new_l4_sessions_only() {
     let (a, b) = (node("a1").await, node("b1").await);
@@ -94,8 +47,8 @@ async fn a_reload_moving_the_group_applies_to_new_l4_sessions_only() {
     );
     let amslb = Amslb::start(&config(rtmp, srt, stats, "a", a, b), &[rtmp, stats]);
     let mut before = TcpStream::connect(rtmp).await.unwrap();
-    assert_eq!(tcp_round(&mut before, b"x").await, "a1:x");
-    assert_eq!(udp_round(srt).await, "a1:hello");
+    assert_eq!(tcp_round(&mut before, b"x").await.unwrap(), "a1:x");
+    assert_eq!(udp_round(srt).await.unwrap(), "a1:hello");
 
     std::fs::write(amslb.config_path(), config(rtmp, srt, stats, "b", a, b)).unwrap();
     amslb.signal("HUP");
@@ -114,8 +67,8 @@ async fn a_reload_moving_the_group_applies_to_new_l4_sessions_only() {
     }
 
     let mut after = TcpStream::connect(rtmp).await.unwrap();
-    assert_eq!(tcp_round(&mut after, b"y").await, "b1:y");
-    assert_eq!(udp_round(srt).await, "b1:hello");
+    assert_eq!(tcp_round(&mut after, b"y").await.unwrap(), "b1:y");
+    assert_eq!(udp_round(srt).await.unwrap(), "b1:hello");
     // The session opened before the reload is still relayed to its node.
-    assert_eq!(tcp_round(&mut before, b"z").await, "a1:z");
+    assert_eq!(tcp_round(&mut before, b"z").await.unwrap(), "a1:z");
 }

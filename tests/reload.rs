@@ -1,9 +1,11 @@
 //! One config lifetime, end to end with the real amslb binary: a reload that
-//! changes `[health] interval`, `[sticky] mode` and the membership source
-//! (static → MongoDB, a real SecantusDB) applies to new requests under load
-//! with no failed request, keeps an open WebSocket tunnel and the health
-//! state of nodes that stay, and names the setting that needs a restart in
-//! the reload answer, the log, the metric and the status API.
+//! changes `[health] interval`, `[sticky] mode`, the membership source
+//! (static → MongoDB, a real SecantusDB) and the RTMP and SRT listeners'
+//! group and its backup applies to new requests and sessions under HTTP,
+//! RTMP and SRT load with none failed, keeps an open WebSocket tunnel, an open
+//! RTMP session and the health state of nodes that stay, and names the
+//! setting that needs a restart in the reload answer, the log, the metric and
+//! the status API.
 
 mod ops_support;
 mod support;
@@ -14,9 +16,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use support::l4_echo::{self, tcp_round, tcp_session, udp_round};
 use support::registry::Registration;
 use support::secantus::{Secantus, cluster_toml};
 use support::*;
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 
 const CREDS: (&str, &str) = ("admin", "s3cret-reload");
@@ -29,9 +33,34 @@ fn subnets() -> ([u8; 3], [u8; 3]) {
     ([127, a, b], [127, a, b.wrapping_add(1)])
 }
 
-/// Listener "play" (default group edge), stats on `stats`, and `tail`
-/// (`[health]`, `[sticky]`, `[cluster]`, ...).
-fn config(play: SocketAddr, stats: SocketAddr, tail: &str) -> String {
+/// The RTMP (`tcp`) and SRT (`udp`) listeners of a config, and the group they
+/// send sessions to.
+struct L4<'a> {
+    rtmp: SocketAddr,
+    srt: SocketAddr,
+    group: &'a str,
+    /// Whether the origin group falls back to the edges when it has no usable node.
+    origin_backup: bool,
+}
+
+/// Listener "play" (default group edge), stats on `stats`, the L4 listeners
+/// when given, and `tail` (`[health]`, `[sticky]`, `[cluster]`, ...).
+fn config(play: SocketAddr, stats: SocketAddr, l4: Option<&L4>, tail: &str) -> String {
+    let (l4_listeners, origin_backup) = match l4 {
+        Some(l4) => (
+            format!(
+                "[[listener]]\nname = \"rtmp\"\nbind = [\"{}\"]\nprotocol = \"tcp\"\ndefault_group = \"{}\"\n\n\
+                 [[listener]]\nname = \"srt\"\nbind = [\"{}\"]\nprotocol = \"udp\"\ndefault_group = \"{}\"\n",
+                l4.rtmp, l4.group, l4.srt, l4.group
+            ),
+            if l4.origin_backup {
+                "backup = \"edge\""
+            } else {
+                ""
+            },
+        ),
+        None => (String::new(), ""),
+    };
     format!(
         r#"
 [timeouts]
@@ -44,8 +73,11 @@ bind = ["{play}"]
 protocol = "http"
 default_group = "edge"
 
+{l4_listeners}
+
 [[group]]
 name = "origin"
+{origin_backup}
 
 [[group]]
 name = "edge"
@@ -88,6 +120,45 @@ async fn load(addr: SocketAddr, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>, faile
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// Opens a new RTMP and a new SRT session every few milliseconds until `stop`
+/// (at most 90 s), counting sessions a node answered and everything else.
+async fn l4_load(
+    l4: (SocketAddr, SocketAddr),
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+        for answer in [
+            tcp_session(l4.0, b"x").await.map(|a| a.ends_with(":x")),
+            udp_round(l4.1).await.map(|a| a.ends_with(":hello")),
+        ] {
+            let counter = if matches!(answer, Ok(true)) {
+                &ok
+            } else {
+                &failed
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The node a new RTMP session and a new SRT session land on.
+async fn l4_nodes(rtmp: SocketAddr, srt: SocketAddr) -> (String, String) {
+    let node = |answer: std::io::Result<String>| {
+        answer
+            .ok()
+            .and_then(|a| a.split(':').next().map(str::to_string))
+            .unwrap_or_default()
+    };
+    (
+        node(tcp_session(rtmp, b"x").await),
+        node(udp_round(srt).await),
+    )
 }
 
 async fn scrape(stats: SocketAddr) -> String {
@@ -154,10 +225,27 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
         }
         regs
     };
+    for node in [&origin, &edge1, &edge2, &edge3] {
+        l4_echo::serve(node.addr.ip(), node.id()).await;
+    }
     let (play, stats) = (listener_addr(18080), listener_addr(6080));
+    let (rtmp, srt) = (listener_addr(1935), listener_addr(4200));
+    let l4_before = L4 {
+        rtmp,
+        srt,
+        group: "edge",
+        origin_backup: false,
+    };
+    let l4_after = L4 {
+        rtmp,
+        srt,
+        group: "origin",
+        origin_backup: true,
+    };
     let before = config(
         play,
         stats,
+        Some(&l4_before),
         &format!(
             "[health]\ninterval = \"1s\"\nrise = 2\nfall = 2\n\n{}",
             static_nodes(&[(&origin, "origin"), (&edge1, "edge"), (&edge2, "edge")])
@@ -166,6 +254,7 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
     let after = config(
         play,
         stats,
+        Some(&l4_after),
         &format!(
             "[global]\nmax_connections = 5000\n\n\
              [health]\ninterval = \"200ms\"\nrise = 2\nfall = 2\n\n\
@@ -178,7 +267,7 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
             )
         ),
     );
-    let amslb = Amslb::start(&before, &[play, stats]);
+    let amslb = Amslb::start(&before, &[play, stats, rtmp]);
 
     // edge-2 fails its checks and goes down before the reload.
     edge2.set_liveness(503);
@@ -214,6 +303,25 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
     let clients: Vec<_> = (0..3)
         .map(|_| tokio::spawn(load(play, stop.clone(), ok.clone(), failed.clone())))
         .collect();
+    // An open RTMP session on an edge, and RTMP and SRT sessions opened all along.
+    let mut rtmp_open = TcpStream::connect(rtmp).await.unwrap();
+    let first = tcp_round(&mut rtmp_open, b"before").await.unwrap();
+    let rtmp_node = first
+        .strip_suffix(":before")
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(rtmp_node, "edge-1", "the only usable edge: {first}");
+    assert_eq!(
+        l4_nodes(rtmp, srt).await,
+        ("edge-1".into(), "edge-1".into())
+    );
+    let (l4_ok, l4_failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let l4_client = tokio::spawn(l4_load(
+        (rtmp, srt),
+        stop.clone(),
+        l4_ok.clone(),
+        l4_failed.clone(),
+    ));
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     std::fs::write(amslb.config_path(), &after).unwrap();
@@ -235,6 +343,9 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
         "sticky.mode",
         "cluster.source",
         "cluster.uri",
+        "listener.rtmp.default_group",
+        "listener.srt.default_group",
+        "group.origin.backup",
     ] {
         assert!(changed.contains(&key), "{key} missing from {changed:?}");
     }
@@ -282,6 +393,37 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
         "probe rate {slow_rate:.1}/s before, {fast_rate:.1}/s after the reload"
     );
 
+    // New RTMP and SRT sessions go to the listeners' new group; when it has no
+    // usable node, to its new backup (the edges, without the down edge-2).
+    wait_for(
+        Duration::from_secs(10),
+        "RTMP and SRT on the origin",
+        || async {
+            (l4_nodes(rtmp, srt).await == ("origin-1".into(), "origin-1".into())).then_some(())
+        },
+    )
+    .await;
+    origin.set_liveness(503);
+    wait_for(
+        Duration::from_secs(10),
+        "RTMP and SRT on the backup",
+        || async {
+            let (a, b) = l4_nodes(rtmp, srt).await;
+            (a.starts_with("edge-") && b.starts_with("edge-")).then_some(())
+        },
+    )
+    .await;
+    for _ in 0..6 {
+        let (a, b) = l4_nodes(rtmp, srt).await;
+        assert!(["edge-1", "edge-3"].contains(&a.as_str()), "RTMP on {a}");
+        assert!(["edge-1", "edge-3"].contains(&b.as_str()), "SRT on {b}");
+    }
+    // The RTMP session opened before the reload still flows to its node.
+    assert_eq!(
+        tcp_round(&mut rtmp_open, b"after").await.unwrap(),
+        format!("{rtmp_node}:after")
+    );
+
     // The tunnel opened before the reload still carries messages.
     ws.send(Message::text("after")).await.unwrap();
     let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
@@ -296,6 +438,22 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
     for c in clients {
         c.await.unwrap();
     }
+    l4_client.await.unwrap();
+    let (l4_ok, l4_failed) = (
+        l4_ok.load(Ordering::Relaxed),
+        l4_failed.load(Ordering::Relaxed),
+    );
+    eprintln!("{l4_ok} RTMP/SRT sessions succeeded and {l4_failed} failed across the reload");
+    assert_eq!(
+        l4_failed,
+        0,
+        "{l4_failed} L4 sessions failed ({l4_ok} ok)\n{}",
+        amslb.log()
+    );
+    assert!(
+        l4_ok > 20,
+        "too little L4 load to prove anything: {l4_ok} sessions"
+    );
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     eprintln!("{ok} requests succeeded and {failed} failed across the reload");
     assert_eq!(
@@ -357,10 +515,11 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
 #[test]
 fn check_against_prints_what_a_reload_would_change() {
     let (play, stats) = (listener_addr(18080), listener_addr(6080));
-    let old = temp_config(&config(play, stats, "[cluster]\n"));
+    let old = temp_config(&config(play, stats, None, "[cluster]\n"));
     let new = temp_config(&config(
         play,
         stats,
+        None,
         "[global]\nworkers = 2\n[health]\ninterval = \"1s\"\n[cluster]\n",
     ));
     let new_path = new.path().to_str().unwrap().to_string();

@@ -23,6 +23,9 @@ pub enum Kind {
     Nginx,
     /// The balancer under test.
     Amslb,
+    /// Another amslb build (`AMSLB_BASELINE`), measured in the same run to
+    /// give a before/after ratio free of the machine's drift between runs.
+    Baseline,
 }
 
 impl Kind {
@@ -32,6 +35,7 @@ impl Kind {
             Kind::Haproxy => "HAProxy",
             Kind::Nginx => "nginx",
             Kind::Amslb => "amslb",
+            Kind::Baseline => "amslb before",
         }
     }
 
@@ -40,7 +44,7 @@ impl Kind {
         match self {
             Kind::Haproxy => format!("`nbthread {threads}` (one process)"),
             Kind::Nginx => format!("`worker_processes {threads}` (+ master)"),
-            Kind::Amslb => format!(
+            Kind::Amslb | Kind::Baseline => format!(
                 "{threads} worker threads, one event loop each (`[global] workers`, one per core)"
             ),
         }
@@ -119,7 +123,8 @@ pub struct Peer {
 
 impl Peer {
     /// Finds the peers' programs; prints how to install the missing ones.
-    pub fn find_all(amslb: &Path) -> Vec<Peer> {
+    /// `baseline`, when given, is an older amslb measured right after `amslb`.
+    pub fn find_all(amslb: &Path, baseline: Option<PathBuf>) -> Vec<Peer> {
         let mut found = Vec::new();
         for (kind, program) in [(Kind::Haproxy, "haproxy"), (Kind::Nginx, "nginx")] {
             match find_program(program) {
@@ -134,6 +139,12 @@ impl Peer {
             kind: Kind::Amslb,
             program: amslb.to_path_buf(),
         });
+        if let Some(program) = baseline {
+            found.push(Peer {
+                kind: Kind::Baseline,
+                program,
+            });
+        }
         found
     }
 
@@ -153,7 +164,7 @@ impl Peer {
                 let conf = write(spec.dir, "proxy.conf", &nginx_config(spec)?)?;
                 start_nginx("proxy", &self.program, spec.dir, &conf)?
             }
-            Kind::Amslb => {
+            Kind::Amslb | Kind::Baseline => {
                 return self.start_amslb(spec.dir, spec.listen, &amslb_config(spec), "warn");
             }
         };

@@ -22,12 +22,13 @@ pub enum Column {
     Peer(Kind),
 }
 
-/// The column order of the table.
-pub const COLUMNS: [Column; 4] = [
+/// The column order of the table (the baseline's only when it was run).
+pub const COLUMNS: [Column; 5] = [
     Column::Direct,
     Column::Peer(Kind::Haproxy),
     Column::Peer(Kind::Nginx),
     Column::Peer(Kind::Amslb),
+    Column::Peer(Kind::Baseline),
 ];
 
 /// One cell of the table.
@@ -84,6 +85,13 @@ impl Figure {
         }?;
         (best > 0.0).then(|| amslb / best)
     }
+
+    /// amslb's value divided by the baseline build's.
+    pub fn before_after(&self) -> Option<f64> {
+        let amslb = self.value(Column::Peer(Kind::Amslb))?;
+        let before = self.value(Column::Peer(Kind::Baseline))?;
+        (before > 0.0).then(|| amslb / before)
+    }
 }
 
 /// The whole report.
@@ -98,12 +106,22 @@ pub struct Report {
 impl Report {
     /// Renders the table and, below it, the reasons of every n/a and error cell.
     pub fn markdown(&self) -> String {
+        let baseline = Column::Peer(Kind::Baseline);
+        let with_baseline = self.figures.iter().any(|f| f.cell(baseline).is_some());
+        let columns: Vec<Column> = COLUMNS
+            .into_iter()
+            .filter(|c| *c != baseline || with_baseline)
+            .collect();
         let mut out = String::from("| figure |");
-        for column in COLUMNS {
+        for &column in &columns {
             let _ = write!(out, " {} |", name(column));
         }
-        out += " amslb ÷ best peer |\n|---|";
-        out += &"---:|".repeat(COLUMNS.len() + 1);
+        out += " amslb ÷ best peer |";
+        if with_baseline {
+            out += " amslb ÷ before |";
+        }
+        out += "\n|---|";
+        out += &"---:|".repeat(columns.len() + 1 + usize::from(with_baseline));
         out += "\n";
         let mut reasons = Vec::new();
         for figure in &self.figures {
@@ -112,7 +130,7 @@ impl Report {
                 Better::Lower => "↓",
             };
             let _ = write!(out, "| {} {arrow} |", figure.label);
-            for column in COLUMNS {
+            for &column in &columns {
                 let (text, reason) = match figure.cell(column) {
                     Some(Cell::Value(v)) if v.is_finite() => {
                         (format!("{v:.*}", figure.decimals), None)
@@ -131,15 +149,24 @@ impl Report {
                 }
                 let _ = write!(out, " {text} |");
             }
-            match figure.ratio() {
-                Some(r) => {
-                    let _ = writeln!(out, " {r:.2} |");
-                }
-                None => out += " – |\n",
+            let mut ratios = vec![figure.ratio()];
+            if with_baseline {
+                ratios.push(figure.before_after());
             }
+            for ratio in ratios {
+                match ratio {
+                    Some(r) => {
+                        let _ = write!(out, " {r:.2} |");
+                    }
+                    None => out += " – |",
+                }
+            }
+            out += "\n";
         }
         out += "\n↑ higher is better, ↓ lower is better; the ratio is amslb's figure \
-                divided by the best of HAProxy and nginx (so for ↓ rows, below 1 is better). \
+                divided by the best of HAProxy and nginx (so for ↓ rows, below 1 is better); \
+                \"amslb ÷ before\", when an older build ran as \"amslb before\" \
+                (`AMSLB_BASELINE`), is amslb's figure divided by that build's. \
                 \"balancer CPU\" rows: user + system CPU time of the balancer (all its threads \
                 and processes, `/proc/<pid>/stat`) during the measured run above them, divided \
                 by the requests answered or the GB (10^9 bytes) delivered in it; on a shared \

@@ -106,6 +106,28 @@ pub fn plain_text(status: StatusCode, body: String) -> Response<ResponseBody> {
     response
 }
 
+/// A JSON answer of amslb's API on a proxy listener. Never cached (it changes
+/// with load and health); readable by pages of any origin, since player pages
+/// are served from elsewhere than the balancer and the answer holds nothing a
+/// page of another origin must not read.
+pub fn api_json(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(
+        body.to_string(),
+    ))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    response
+}
+
 /// A redirect to `location` (HAProxy's `redirect scheme https` answers 302 too).
 pub fn redirect(location: &str) -> Response<ResponseBody> {
     let mut response = local_response(StatusCode::FOUND, location);

@@ -10,6 +10,7 @@ pub mod idle;
 pub mod proxy;
 pub mod record;
 pub mod serve;
+mod sniffed;
 
 use crate::runtime::Runtime;
 use crate::tls::TlsState;

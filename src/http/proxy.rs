@@ -1,10 +1,33 @@
-//! The request handler: classify, pick a node, forward, stream the answer back.
+//! The request handler, in named phases over one per-request context
+//! ([`RequestCtx`]), in the order pingora's `ProxyHttp` runs them:
+//!
+//! 1. [`early_answer`](RequestCtx::early_answer): what amslb answers before
+//!    looking at the route (ACME http-01, the HTTPS redirect, a bad Host);
+//! 2. [`classify`](RequestCtx::classify): the router's verdict (`route.rs`);
+//! 3. [`api_answer`](RequestCtx::api_answer): amslb's own API (assign);
+//! 4. [`request_filter`](RequestCtx::request_filter): `[[rule]]`s and
+//!    `[[limit]]`s, which may answer, steer or rewrite;
+//! 5. [`takeover`](RequestCtx::takeover): a WebSocket amslb routes by its
+//!    first command ([`sniffs`](RequestCtx::sniffs), `http::sniffed`) leaves
+//!    the request/response cycle here;
+//! 6. [`plan`](RequestCtx::plan): group, affinity key and sticky node;
+//! 7. [`upstream_request_filter`](RequestCtx::upstream_request_filter): the
+//!    request as the node gets it (origin-form, hop-by-hop, forwarding);
+//! 8. [`connect`](RequestCtx::connect): the shared failover loop ([`forward`]);
+//! 9. [`response_filter`](RequestCtx::response_filter): the node's answer
+//!    vetted, sticky cookie, rule headers, hop-by-hop;
+//! 10. [`deliver`](RequestCtx::deliver): stream the body or start the tunnel;
+//! 11. [`log`](RequestCtx::log): the access log record and metrics, also for
+//!     answers amslb wrote itself.
+//!
+//! A new rule has one obvious place: the phase that knows what it needs.
 
 use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
-use super::edge;
-use super::guard::{self, ClientBody, ClientFault, Upload};
+use super::edge::{self, Admitted};
+use super::guard::{self, ClientBody, ClientFault, NodeBody, Upload};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
 use super::record::Exchange;
+use super::sniffed;
 use crate::access_log::Sticky;
 use crate::cluster::{Membership, Node, NodeLease};
 use crate::config::{Config, ListenerConfig};
@@ -18,10 +41,11 @@ use crate::streaming::select::Wanted;
 use crate::streaming::{assign, sniff};
 use crate::transport::{self, ConnectError, Pools, Sender};
 use crate::tunnel;
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Body;
 use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,6 +90,9 @@ impl ProxyError {
     }
 }
 
+/// A request amslb refuses: the status and the reason for the log line.
+type Refusal = (StatusCode, String);
+
 /// Handles one client request. Never fails: every problem becomes a response
 /// with the right status and a log line with the reason.
 pub async fn handle(
@@ -79,156 +106,341 @@ pub async fn handle(
             "listener is gone",
         ));
     };
-    let ctx = edge::client_context(&ctx, view.listener(), request.headers_mut());
-    // Kept for the log line of a failure; both clones share, not copy, the text.
-    let method = request.method().clone();
-    let uri = request.uri().clone();
-    let mut record = Some(Exchange::new(ctx.clone()));
-    let response = proxy(&ctx, &view, request, &mut record)
-        .await
-        .unwrap_or_else(|(status, reason)| {
-            warn!(
-                listener = %ctx.listener,
-                client = %ctx.client.addr,
-                %method,
-                path = uri.path(),
-                status = status.as_u16(),
-                reason,
-                "request failed"
-            );
-            local_response(status, &reason)
-        });
-    // Still here: amslb answered itself (error, redirect); record it now.
-    if let Some(mut record) = record {
-        record.set_status(response.status().as_u16());
-        record.add_bytes_out(response.body().size_hint().exact().unwrap_or(0));
-    }
-    Ok(response)
+    let conn = edge::client_context(&ctx, view.listener(), request.headers_mut());
+    let mut ctx = RequestCtx {
+        record: Some(Exchange::new(conn.clone())),
+        conn,
+        view,
+        // Kept for the log line of a failure; both clones share, not copy, the text.
+        method: request.method().clone(),
+        uri: request.uri().clone(),
+        host: None,
+    };
+    let response = match ctx.proxy(request).await {
+        Ok(response) => response,
+        Err(refusal) => ctx.refused(refusal),
+    };
+    Ok(ctx.log(response))
 }
 
-type Refusal = (StatusCode, String);
+/// What the phases of one request share and fill in as it goes.
+struct RequestCtx {
+    /// The client connection's context, as the trusted-proxy rules see it.
+    conn: Arc<ConnContext>,
+    /// The config snapshot this request is handled under, start to end.
+    view: ListenerView,
+    /// The request's method and target, for the log line of a failure.
+    method: Method,
+    uri: Uri,
+    /// The host the client named (`Host`, or `:authority` over h2).
+    host: Option<String>,
+    /// The access log and metrics record; taken by the response body once a
+    /// node answers, so it is written when the body ends.
+    record: Option<Exchange>,
+}
 
-async fn proxy(
-    ctx: &Arc<ConnContext>,
-    view: &ListenerView,
-    mut request: Request<Incoming>,
-    record: &mut Option<Exchange>,
-) -> Result<Response<ResponseBody>, Refusal> {
-    let listener = view.listener();
-    let host = guard::resolve_host(&mut request)?;
-    if let Some(answer) = super::http01::answer(&ctx.runtime, request.uri().path()) {
-        return Ok(answer);
-    }
-    if listener.redirect_https && !crate::tls::is_http01_path(request.uri().path()) {
-        let host = host.ok_or((StatusCode::BAD_REQUEST, "missing Host header".to_string()))?;
-        let host = host.split(':').next().unwrap_or(&host);
-        let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        return Ok(redirect(&format!("https://{host}{path}")));
-    }
+/// Where a request goes, decided before any node is contacted.
+struct Plan {
+    /// Group, affinity key and region the placement gets.
+    wanted: Wanted,
+    /// The membership the request is placed in.
+    snapshot: Arc<Membership>,
+    /// The client's sticky node, if it has one.
+    affinity: Affinity,
+    /// The client's side of an upgrade (WebSocket) it asked for.
+    client_upgrade: Option<OnUpgrade>,
+}
 
-    let route = route::classify(request.uri().path(), request.uri().query());
-    if let Some(record) = record.as_mut() {
-        record.set_route(route.kind.as_str());
-        record.add_bytes_in(request.body().size_hint().exact().unwrap_or(0));
-    }
-    if listener.assign_api && assign::handles(request.uri().path()) {
-        let snapshot = ctx.runtime.cluster.snapshot();
-        let (method, query) = (request.method(), request.uri());
-        let headers = request.headers();
-        return Ok(assign::answer(
-            &snapshot,
-            &view.config,
-            listener,
-            method,
-            query,
-            headers,
-        ));
-    }
-    let policy = match edge::admit(ctx, view, &route, &mut request) {
-        Ok(admitted) => admitted,
-        Err(answer) => return Ok(*answer),
-    };
-    if !policy.chose_group() && sniff::applies(listener, &route, request.headers()) {
-        prepare_upstream_request(&mut request, host, ctx.client, listener, true)?;
-        return Ok(sniff::accept(ctx, view.config.clone(), listener, request));
-    }
-    let wanted = policy.steer(Wanted::for_route(
-        &view.config,
-        listener,
-        &route,
-        request.headers(),
-    ));
-    let snapshot = ctx.runtime.cluster.snapshot();
-    let affinity = sticky_affinity(
-        ctx,
-        &view.config,
-        &snapshot,
-        &wanted.group,
-        &route,
-        &mut request,
-    );
-    let upgrade = is_upgrade(&request);
-    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-
-    prepare_upstream_request(&mut request, host, ctx.client, listener, upgrade)?;
-    let (response, lease) =
-        match forward(ctx, &view.config, &snapshot, &wanted, &affinity, request).await {
-            Ok(answer) => answer,
-            Err(e) => {
-                if let Some(record) = record.as_mut() {
-                    record.set_unserved_group(&wanted.group);
-                }
-                return Err((e.status(), e.to_string()));
-            }
+impl RequestCtx {
+    /// Runs the phases in order; the first that answers ends the request.
+    async fn proxy(
+        &mut self,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Refusal> {
+        if let Some(answer) = self.early_answer(&mut request)? {
+            return Ok(answer);
+        }
+        let route = self.classify(&request);
+        if let Some(answer) = self.api_answer(&request) {
+            return Ok(answer);
+        }
+        let policy = match self.request_filter(&route, &mut request) {
+            Ok(policy) => policy,
+            Err(answer) => return Ok(*answer),
         };
-    let (health, timeout) = (&ctx.runtime.health, view.config.timeouts.server);
-    let mut response = guard::vet_response(response, upgrade, health, lease.node(), timeout)
-        .await
-        .map_err(|e| (e.status(), e.to_string()))?;
-    let mut record = record.take().map(|mut record| {
-        record.set_node(lease.node().clone());
-        record.set_status(response.status().as_u16());
-        let hit = affinity
-            .node
-            .as_ref()
-            .is_some_and(|n| Arc::ptr_eq(n, lease.node()));
-        if affinity.redispatched || (affinity.node.is_some() && !hit) {
-            record.set_sticky(Sticky::Redispatch);
-        } else if hit {
-            record.set_sticky(Sticky::Hit);
+        if self.sniffs(&policy, &route, &request) {
+            return self.takeover(request);
         }
-        record
-    });
-    ctx.runtime.sticky().on_response(
-        &affinity,
-        lease.node(),
-        response.headers_mut(),
-        ctx.client.tls,
-    );
-
-    policy.on_response(response.headers_mut());
-    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    strip_hop_by_hop(response.headers_mut(), switching);
-    if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
-        let node_upgrade = hyper::upgrade::on(&mut response);
-        if let Some(record) = record.as_mut() {
-            record.start_tunnel();
-        }
-        spawn_tunnel(
-            ctx,
-            &view.config,
-            client_upgrade,
-            node_upgrade,
-            lease,
-            record,
-        );
-        return Ok(response.map(|_| ResponseBody::Local(Default::default())));
+        let mut plan = self.plan(&policy, &route, &mut request);
+        self.upstream_request_filter(&mut request, plan.client_upgrade.is_some())?;
+        let (response, lease) = self.connect(&plan, request).await?;
+        let response = self
+            .response_filter(&plan, &policy, &lease, response)
+            .await?;
+        Ok(self.deliver(plan.client_upgrade.take(), lease, response))
     }
-    Ok(response.map(|body| ResponseBody::Node {
-        body: Box::new(body),
-        lease: Some(lease),
-        record,
-    }))
+
+    /// Answers that come before the route: the Host checks, the ACME http-01
+    /// challenge, and the listener's redirect to HTTPS.
+    fn early_answer(
+        &mut self,
+        request: &mut Request<Incoming>,
+    ) -> Result<Option<Response<ResponseBody>>, Refusal> {
+        self.host = guard::resolve_host(request)?;
+        let path = request.uri().path();
+        if let Some(answer) = super::http01::answer(&self.conn.runtime, path) {
+            return Ok(Some(answer));
+        }
+        if self.view.listener().redirect_https && !crate::tls::is_http01_path(path) {
+            let host = self
+                .host
+                .as_deref()
+                .ok_or((StatusCode::BAD_REQUEST, "missing Host header".to_string()))?;
+            let host = host.split(':').next().unwrap_or(host);
+            let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
+            return Ok(Some(redirect(&format!("https://{host}{path}"))));
+        }
+        Ok(None)
+    }
+
+    /// The router's verdict (target, kind, stream), recorded for the log.
+    fn classify(&mut self, request: &Request<Incoming>) -> Route {
+        let route = route::classify(request.uri().path(), request.uri().query());
+        if let Some(record) = self.record.as_mut() {
+            record.set_route(route.kind.as_str());
+            record.add_bytes_in(request.body().size_hint().exact().unwrap_or(0));
+        }
+        route
+    }
+
+    /// amslb's own API on a proxy listener: the node assignment.
+    fn api_answer(&self, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+        let listener = self.view.listener();
+        if !(listener.assign_api && assign::handles(request.uri().path())) {
+            return None;
+        }
+        let snapshot = self.conn.runtime.cluster.snapshot();
+        let (status, body) = assign::answer(
+            &snapshot,
+            &self.view.config,
+            listener,
+            request.method(),
+            request.uri(),
+            request.headers(),
+        );
+        Some(super::body::api_json(status, &body))
+    }
+
+    /// `[[rule]]`s and `[[limit]]`s: an answer of their own (deny, redirect,
+    /// 429), or what they decided for the rest of the request.
+    fn request_filter(
+        &self,
+        route: &Route,
+        request: &mut Request<Incoming>,
+    ) -> Result<Admitted, Box<Response<ResponseBody>>> {
+        edge::admit(&self.conn, &self.view, route, request)
+    }
+
+    /// Whether this is a signalling WebSocket amslb routes by its first
+    /// command. A rule that chose the group has decided already.
+    fn sniffs(&self, policy: &Admitted, route: &Route, request: &Request<Incoming>) -> bool {
+        !policy.chose_group() && sniff::applies(self.view.listener(), route, request.headers())
+    }
+
+    /// amslb answers the WebSocket upgrade itself; the session continues
+    /// outside this request (`http::sniffed`).
+    fn takeover(
+        &mut self,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<ResponseBody>, Refusal> {
+        self.upstream_request_filter(&mut request, true)?;
+        let config = self.view.config.clone();
+        Ok(sniffed::accept(
+            &self.conn,
+            config,
+            self.view.listener(),
+            request,
+        ))
+    }
+
+    /// Group (the route's, steered by rules), and the client's sticky node.
+    fn plan(&self, policy: &Admitted, route: &Route, request: &mut Request<Incoming>) -> Plan {
+        let config = &self.view.config;
+        let wanted = policy.steer(Wanted::for_route(
+            config,
+            self.view.listener(),
+            route,
+            request.headers(),
+        ));
+        let snapshot = self.conn.runtime.cluster.snapshot();
+        let affinity =
+            sticky_affinity(&self.conn, config, &snapshot, &wanted.group, route, request);
+        let client_upgrade = is_upgrade(request).then(|| hyper::upgrade::on(&mut *request));
+        Plan {
+            wanted,
+            snapshot,
+            affinity,
+            client_upgrade,
+        }
+    }
+
+    /// The request as a node gets it: origin-form over HTTP/1.1, a Host,
+    /// no hop-by-hop headers (but the upgrade ones when upgrading), and the
+    /// forwarding headers the listener adds.
+    fn upstream_request_filter(
+        &mut self,
+        request: &mut Request<Incoming>,
+        upgrade: bool,
+    ) -> Result<(), Refusal> {
+        let origin_form = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let uri: Uri = origin_form.parse().map_err(|_| {
+            (
+                StatusCode::BAD_REQUEST,
+                "invalid request target".to_string(),
+            )
+        })?;
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        let headers = request.headers_mut();
+        if !headers.contains_key(header::HOST)
+            && let Some(value) = self
+                .host
+                .take()
+                .and_then(|h| HeaderValue::from_str(&h).ok())
+        {
+            headers.insert(header::HOST, value);
+        }
+        strip_hop_by_hop(headers, upgrade);
+        let listener: &ListenerConfig = self.view.listener();
+        let options = ForwardOptions {
+            forwarded: listener.forwarded,
+            via: listener.via,
+        };
+        add_forwarding(headers, self.conn.client, options);
+        Ok(())
+    }
+
+    /// Sends the request to a node of the plan, through the shared failover loop.
+    async fn connect(
+        &mut self,
+        plan: &Plan,
+        request: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, NodeLease), Refusal> {
+        let config = &self.view.config;
+        forward(
+            &self.conn,
+            config,
+            &plan.snapshot,
+            &plan.wanted,
+            &plan.affinity,
+            request,
+        )
+        .await
+        .map_err(|e| {
+            if let Some(record) = self.record.as_mut() {
+                record.set_unserved_group(&plan.wanted.group);
+            }
+            (e.status(), e.to_string())
+        })
+    }
+
+    /// The node's answer, vetted (bad framing, unasked upgrades), with the
+    /// sticky cookie, the rules' response headers and no hop-by-hop headers.
+    /// The record moves into the response body here.
+    async fn response_filter(
+        &mut self,
+        plan: &Plan,
+        policy: &Admitted,
+        lease: &NodeLease,
+        response: Response<Incoming>,
+    ) -> Result<Response<NodeBody>, Refusal> {
+        let (health, timeout) = (&self.conn.runtime.health, self.view.config.timeouts.server);
+        let asked_upgrade = plan.client_upgrade.is_some();
+        let mut response =
+            guard::vet_response(response, asked_upgrade, health, lease.node(), timeout)
+                .await
+                .map_err(|e| (e.status(), e.to_string()))?;
+        if let Some(record) = self.record.as_mut() {
+            record.set_node(lease.node().clone());
+            record.set_status(response.status().as_u16());
+            let affinity = &plan.affinity;
+            let hit = affinity
+                .node
+                .as_ref()
+                .is_some_and(|n| Arc::ptr_eq(n, lease.node()));
+            if affinity.redispatched || (affinity.node.is_some() && !hit) {
+                record.set_sticky(Sticky::Redispatch);
+            } else if hit {
+                record.set_sticky(Sticky::Hit);
+            }
+        }
+        self.conn.runtime.sticky().on_response(
+            &plan.affinity,
+            lease.node(),
+            response.headers_mut(),
+            self.conn.client.tls,
+        );
+        policy.on_response(response.headers_mut());
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        strip_hop_by_hop(response.headers_mut(), switching);
+        Ok(response)
+    }
+
+    /// Streams the node's body to the client, or, for a granted upgrade,
+    /// starts the tunnel between the two upgraded connections.
+    fn deliver(
+        &mut self,
+        client_upgrade: Option<OnUpgrade>,
+        lease: NodeLease,
+        mut response: Response<NodeBody>,
+    ) -> Response<ResponseBody> {
+        let mut record = self.record.take();
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if let (true, Some(client_upgrade)) = (switching, client_upgrade) {
+            let node_upgrade = hyper::upgrade::on(&mut response);
+            if let Some(record) = record.as_mut() {
+                record.start_tunnel();
+            }
+            spawn_tunnel(
+                &self.conn,
+                &self.view.config,
+                client_upgrade,
+                node_upgrade,
+                lease,
+                record,
+            );
+            return response.map(|_| ResponseBody::Local(Default::default()));
+        }
+        response.map(|body| ResponseBody::Node {
+            body: Box::new(body),
+            lease: Some(lease),
+            record,
+        })
+    }
+
+    /// An answer for a refused request, with the log line saying why.
+    fn refused(&self, (status, reason): Refusal) -> Response<ResponseBody> {
+        warn!(
+            listener = %self.conn.listener,
+            client = %self.conn.client.addr,
+            method = %self.method,
+            path = self.uri.path(),
+            status = status.as_u16(),
+            reason,
+            "request failed"
+        );
+        local_response(status, &reason)
+    }
+
+    /// Records an answer amslb wrote itself (a node's answer is recorded by
+    /// its body, which holds the record by now).
+    fn log(&mut self, response: Response<ResponseBody>) -> Response<ResponseBody> {
+        if let Some(mut record) = self.record.take() {
+            record.set_status(response.status().as_u16());
+            record.add_bytes_out(response.body().size_hint().exact().unwrap_or(0));
+        }
+        response
+    }
 }
 
 /// Reads (and strips from the request) the client's tie to a node of `group`
@@ -272,38 +484,6 @@ fn is_upgrade(request: &Request<Incoming>) -> bool {
                 v.split(',')
                     .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
             })
-}
-
-fn prepare_upstream_request(
-    request: &mut Request<Incoming>,
-    host: Option<String>,
-    client: ClientInfo,
-    listener: &ListenerConfig,
-    upgrade: bool,
-) -> Result<(), Refusal> {
-    // Nodes get origin-form URIs ("/app/x?y") over HTTP/1.1 whatever the client spoke.
-    let origin_form = request.uri().path_and_query().map_or("/", |p| p.as_str());
-    let uri: Uri = origin_form.parse().map_err(|_| {
-        (
-            StatusCode::BAD_REQUEST,
-            "invalid request target".to_string(),
-        )
-    })?;
-    *request.uri_mut() = uri;
-    *request.version_mut() = Version::HTTP_11;
-    let headers = request.headers_mut();
-    if !headers.contains_key(header::HOST)
-        && let Some(value) = host.and_then(|h| HeaderValue::from_str(&h).ok())
-    {
-        headers.insert(header::HOST, value);
-    }
-    strip_hop_by_hop(headers, upgrade);
-    let options = ForwardOptions {
-        forwarded: listener.forwarded,
-        via: listener.via,
-    };
-    add_forwarding(headers, client, options);
-    Ok(())
 }
 
 /// Picks a node and sends the request, retrying other nodes (of the group,

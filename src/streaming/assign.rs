@@ -10,11 +10,8 @@
 
 use super::select::{self, Wanted};
 use crate::config::{Config, ListenerConfig};
-use crate::http::body::ResponseBody;
 use crate::route::Target;
-use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{HeaderMap, Method, StatusCode};
 use serde_json::json;
 
 /// The path the API answers on.
@@ -28,6 +25,10 @@ pub fn handles(path: &str) -> bool {
     path == PATH || path == SDK_PATH
 }
 
+/// An answer of the API: its status and JSON body (the HTTP layer adds the
+/// headers: JSON, never cached, readable by pages of any origin).
+pub type Answer = (StatusCode, serde_json::Value);
+
 /// Answers one assignment request on [`PATH`] or [`SDK_PATH`].
 pub fn answer(
     snapshot: &crate::cluster::Membership,
@@ -36,11 +37,11 @@ pub fn answer(
     method: &Method,
     uri: &http::Uri,
     headers: &HeaderMap,
-) -> Response<ResponseBody> {
+) -> Answer {
     let sdk = uri.path() == SDK_PATH;
     let query = uri.query();
     if method != Method::GET && method != Method::HEAD {
-        return reply(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use GET"}));
+        return (StatusCode::METHOD_NOT_ALLOWED, json!({"error": "use GET"}));
     }
     let mut app = None;
     let mut stream = None;
@@ -63,13 +64,13 @@ pub fn answer(
         } else {
             "app and stream are required"
         };
-        return reply(StatusCode::BAD_REQUEST, json!({ "error": error }));
+        return (StatusCode::BAD_REQUEST, json!({ "error": error }));
     };
     let (target, publish) = match role.as_str() {
         "play" => (Target::Edge, false),
         "publish" => (Target::Origin, true),
         _ => {
-            return reply(
+            return (
                 StatusCode::BAD_REQUEST,
                 json!({"error": "role must be play or publish"}),
             );
@@ -81,7 +82,7 @@ pub fn answer(
         Some(node) if sdk => {
             // Nodes are reached over plain HTTP, as amslb itself reaches them.
             let at = std::net::SocketAddr::new(node.spec().addr, node.spec().http_port);
-            reply(
+            (
                 StatusCode::OK,
                 json!({
                     "fqdn": node.spec().addr.to_string(),
@@ -92,7 +93,7 @@ pub fn answer(
                 }),
             )
         }
-        Some(node) => reply(
+        Some(node) => (
             StatusCode::OK,
             json!({
                 "node": node.id(),
@@ -102,32 +103,11 @@ pub fn answer(
                 "region": node.region(),
             }),
         ),
-        None => reply(
+        None => (
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"error": "no usable node", "group": wanted.group}),
         ),
     }
-}
-
-fn reply(status: StatusCode, body: serde_json::Value) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(
-        body.to_string(),
-    ))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    // The answer changes with load and health: never cache it.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    // Player pages are served from elsewhere than the balancer; the answer
-    // holds nothing a page of another origin must not read.
-    headers.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static("*"),
-    );
-    response
 }
 
 #[cfg(test)]
@@ -135,10 +115,9 @@ mod tests {
     use super::*;
     use crate::cluster::{Cluster, NodeSpec};
     use crate::config::parse_str;
-    use http_body_util::BodyExt;
     use std::path::Path;
 
-    async fn call(cluster: &Cluster, query: &str) -> (u16, serde_json::Value) {
+    fn call(cluster: &Cluster, query: &str) -> (u16, serde_json::Value) {
         let config = parse_str(
             r#"
 [[listener]]
@@ -157,7 +136,7 @@ balance = "stream-hash"
         )
         .unwrap()
         .config;
-        let response = answer(
+        let (status, body) = answer(
             &cluster.snapshot(),
             &config,
             &config.listeners[0],
@@ -165,9 +144,7 @@ balance = "stream-hash"
             &query.parse().unwrap(),
             &HeaderMap::new(),
         );
-        let status = response.status().as_u16();
-        let body = response.into_body().collect().await.unwrap().to_bytes();
-        (status, serde_json::from_slice(&body).unwrap())
+        (status.as_u16(), body)
     }
 
     fn spec(id: &str, group: &str, octet: u8) -> NodeSpec {
@@ -177,15 +154,14 @@ balance = "stream-hash"
         }
     }
 
-    #[tokio::test]
-    async fn answers_node_for_role_and_errors_as_json() {
+    #[test]
+    fn answers_node_for_role_and_errors_as_json() {
         let cluster = Cluster::new();
         cluster.update(vec![spec("o1", "origin", 1), spec("e1", "edge", 2)]);
         let (status, body) = call(
             &cluster,
             "/amslb/v1/assign?app=LiveApp&stream=s%201&role=play",
-        )
-        .await;
+        );
         assert_eq!(status, 200);
         assert_eq!(
             body,
@@ -194,28 +170,25 @@ balance = "stream-hash"
         let (_, body) = call(
             &cluster,
             "/amslb/v1/assign?app=LiveApp&stream=s1&role=publish",
-        )
-        .await;
+        );
         assert_eq!(body["node"], "o1");
-        assert_eq!(call(&cluster, "/amslb/v1/assign?app=LiveApp").await.0, 400);
+        assert_eq!(call(&cluster, "/amslb/v1/assign?app=LiveApp").0, 400);
         assert_eq!(
-            call(&cluster, "/amslb/v1/assign?app=a&stream=b&role=watch")
-                .await
-                .0,
+            call(&cluster, "/amslb/v1/assign?app=a&stream=b&role=watch").0,
             400
         );
         cluster.update(vec![spec("o1", "origin", 1)]);
-        let (status, body) = call(&cluster, "/amslb/v1/assign?app=a&stream=b").await;
+        let (status, body) = call(&cluster, "/amslb/v1/assign?app=a&stream=b");
         assert_eq!(status, 503);
         assert_eq!(body["group"], "edge");
     }
 
-    #[tokio::test]
-    async fn sdk_endpoint_answers_the_sdk_schema_without_a_stream() {
+    #[test]
+    fn sdk_endpoint_answers_the_sdk_schema_without_a_stream() {
         let cluster = Cluster::new();
         cluster.update(vec![spec("o1", "origin", 1), spec("e1", "edge", 2)]);
         // As the SDK calls it: the configured URL plus source=sdk.
-        let (status, body) = call(&cluster, "/amslb/v1/endpoint?app=LiveApp&source=sdk").await;
+        let (status, body) = call(&cluster, "/amslb/v1/endpoint?app=LiveApp&source=sdk");
         assert_eq!(status, 200);
         assert_eq!(body["fqdn"], "127.0.5.2");
         assert_eq!(
@@ -226,9 +199,8 @@ balance = "stream-hash"
         let (_, body) = call(
             &cluster,
             "/amslb/v1/endpoint?app=LiveApp&role=publish&stream=s1",
-        )
-        .await;
+        );
         assert_eq!(body["node"], "o1");
-        assert_eq!(call(&cluster, "/amslb/v1/endpoint?source=sdk").await.0, 400);
+        assert_eq!(call(&cluster, "/amslb/v1/endpoint?source=sdk").0, 400);
     }
 }

@@ -4,6 +4,7 @@
 #![allow(dead_code, unused_imports)] // each test file uses a different part of the harness
 
 pub mod haproxy;
+pub mod l4_echo;
 pub mod registry;
 pub mod secantus;
 pub mod sim;
