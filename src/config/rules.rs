@@ -206,7 +206,8 @@ pub enum RouteName {
     Other,
     /// A WebSocket whose first command is `publish` (listeners with `sniff_websocket`).
     WebsocketPublish,
-    /// An RTMP or RTMPS session on a `tcp`/`tls` listener (AMS ingests RTMP).
+    /// An RTMP or RTMPS session on a `tcp`/`tls` listener that sends `publish`
+    /// (a listener such a limit covers inspects its sessions' RTMP start).
     RtmpPublish,
     /// An SRT session on a `udp` listener.
     SrtPublish,

@@ -5,11 +5,13 @@ use super::meter::{Metered, SessionMeter};
 use super::rtmp::filter::{Filtered, NodeFilter};
 use super::rtmp::{self, Inspector, front, handshake};
 use super::tls::{TlsLoadError, server_config};
+use crate::config::rules::RouteName;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::failover::{Connected, Failover, Reporting};
 use crate::metrics::L4Metrics;
 use crate::node_tls::NodeStream;
 use crate::policy::hosts;
+use crate::policy::limits::Limits;
 use crate::runtime::{ListenerView, Runtime};
 use crate::streaming::select::Wanted;
 use crate::tunnel::{self, TunnelEnd};
@@ -22,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 
 /// Settings of one TCP-like listener for one session, read from the live
 /// config snapshot when the session starts, so a reload applies to new
@@ -42,6 +45,9 @@ pub struct TcpSettings {
     pub rtmp_inspect: bool,
     /// Choose the node by stream key (answering `connect` here).
     pub rtmp_affinity: bool,
+    /// A `per_minute` limit counts this listener's `rtmp-publish` sessions:
+    /// the RTMP start is inspected to find them.
+    pub publish_limited: bool,
 }
 
 impl TcpSettings {
@@ -55,7 +61,18 @@ impl TcpSettings {
             splice: listener.l4.splice,
             rtmp_inspect: listener.l4.rtmp_inspect,
             rtmp_affinity: listener.l4.rtmp_affinity,
+            publish_limited: Limits::counts_publishes(
+                config,
+                &listener.name,
+                RouteName::RtmpPublish,
+            ),
         }
+    }
+
+    /// Whether the client's bytes are read (C0+C1 checked, commands found)
+    /// rather than passed on unread.
+    fn inspects(&self) -> bool {
+        self.rtmp_inspect || self.rtmp_affinity || self.publish_limited
     }
 }
 
@@ -179,15 +196,30 @@ impl TcpProxy {
         }
         let mut inspector = start.inspector;
         let metrics = &self.metrics;
+        // A `publish` over the client's rtmp-publish limit ends the session.
+        let refused = CancellationToken::new();
         let mut tap = |data: &[u8]| {
             if let Some(inspector) = inspector.as_mut() {
                 inspector.feed(data);
                 for event in inspector.take_events() {
+                    tracing::info!(listener = %s.name, %peer, node = node_id, "rtmp {event}");
                     if let rtmp::Event::Publish { app, .. } = &event {
+                        if !self
+                            .runtime
+                            .admit_publish(&s.name, RouteName::RtmpPublish, peer.ip())
+                        {
+                            refused.cancel();
+                            return;
+                        }
                         metrics.publish(app);
                     }
-                    tracing::info!(listener = %s.name, %peer, node = node_id, "rtmp {event}");
                 }
+            }
+        };
+        let stop = async {
+            tokio::select! {
+                () = stop => {}
+                () = refused.cancelled() => {}
             }
         };
         // Events found in the replayed bytes.
@@ -211,7 +243,8 @@ impl TcpProxy {
         let (bytes_in, bytes_out) = meter.totals();
         tracing::info!(
             listener = %s.name, %peer, node = node_id, key, bytes_in, bytes_out,
-            secs = meter.age().as_secs_f64(), end = ?end, "session ended"
+            secs = meter.age().as_secs_f64(), end = ?end,
+            over_publish_limit = refused.is_cancelled(), "session ended"
         );
     }
 
@@ -260,7 +293,7 @@ impl TcpProxy {
             inspector: None,
             opening: None,
         };
-        if !s.rtmp_inspect && !s.rtmp_affinity {
+        if !s.inspects() {
             return Ok(start);
         }
         let work = async {
@@ -319,7 +352,7 @@ async fn read_c0_c1<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, Str
 /// what splice needs.
 #[cfg(target_os = "linux")]
 fn inspector_off(s: &TcpSettings) -> bool {
-    !s.rtmp_inspect && !s.rtmp_affinity
+    !s.inspects()
 }
 
 /// The portable relay: the shared tunnel with the client side metered.
