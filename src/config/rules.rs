@@ -204,7 +204,8 @@ pub enum RouteName {
     Panel,
     /// Anything else the router does not name (the panel included).
     Other,
-    /// A WebSocket whose first command is `publish` (listeners with `sniff_websocket`).
+    /// A WebSocket whose first command is `publish` (sniffed, or read as it
+    /// passes on other listeners).
     WebsocketPublish,
     /// An RTMP or RTMPS session on a `tcp`/`tls` listener that sends `publish`
     /// (a listener such a limit covers inspects its sessions' RTMP start).

@@ -636,6 +636,8 @@ fn spawn_tunnel(
     let hard_stop = ctx.runtime.hard_stop.clone();
     let listener = ctx.listener.clone();
     let client_addr = ctx.client.addr;
+    let watch =
+        super::ws_publish::PublishWatch::new(&ctx.runtime, config, &listener, client_addr.ip());
     ctx.runtime.tasks.spawn(async move {
         let (client, node_io) = match tokio::try_join!(client, node) {
             Ok(pair) => pair,
@@ -645,7 +647,7 @@ fn spawn_tunnel(
             }
         };
         let relayed = tunnel::relay(
-            tunnel::upgraded(client),
+            watch.wrap(tunnel::upgraded(client)),
             tunnel::upgraded(node_io),
             idle,
             hard_stop.cancelled_owned(),
