@@ -12,13 +12,12 @@ use crate::config::rules::RouteName;
 use crate::policy::limits::Limits;
 use crate::runtime::Runtime;
 use crate::streaming::sniff::{Sniffer, Verdict};
-use crate::tunnel::Reset;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// What a tunnel's client side is watched with: nothing when no limit
 /// counts `websocket-publish` on the listener.
@@ -99,26 +98,4 @@ impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: Reset> Reset for Watched<S> {
-    fn reset_on_close(&self) {
-        self.inner.reset_on_close();
-    }
-}
+crate::tunnel::write_through!(Watched, inner);

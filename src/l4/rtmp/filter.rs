@@ -12,11 +12,10 @@
 
 use super::amf0::{self, Value};
 use super::chunk::{self, ChunkReader, TYPE_AMF0_COMMAND, TYPE_SET_CHUNK_SIZE};
-use crate::tunnel::Reset;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, ReadBuf};
 
 /// Largest node message re-framed (a video key frame of a played stream can be
 /// large; a publisher never gets anything near this).
@@ -83,7 +82,7 @@ impl NodeFilter {
 /// The node connection as the client should see it: reads go through a
 /// [`NodeFilter`], writes pass straight on. Wrapping the whole connection
 /// (rather than a split read half) keeps one type for plain and TLS nodes and
-/// lets a reset reach the node's socket ([`Reset`]).
+/// lets a reset reach the node's socket ([`crate::tunnel::Reset`]).
 #[derive(Debug)]
 pub struct Filtered<S> {
     inner: S,
@@ -132,29 +131,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filtered<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Filtered<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: Reset> Reset for Filtered<S> {
-    fn reset_on_close(&self) {
-        self.inner.reset_on_close();
-    }
-}
+crate::tunnel::write_through!(Filtered, inner);
 
 #[cfg(test)]
 mod tests {
