@@ -310,3 +310,49 @@ impl ServerCertVerifier for NoVerify {
         self.0.signature_verification_algorithms.supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::NodeSpec;
+
+    /// A group's own table wins over the cluster's; its ports replace the
+    /// node's plain ones, on the node's address; nodes without a table keep
+    /// their plain ports.
+    #[test]
+    fn ports_come_from_the_nodes_table() {
+        let text = "[[group]]\nname = \"origin\"\nnode_tls = { verify = false, rtmps_port = 9443 }\n\
+                    [[group]]\nname = \"edge\"\n[[group]]\nname = \"plain\"\n\
+                    [cluster]\nsource = \"static\"\n[cluster.node_tls]\nverify = false\n";
+        let mut config = crate::config::parse_str(text, Path::new("t.toml"))
+            .unwrap()
+            .config;
+        let set = NodeTlsSet::from_config(&config).unwrap();
+        let node = |group: &str| {
+            Node::new(NodeSpec::on_default_ports(
+                "n",
+                group,
+                std::net::IpAddr::from([127, 0, 9, 1]),
+            ))
+        };
+        let port = |set: &NodeTlsSet, group: &str| {
+            let n = node(group);
+            let ((http, http_tls), (rtmp, rtmp_tls)) = (set.http(&n), set.rtmp(&n));
+            assert_eq!(
+                (http.ip(), rtmp.ip()),
+                (n.http_addr().ip(), n.rtmp_addr().ip())
+            );
+            (
+                http.port(),
+                http_tls.is_some(),
+                rtmp.port(),
+                rtmp_tls.is_some(),
+            )
+        };
+        assert_eq!(port(&set, "origin"), (5443, true, 9443, true));
+        assert_eq!(port(&set, "edge"), (5443, true, 8443, true));
+        config.cluster.node_tls = None;
+        let set = NodeTlsSet::from_config(&config).unwrap();
+        assert_eq!(port(&set, "plain"), (5080, false, 1935, false));
+    }
+}

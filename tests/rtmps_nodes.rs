@@ -128,6 +128,53 @@ async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
     assert!(bad.connections().iter().all(|l| l.ends_with("bytes=0")));
 }
 
+/// RTMPS in and RTMPS out: an ffmpeg `rtmps://` publish to a `tls` listener
+/// that answers `connect` itself (`rtmp_affinity`) reaches the node over TLS,
+/// the RTMP handshake with the node and the filtered replies included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmps_in_and_out_with_rtmp_affinity_carries_a_publish() {
+    let ca = tls_support::TestCa::new();
+    let dir = tls_support::tempdir("rtmps-both");
+    let ca_file = dir.path().join("nodes-ca.pem");
+    std::fs::write(&ca_file, &ca.pem).unwrap();
+    let (cert, key) = ca.leaf(&["live.example.test"]);
+    let (cert_path, key_path) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+    std::fs::write(&cert_path, &cert).unwrap();
+    std::fs::write(&key_path, &key).unwrap();
+    let node = RtmpNode::start();
+    let (node_cert, node_key) = ca.leaf(&["node.example.test"]);
+    // A port of its own instead of the default, as `rtmps_port` allows.
+    let front = TlsFront::start(
+        SocketAddr::new(node.addr.ip(), 9443),
+        node.addr,
+        &node_cert,
+        &node_key,
+    );
+    let listen = support::listener_addr(1936);
+    let keys = format!(
+        "rtmp_affinity = true\ncert = \"{}\"\nkey = \"{}\"",
+        cert_path.display(),
+        key_path.display()
+    );
+    let mut text = config_on(listen, &keys, "tls", &[("o1", node.addr.ip(), 1935)]);
+    text.push_str(&format!(
+        "\n[cluster.node_tls]\nca_file = \"{}\"\nserver_name = \"node.example.test\"\nrtmps_port = 9443\n",
+        ca_file.display()
+    ));
+    let amslb = support::Amslb::start(&text, &[listen]);
+    publish_and_wait(format!("rtmps://{listen}/live/a1"), 3).await;
+    assert_recorded(&node, "a1");
+    wait_log(&amslb, "session ended").await;
+    assert!(
+        front
+            .connections()
+            .iter()
+            .any(|l| l.contains("sni=node.example.test") && !l.ends_with("bytes=0")),
+        "{:?}",
+        front.connections()
+    );
+}
+
 /// A node that is only a TCP listener: records which connection sent what.
 async fn raw_node() -> TcpListener {
     for _ in 0..20 {
