@@ -102,22 +102,7 @@ fn get_req(path: &str, host: &str) -> Request<Empty<Bytes>> {
 
 /// The value of the metric line starting with `series` on the stats listener.
 async fn metric(stats: SocketAddr, series: &str) -> f64 {
-    use base64::Engine;
-    let auth = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", STATS_AUTH.0, STATS_AUTH.1));
-    let page = send(
-        stats,
-        Request::get("/metrics")
-            .header("host", "stats")
-            .header("authorization", format!("Basic {auth}"))
-            .body(Empty::new())
-            .unwrap(),
-    )
-    .await
-    .text();
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    support::metric(stats, STATS_AUTH, series).await
 }
 
 #[tokio::test]

@@ -18,6 +18,8 @@ use tokio::net::{TcpListener, TcpStream};
 /// 3 s at 25 fps.
 const FRAMES: u64 = 75;
 
+const STATS_AUTH: (&str, &str) = ("admin", "rtmps-test-pw");
+
 async fn publish_and_wait(url: String, secs: u32) {
     let (ok, err) =
         blocking(move || wait_child(publish(&url, secs, "flv"), Duration::from_secs(60))).await;
@@ -85,7 +87,12 @@ async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
         "\n[cluster.node_tls]\nca_file = \"{}\"\nserver_name = \"node.example.test\"\n",
         ca_file.display()
     ));
-    let amslb = support::Amslb::start(&text, &[listen]);
+    let stats = support::listener_addr(18490);
+    text.push_str(&format!(
+        "\n[stats]\nbind = \"{stats}\"\nuser = \"{}\"\npassword = \"{}\"\nallow = [\"127.0.0.0/8\"]\n",
+        STATS_AUTH.0, STATS_AUTH.1
+    ));
+    let amslb = support::Amslb::start(&text, &[listen, stats]);
 
     // Round-robin over two nodes: in two sessions the bad node is tried first
     // at least once.
@@ -107,6 +114,18 @@ async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
         !log.contains(&good_refused),
         "the good node is accepted: {log}"
     );
+    // Each refusal is a connect failure of the bad node, none of the good one.
+    let failures = |id: &str| {
+        let series = format!("amslb_node_connect_failures_total{{group=\"origin\",node=\"{id}\"}}");
+        async move { support::metric(stats, STATS_AUTH, &series).await }
+    };
+    let refusals = log
+        .lines()
+        .filter(|l| l.contains(&refused) && l.contains("connect failed, trying another node"))
+        .count() as f64;
+    assert!(refusals >= 1.0);
+    assert_eq!(failures("bad").await, refusals, "{log}");
+    assert_eq!(failures("good").await, 0.0);
     // Both publishes went over TLS to the good node's RTMPS port. amslb's
     // readiness check (a connection that sends nothing, relayed as such)
     // made the first full handshake; both publishes resumed, though the bad
