@@ -102,7 +102,7 @@ fn get_req(path: &str, host: &str) -> Request<Empty<Bytes>> {
 
 /// The value of the metric line starting with `series` on the stats listener.
 async fn metric(stats: SocketAddr, series: &str) -> f64 {
-    support::metric(stats, STATS_AUTH, series).await
+    support::stats_metric(stats, STATS_AUTH, series).await
 }
 
 #[tokio::test]

@@ -117,7 +117,7 @@ async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
     // Each refusal is a connect failure of the bad node, none of the good one.
     let failures = |id: &str| {
         let series = format!("amslb_node_connect_failures_total{{group=\"origin\",node=\"{id}\"}}");
-        async move { support::metric(stats, STATS_AUTH, &series).await }
+        async move { support::stats_metric(stats, STATS_AUTH, &series).await }
     };
     let refusals = log
         .lines()

@@ -342,7 +342,7 @@ pub fn rss_kib(pid: u32) -> u64 {
 
 /// The value of the metric line starting with `series` on the stats listener
 /// at `stats` (basic auth `auth`); 0 when there is no such line.
-pub async fn metric(stats: SocketAddr, auth: (&str, &str), series: &str) -> f64 {
+pub async fn stats_metric(stats: SocketAddr, auth: (&str, &str), series: &str) -> f64 {
     use base64::Engine;
     let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", auth.0, auth.1));
     let page = send(
