@@ -126,10 +126,11 @@ async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
     assert!(refusals >= 1.0);
     assert_eq!(failures("bad").await, refusals, "{log}");
     assert_eq!(failures("good").await, 0.0);
-    // Both publishes went over TLS to the good node's RTMPS port. amslb's
-    // readiness check (a connection that sends nothing, relayed as such)
-    // made the first full handshake; both publishes resumed, though the bad
-    // node was tried in between (its tickets are kept apart).
+    // Both publishes went over TLS to the good node's RTMPS port. The second
+    // resumed the session of an earlier connection to it, though the bad
+    // node may have been tried in between (its tickets are kept apart). (The
+    // first may resume the readiness check's session, if that short relay
+    // read the node's tickets before it closed.)
     let sessions: Vec<String> = good
         .connections()
         .into_iter()
@@ -140,10 +141,7 @@ async fn rtmps_to_a_node_carries_an_ffmpeg_publish() {
         .filter(|l| !l.ends_with("bytes=0"))
         .collect();
     assert_eq!(publishes.len(), 2, "{sessions:?}\n{}", good.log());
-    assert!(
-        publishes.iter().all(|l| l.contains("reused=r")),
-        "{sessions:?}"
-    );
+    assert!(publishes[1].contains("reused=r"), "{sessions:?}");
     assert!(bad.connections().iter().all(|l| l.ends_with("bytes=0")));
 }
 
