@@ -1,4 +1,4 @@
-//! Side-by-side comparison of amslb with HAProxy and nginx (issue 10):
+//! Side-by-side comparison of amslb with HAProxy and nginx:
 //! `cargo bench --bench compare` (all scenarios) or
 //! `cargo bench --bench compare -- 1 3` (scenarios 1 and 3 only).
 //!
@@ -53,7 +53,7 @@ use std::time::{Duration, Instant};
 const INSTALL: &str = "apt-get install haproxy nginx wrk nghttp2-client";
 /// HLS viewers in scenario 9 unless `BENCH_VIEWERS` says otherwise.
 const VIEWERS: usize = 500;
-/// Idle tunnels in scenario 4 (issue 10: 10,000).
+/// Idle tunnels in scenario 4.
 const TUNNELS: usize = 10_000;
 /// File descriptors asked for: client, balancer and node sides of every tunnel.
 const WANTED_NOFILE: u64 = 200_000;

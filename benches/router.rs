@@ -1,4 +1,4 @@
-//! Router baseline (issue 4): how long `route::classify` takes per request, for a
+//! Router baseline: how long `route::classify` takes per request, for a
 //! table of paths as an Ant Media Server cluster sees them. A plain timing loop
 //! (`harness = false`): `cargo bench --bench router`.
 //!

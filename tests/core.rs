@@ -110,7 +110,7 @@ fn is_edge(node: &str) -> bool {
 #[tokio::test]
 async fn routing_table_rows_land_on_the_right_group() {
     let c = cluster().await;
-    // (listener, path, expected group) — one row per line of DESIGN.md §2 that HTTP carries.
+    // (listener, path, expected group) — one row per HTTP line of README's routing table.
     let rows: &[(SocketAddr, &str, &str)] = &[
         (c.publish, "/LiveApp/streams/s1.m3u8", "edge"),
         (c.publish, "/LiveApp/streams/s1_adaptive.m3u8", "edge"),
@@ -232,6 +232,41 @@ fn client_ip(listener: SocketAddr) -> String {
     let addr = probe.local_addr().unwrap();
     let conn = std::net::TcpStream::connect(addr).unwrap();
     conn.local_addr().unwrap().ip().to_string()
+}
+
+/// Keep-alive to nodes: requests from many short client connections share a
+/// few node connections, also after bodiless answers (HEAD, 304) and
+/// streamed bodies, each given back to its pool when its answer is done.
+#[tokio::test]
+async fn node_connections_are_reused_across_requests() {
+    let origin = sim_node("origin-1").await;
+    let (publish, play) = (listener_addr(18080), listener_addr(18081));
+    let text = config(
+        publish,
+        play,
+        &[("origin-1", "origin", origin.addr)],
+        "[health]\nenabled = false\n",
+    );
+    let _amslb = Amslb::start(&text, &[publish, play]);
+    for i in 0..150 {
+        let method = if i % 3 == 0 { "HEAD" } else { "GET" };
+        let request = Request::builder()
+            .method(method)
+            .uri(format!("/LiveApp/streams/s{i}.m3u8"))
+            .header("host", "live.test")
+            .body(Empty::new())
+            .unwrap();
+        let answer = send(publish, request).await;
+        assert_eq!(answer.status, 200, "request {i}");
+        assert_eq!(answer.node(), "origin-1");
+    }
+    let opened = origin.connections();
+    // One per event loop thread at most (each keeps its own idle connections),
+    // with a little room for a connection closed while being given back.
+    assert!(
+        (1..=6).contains(&opened),
+        "150 requests opened {opened} node connections"
+    );
 }
 
 #[tokio::test]

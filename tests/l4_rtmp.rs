@@ -22,7 +22,7 @@ async fn publish_and_wait(url: String, secs: u32, format: &'static str) {
     assert!(ok, "ffmpeg publish failed: {err}");
 }
 
-/// The real binary, configured as the example (plus the node), carries
+/// The real binary, configured as README's RTMP example (plus the node), carries
 /// an ffmpeg publish to nginx-rtmp frame for frame.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_publish_through_the_amslb_binary_arrives_intact() {

@@ -16,7 +16,7 @@ use support::secantus::{
 };
 use tokio_util::sync::CancellationToken;
 
-/// `[cluster]` for `uri` with the roles, plus `extra` keys.
+/// `[cluster]` for `uri` with README's example roles, plus `extra` keys.
 fn cluster_config(uri: &str, extra: &str) -> ClusterConfig {
     let text = format!(
         "[[group]]\nname = \"origin\"\n[[group]]\nname = \"edge\"\nbackup = \"origin\"\n{}",

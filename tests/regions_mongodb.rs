@@ -1,4 +1,4 @@
-//! End to end, issue 11: region preference and failover across two simulated
+//! End to end: region preference and failover across two simulated
 //! regions, with an amslb instance per region sharing one MongoDB (a real
 //! SecantusDB). Simulated edges register themselves like AMS does; CIDR roles
 //! give each region's address block its group and region.

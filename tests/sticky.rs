@@ -57,7 +57,7 @@ async fn prefix_cookies_round_trip_exactly_as_haproxys() {
     let nodes = sim_nodes(&["node-a", "node-b"]).await;
     let lb = listener_addr(18080);
     let reference = listener_addr(18081);
-    // seeds/004's backend, minus TLS (`redirect scheme https`), on loopback.
+    // The AMS cluster guide's HAProxy backend, minus TLS (`redirect scheme https`), on loopback.
     let haproxy_config = format!(
         r#"
 global

@@ -223,7 +223,7 @@ fn haproxy_config(spec: &Spec) -> String {
             "    option forwardfor\n",
             format!(" ssl crt {} alpn h2,http/1.1", tls.combined.display()),
         ),
-        // Zero-copy relay, which the TCP target is set against.
+        // Zero-copy relay, the best nginx can do for a TCP relay.
         Front::Tcp => ("tcp", "    option splice-auto\n", String::new()),
     };
     let mut servers = String::new();

@@ -46,7 +46,7 @@ pub enum Cell {
 
 /// One row: a figure across columns.
 pub struct Figure {
-    /// Scenario number (issue 10's list).
+    /// Scenario number (the list in `benches/compare/scenarios.rs`).
     pub scenario: u8,
     /// Scenario number and what is measured, with the unit.
     pub label: String,

@@ -1,4 +1,4 @@
-//! The scenarios of issue 10, each run against the backend directly (where that
+//! The scenarios, each run against the backend directly (where that
 //! means something) and through every balancer in turn, one balancer at a time.
 
 use crate::backend::{LARGE_PATH, NODE_HEADER, SMALL_PATH, XFF_HEADER, spawn_ws_nodes};
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio::runtime::Runtime;
 
-/// Connections for the small-response scenarios (issue 10: 64).
+/// Connections for the small-response scenarios.
 const SMALL_CONNS: usize = 64;
 /// Connections for the large-body scenarios: enough to keep both cores busy.
 const LARGE_CONNS: usize = 4;

@@ -476,7 +476,7 @@ ca_file = "/etc/amslb/nodes-ca.pem"
     #[test]
     fn accepts_the_edge_example() {
         let text = format!("{CORE_EXAMPLE}{EDGE_EXAMPLE}");
-        let loaded = parse(&text).expect("issue 17 example must parse");
+        let loaded = parse(&text).expect("the edge-policy example must parse");
         let c = &loaded.config;
         assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
         assert_eq!(c.listeners[2].host_groups.len(), 3);

@@ -2,9 +2,10 @@
 //! short body amslb wrote itself (errors, redirects).
 
 use super::guard::NodeBody;
-use super::idle::BoxError;
 use super::record::Exchange;
 use crate::cluster::NodeLease;
+use crate::transport::BoxError;
+use crate::transport::Lent;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
@@ -24,6 +25,8 @@ pub enum ResponseBody {
         body: Box<NodeBody>,
         /// Counts the session for least-conn until dropped.
         lease: Option<NodeLease>,
+        /// The node connection, back to its pool once the body has ended.
+        connection: Option<Lent>,
         /// Metrics and access log record, written when the body ends or is dropped.
         record: Option<Exchange>,
     },
@@ -43,6 +46,7 @@ impl Body for ResponseBody {
             ResponseBody::Node {
                 body,
                 lease,
+                connection,
                 record,
             } => {
                 let polled = Pin::new(body).poll_frame(cx);
@@ -53,8 +57,10 @@ impl Body for ResponseBody {
                         }
                     }
                     Poll::Ready(None) => {
-                        // The body is complete: the session on the node is over.
+                        // The body is complete: the session on the node is
+                        // over and its connection free for another request.
                         lease.take();
+                        connection.take();
                         record.take();
                     }
                     _ => {}

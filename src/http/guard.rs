@@ -9,9 +9,10 @@
 //! a malformed body or uploads slowly is the client's problem: it gets a
 //! 4xx and the node is not blamed.
 
-use super::idle::{BoxError, IdleTimer};
+use super::idle::IdleTimer;
 use crate::cluster::Node;
 use crate::health::Health;
+use crate::transport::BoxError;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;

@@ -18,8 +18,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-/// Boxed error, as hyper takes body errors.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use crate::transport::BoxError;
 
 use crate::tunnel::WRITE_TIMEOUT;
 pub use crate::tunnel::{IdleTimer, WriteTimeout};

@@ -39,7 +39,7 @@ use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
 use crate::streaming::select::Wanted;
 use crate::streaming::{assign, sniff};
-use crate::transport::{self, ConnectError, Pools, Sender};
+use crate::transport::{self, ConnectError, Lent, Pools, Sender};
 use crate::tunnel;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -173,11 +173,11 @@ impl RequestCtx {
         }
         let mut plan = self.plan(&policy, &route, &mut request);
         self.upstream_request_filter(&mut request, plan.client_upgrade.is_some())?;
-        let (response, lease) = self.connect(&plan, request).await?;
+        let (response, lease, connection) = self.connect(&plan, request).await?;
         let response = self
             .response_filter(&plan, &policy, &lease, response)
             .await?;
-        Ok(self.deliver(plan.client_upgrade.take(), lease, response))
+        Ok(self.deliver(plan.client_upgrade.take(), lease, connection, response))
     }
 
     /// Answers that come before the route: the Host checks, the ACME http-01
@@ -325,7 +325,7 @@ impl RequestCtx {
         &mut self,
         plan: &Plan,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, NodeLease), Refusal> {
+    ) -> Result<(Response<Incoming>, NodeLease, Lent), Refusal> {
         let config = &self.view.config;
         forward(
             &self.conn,
@@ -386,12 +386,14 @@ impl RequestCtx {
         Ok(response)
     }
 
-    /// Streams the node's body to the client, or, for a granted upgrade,
-    /// starts the tunnel between the two upgraded connections.
+    /// Streams the node's body to the client (its connection goes back to
+    /// the pool when the body ends), or, for a granted upgrade, starts the
+    /// tunnel between the two upgraded connections.
     fn deliver(
         &mut self,
         client_upgrade: Option<OnUpgrade>,
         lease: NodeLease,
+        connection: Lent,
         mut response: Response<NodeBody>,
     ) -> Response<ResponseBody> {
         let mut record = self.record.take();
@@ -401,6 +403,8 @@ impl RequestCtx {
             if let Some(record) = record.as_mut() {
                 record.start_tunnel();
             }
+            // The connection is the tunnel's now: it never serves another request.
+            drop(connection);
             spawn_tunnel(
                 &self.conn,
                 &self.view.config,
@@ -414,6 +418,7 @@ impl RequestCtx {
         response.map(|body| ResponseBody::Node {
             body: Box::new(body),
             lease: Some(lease),
+            connection: Some(connection),
             record,
         })
     }
@@ -499,7 +504,7 @@ pub(crate) async fn forward(
     wanted: &Wanted,
     affinity: &Affinity,
     request: Request<Incoming>,
-) -> Result<(Response<Incoming>, NodeLease), ProxyError> {
+) -> Result<(Response<Incoming>, NodeLease, Lent), ProxyError> {
     let upload = Upload::new(request.body());
     let client_timeout = config.timeouts.client;
     let mut request = request.map(|body| {
@@ -555,8 +560,8 @@ pub(crate) async fn forward(
             }
             Ok(Ok(response)) => {
                 health.report_status(&node, response.status().as_u16());
-                ctx.runtime.pools.of(&node).give_back_when_idle(sender);
-                return Ok((response, lease));
+                let lent = ctx.runtime.pools.of(&node).lend(sender);
+                return Ok((response, lease, lent));
             }
             Ok(Err(mut failed)) => match (failed.take_message(), replay) {
                 // Not sent at all: the pooled connection was closing. Pick again

@@ -7,13 +7,11 @@ use hyper::service::Service;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use std::error::Error as StdError;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_util::sync::CancellationToken;
 
-/// Boxed error as hyper-util returns it.
-pub type BoxError = Box<dyn StdError + Send + Sync>;
+use crate::transport::BoxError;
 
 /// Limits applied to every client connection.
 #[derive(Debug, Clone, Copy)]

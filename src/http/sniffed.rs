@@ -218,7 +218,8 @@ async fn connect(
         affinity: wanted.key.clone(),
     };
     let affinity = sticky_affinity(ctx, config, &snapshot, &wanted.group, &route, &mut request);
-    let (mut response, lease) = forward(ctx, config, &snapshot, wanted, &affinity, request)
+    // The node connection becomes the tunnel: it is not given back.
+    let (mut response, lease, _) = forward(ctx, config, &snapshot, wanted, &affinity, request)
         .await
         .map_err(|e| e.to_string())?;
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {

@@ -6,16 +6,17 @@
 
 pub mod pool;
 
-pub use pool::{ConnectError, Pool, Sender, connect};
+pub use pool::{ConnectError, Lent, Pool, Sender, connect};
 
 use crate::cluster::{Cluster, Node};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, SizeHint};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 /// Connection pools by node address.
@@ -24,11 +25,16 @@ use std::task::{Context, Poll};
 /// is only good for the address it was opened to, and two entries with one
 /// address are one server. Pools of addresses no longer in the membership
 /// are dropped when a new address first gets a pool (rare: membership
-/// changes), so their idle connections close.
+/// changes), so their idle connections close. The map is read on every
+/// request without a lock (a snapshot, like the membership) and rebuilt only
+/// when a node address is new.
 #[derive(Debug)]
 pub struct Pools {
     cluster: Arc<Cluster>,
-    by_addr: RwLock<HashMap<SocketAddr, Arc<Pool>>>,
+    by_addr: ArcSwap<HashMap<SocketAddr, Arc<Pool>>>,
+    /// Serialises the rare rebuilds, so two threads adding a pool at once
+    /// cannot lose one.
+    rebuild: Mutex<()>,
 }
 
 impl Pools {
@@ -36,25 +42,24 @@ impl Pools {
     pub fn new(cluster: Arc<Cluster>) -> Self {
         Self {
             cluster,
-            by_addr: RwLock::default(),
+            by_addr: ArcSwap::default(),
+            rebuild: Mutex::default(),
         }
     }
 
     /// The pool of `node`, created on first use.
     pub fn of(&self, node: &Node) -> Arc<Pool> {
         let addr = node.http_addr();
-        if let Some(pool) = self
-            .by_addr
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&addr)
-        {
+        if let Some(pool) = self.by_addr.load().get(&addr) {
             return pool.clone();
         }
+        let _rebuilding = self.rebuild.lock().unwrap_or_else(PoisonError::into_inner);
         let snapshot = self.cluster.snapshot();
-        let mut by_addr = self.by_addr.write().unwrap_or_else(PoisonError::into_inner);
+        let mut by_addr = HashMap::clone(&self.by_addr.load());
         by_addr.retain(|a, _| *a == addr || snapshot.nodes().any(|n| n.http_addr() == *a));
-        by_addr.entry(addr).or_default().clone()
+        let pool = by_addr.entry(addr).or_default().clone();
+        self.by_addr.store(Arc::new(by_addr));
+        pool
     }
 }
 

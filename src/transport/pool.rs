@@ -1,19 +1,21 @@
 //! Keep-alive connections to one node, reused across client requests.
 //!
 //! [`super::Pools`] keeps one pool per node address. A connection is taken out
-//! for one request and comes back once its response body has been read to the
-//! end (hyper reports that through `SendRequest::ready`), so a pooled
-//! connection is always idle. The lock is held only to push or pop, never
-//! across I/O.
+//! for one request as a [`Lent`] and comes back when that is dropped, once its
+//! response body has been read to the end (hyper reports that through
+//! `SendRequest::is_ready`/`ready`), so a pooled connection is always idle.
+//! Each event loop thread has its own idle list: the request path touches no
+//! lock another thread takes.
 
 use super::UpstreamBody;
 use crate::node_tls::{DialError, NodeTls, dial};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
+use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::thread::ThreadId;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+use thread_local::ThreadLocal;
 use tokio_util::either::Either;
 
 /// A connection able to send one request to a node.
@@ -35,20 +37,20 @@ pub const NODE_READ_BUFFER: usize = 32 * 1024;
 
 /// Idle keep-alive connections to one node.
 ///
-/// Each connection remembers the thread whose event loop drives it, and a
-/// request takes one of its own thread's connections: with one event loop
-/// per thread ([`crate::workers`]), a connection driven elsewhere would cost
-/// two cross-thread wakeups per request.
+/// Kept per thread: with one event loop per thread ([`crate::workers`]), a
+/// connection is driven by the thread that opened it, and a request on
+/// another thread would cost two cross-thread wakeups. So a request takes only
+/// its own thread's connections, and gives them back there, without a lock
+/// or a cache line shared with other threads.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    idle: ThreadLocal<RefCell<Vec<Idle>>>,
 }
 
 #[derive(Debug)]
 struct Idle {
     sender: Sender,
     since: Instant,
-    thread: ThreadId,
 }
 
 /// Why a new connection to a node could not be made.
@@ -63,12 +65,10 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    /// An idle connection that still looks open, if there is one.
-    /// Connections of other threads are left for them.
+    /// An idle connection of this thread that still looks open, if there is one.
     pub fn take(&self) -> Option<Sender> {
-        let here = std::thread::current().id();
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.idle.get_or_default().borrow_mut();
         // Entries are in the order they came back, oldest first: drop the
         // ones too old to trust without touching the rest.
         let expired = idle
@@ -76,8 +76,7 @@ impl Pool {
             .take_while(|i| now.duration_since(i.since) >= MAX_IDLE_AGE)
             .count();
         idle.drain(..expired);
-        while let Some(position) = idle.iter().rposition(|i| i.thread == here) {
-            let candidate = idle.remove(position);
+        while let Some(candidate) = idle.pop() {
             if candidate.sender.is_ready() {
                 return Some(candidate.sender);
             }
@@ -85,30 +84,56 @@ impl Pool {
         None
     }
 
-    /// Returns `sender` to the pool once its current response is finished.
-    /// Runs as a small task because "finished" is when the client has read
-    /// the whole response body, which may be much later.
-    pub fn give_back_when_idle(self: &std::sync::Arc<Self>, mut sender: Sender) {
-        let pool = self.clone();
-        // The connection task was spawned on this thread's event loop.
-        let thread = std::thread::current().id();
-        tokio::spawn(async move {
-            if sender.ready().await.is_ok() {
-                let mut idle = pool.idle.lock().unwrap_or_else(|e| e.into_inner());
-                if idle.len() < MAX_IDLE {
-                    idle.push(Idle {
-                        sender,
-                        since: Instant::now(),
-                        thread,
-                    });
-                }
-            }
-        });
+    /// Lends `sender` out for one request; it comes back when the [`Lent`] is dropped.
+    pub fn lend(self: &Arc<Self>, sender: Sender) -> Lent {
+        Lent {
+            pool: self.clone(),
+            sender: Some(sender),
+        }
     }
 
-    /// Number of idle connections (for tests and the status page).
-    pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+    /// Keeps an idle connection on this thread's list, if there is room.
+    fn put(&self, sender: Sender) {
+        let mut idle = self.idle.get_or_default().borrow_mut();
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+}
+
+/// A node connection lent out for one request. Dropped when the response
+/// body has been read to the end (or abandoned): the connection goes back to
+/// its pool at once when hyper already has it ready for another request,
+/// else a small task waits for that (and drops it if the node closes it).
+#[derive(Debug)]
+pub struct Lent {
+    pool: Arc<Pool>,
+    sender: Option<Sender>,
+}
+
+impl Drop for Lent {
+    fn drop(&mut self) {
+        let Some(mut sender) = self.sender.take() else {
+            return;
+        };
+        if sender.is_ready() {
+            self.pool.put(sender);
+            return;
+        }
+        // Spawned on this thread's event loop, which drives the connection
+        // (none while a runtime is being torn down: the connection just closes).
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let pool = self.pool.clone();
+        runtime.spawn(async move {
+            if sender.ready().await.is_ok() {
+                pool.put(sender);
+            }
+        });
     }
 }
 

@@ -76,6 +76,8 @@ struct State {
     liveness: Mutex<u16>,
     apps_ready: Mutex<bool>,
     whip_sessions: Mutex<std::collections::HashSet<String>>,
+    /// TCP connections accepted so far.
+    connections: std::sync::atomic::AtomicU64,
     seen: Mutex<Vec<Seen>>,
     messages: Mutex<Vec<String>>,
 }
@@ -101,6 +103,7 @@ impl SimNode {
             liveness: Mutex::new(200),
             apps_ready: Mutex::new(true),
             whip_sessions: Mutex::new(Default::default()),
+            connections: Default::default(),
             seen: Mutex::new(Vec::new()),
             messages: Mutex::new(Vec::new()),
         });
@@ -129,6 +132,13 @@ impl SimNode {
         *self.state.apps_ready.lock().unwrap() = ready;
     }
 
+    /// TCP connections the node has accepted so far (requests, probes, tunnels).
+    pub fn connections(&self) -> u64 {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Requests received so far (liveness and `HEAD /{app}` probes excluded).
     pub fn seen(&self) -> Vec<Seen> {
         self.state.seen.lock().unwrap().clone()
@@ -154,6 +164,9 @@ impl Drop for SimNode {
 async fn accept_loop(listener: TcpListener, state: Arc<State>) {
     let mut connections = tokio::task::JoinSet::new();
     while let Ok((stream, _)) = listener.accept().await {
+        state
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let state = state.clone();
         connections.spawn(async move {
             let service = service_fn(move |req| {

@@ -160,7 +160,7 @@ group = "edge"
         ));
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let g = |id, host, addr| map.spec_for(id, host, ip(addr)).map(|s| s.group);
-        // the CIDR roles come first
+        // the CIDR roles of the example config come first
         assert_eq!(
             g("x", Some("a.edge.internal"), "127.0.5.1").as_deref(),
             Some("origin")
