@@ -13,7 +13,7 @@ use crate::cluster::{Cluster, FULL_WEIGHT, Node};
 use crate::config::health::{HealthCheck, HealthConfig};
 use crate::config::{Config, Protocol};
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::node_tls::NodeTlsSet;
+use crate::node_tls::{NodeTlsSet, dial};
 use arc_swap::ArcSwap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -21,7 +21,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -556,9 +555,11 @@ pub async fn probe(
 ) -> Outcome {
     let check = async {
         match kind {
-            CheckKind::Tcp => match TcpStream::connect(node.rtmp_addr()).await {
+            // The RTMP port as the tcp/tls listeners reach it: under
+            // `node_tls` a completed TLS handshake on the RTMPS port.
+            CheckKind::Tcp => match node_tls.dial_rtmp(node, config.timeout).await {
                 Ok(_) => Outcome::Ok,
-                Err(e) => Outcome::Io(format!("connect: {e}")),
+                Err(e) => Outcome::Io(e.to_string()),
             },
             CheckKind::Http => {
                 // What to ask ([health] check) and when the answer is good.
@@ -574,16 +575,9 @@ pub async fn probe(
                         }
                     };
                 let (addr, tls) = node_tls.http(node);
-                let stream = match TcpStream::connect(addr).await {
-                    Ok(stream) => stream,
-                    Err(e) => return Outcome::Io(format!("connect: {e}")),
-                };
-                match tls {
-                    None => http_check(stream, addr, method, path, good).await,
-                    Some(tls) => match tls.handshake(stream, addr).await {
-                        Ok(stream) => http_check(stream, addr, method, path, good).await,
-                        Err(e) => Outcome::Io(format!("TLS handshake refused: {e}")),
-                    },
+                match dial(addr, tls.map(|t| &**t), config.timeout).await {
+                    Ok(stream) => http_check(stream, addr, method, path, good).await,
+                    Err(e) => Outcome::Io(e.to_string()),
                 }
             }
         }

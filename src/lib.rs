@@ -23,7 +23,8 @@
 //!    starts with; the assign API's answer).
 //! 5. Background state: [`health`] (probes, passive checks), [`access_log`],
 //!    [`tls`] (certificates, ACME, the handshake), [`node_tls`] (TLS to
-//!    nodes, shared by probes and proxies), [`state`] (drains and session
+//!    nodes, HTTPS and RTMPS, and the one dial to a node shared by probes,
+//!    pools and the L4 listeners), [`state`] (drains and session
 //!    counts shared with other instances through MongoDB).
 //! 6. [`transport`]: connections to nodes, pooled per node address.
 //! 7. [`runtime`]: the state shared by every connection (config snapshot,

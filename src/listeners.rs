@@ -5,7 +5,7 @@
 //! a reload starts and stops loops through the same functions.
 
 use crate::config::Protocol;
-use crate::config::rules::{RouteName, in_any};
+use crate::config::rules::in_any;
 use crate::http::{self, headers::ClientInfo};
 use crate::l4::tcp::TcpProxy;
 use crate::listener::{bind_tcp, tune_stream};
@@ -182,9 +182,6 @@ async fn handle_stream(
     match settings.protocol {
         Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
         Protocol::Tcp | Protocol::Tls => {
-            if !runtime.admit_publish(&listener, RouteName::RtmpPublish, client.addr.ip()) {
-                return;
-            }
             if let Some(l4) = l4 {
                 // Relays survive the shutdown grace period (a publisher keeps
                 // streaming while in-flight work drains), then are cut.

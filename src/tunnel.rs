@@ -179,12 +179,6 @@ impl<T> Prefixed<T> {
     }
 }
 
-impl<T: Reset> Reset for Prefixed<T> {
-    fn reset_on_close(&self) {
-        self.inner.reset_on_close();
-    }
-}
-
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -202,23 +196,44 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, data)
-    }
+/// Implements [`AsyncWrite`] and [`Reset`] for a wrapper `$ty<S>` that only
+/// changes reads, passing both straight to its field `$field`.
+macro_rules! write_through {
+    ($ty:ident, $field:ident) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<S> {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                data: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, data)
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_flush(cx)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_shutdown(cx)
+            }
+        }
+
+        impl<S: $crate::tunnel::Reset> $crate::tunnel::Reset for $ty<S> {
+            fn reset_on_close(&self) {
+                self.$field.reset_on_close();
+            }
+        }
+    };
 }
+pub(crate) use write_through;
+
+write_through!(Prefixed, inner);
 
 /// Which side of a tunnel failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

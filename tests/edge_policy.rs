@@ -102,22 +102,7 @@ fn get_req(path: &str, host: &str) -> Request<Empty<Bytes>> {
 
 /// The value of the metric line starting with `series` on the stats listener.
 async fn metric(stats: SocketAddr, series: &str) -> f64 {
-    use base64::Engine;
-    let auth = base64::engine::general_purpose::STANDARD
-        .encode(format!("{}:{}", STATS_AUTH.0, STATS_AUTH.1));
-    let page = send(
-        stats,
-        Request::get("/metrics")
-            .header("host", "stats")
-            .header("authorization", format!("Basic {auth}"))
-            .body(Empty::new())
-            .unwrap(),
-    )
-    .await
-    .text();
-    page.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    support::stats_metric(stats, STATS_AUTH, series).await
 }
 
 #[tokio::test]
@@ -670,4 +655,69 @@ async fn https_to_a_node_with_a_private_ca_is_verified() {
         log.contains("TLS handshake with node") && log.contains("certificate not valid for name"),
         "{log}"
     );
+}
+
+/// On a listener without `sniff_websocket`, a WebSocket publish is still
+/// counted by `websocket-publish` (its first command read as it passes),
+/// players are not: three players and two publishers are relayed, the third
+/// publisher's `publish` never reaches the node and its tunnel is closed.
+#[tokio::test]
+async fn websocket_publish_limit_applies_without_sniffing() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (origin, edge) = (sim_node("origin-1").await, sim_node("edge-1").await);
+    let (web, stats) = (listener_addr(18480), listener_addr(18490));
+    let limit =
+        "[[limit]]\nname = \"ws-publishers\"\nroutes = [\"websocket-publish\"]\nper_minute = 2\n";
+    let lb = Amslb::start(
+        &edge_config(web, "", &origin, &edge, Some(stats), limit),
+        &[web, stats],
+    );
+    let url = format!("ws://{web}/LiveApp/websocket");
+    // Sends `command` on a new session; the echoed text if the node got it.
+    let session = |command: String| {
+        let url = url.clone();
+        async move {
+            let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            ws.send(Message::text(command)).await.unwrap();
+            let echoed = tokio::time::timeout(Duration::from_secs(5), ws.next())
+                .await
+                .expect("an answer or a close in time");
+            match echoed {
+                Some(Ok(Message::Text(text))) => Some(text.to_string()),
+                _ => None,
+            }
+        }
+    };
+    for i in 0..3 {
+        let play = format!(r#"{{"command":"play","streamId":"v{i}"}}"#);
+        assert_eq!(session(play.clone()).await, Some(play), "{}", lb.log());
+    }
+    for i in 0..2 {
+        let publish = format!(r#"{{"command":"publish","streamId":"p{i}"}}"#);
+        assert_eq!(
+            session(publish.clone()).await,
+            Some(publish),
+            "{}",
+            lb.log()
+        );
+    }
+    let third = r#"{"command":"publish","streamId":"p2"}"#.to_string();
+    assert_eq!(session(third).await, None, "the third publish is refused");
+    assert!(
+        !origin.messages().iter().any(|m| m.contains("\"p2\"")),
+        "{:?}",
+        origin.messages()
+    );
+    assert_eq!(
+        metric(
+            stats,
+            "amslb_limited_total{limit=\"ws-publishers\",listener=\"web\"}"
+        )
+        .await,
+        1.0,
+        "{}",
+        lb.log()
+    );
+    assert!(lb.log().contains("client over its limit, refused"));
 }

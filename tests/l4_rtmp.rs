@@ -226,3 +226,34 @@ async fn rtmp_affinity_keeps_a_stream_key_on_its_node_until_the_node_dies() {
     publish_and_wait(format!("rtmp://{addr}/live/k1"), 1, "flv").await;
     assert!(has(survivor, "k1"), "k1 moved to the live node");
 }
+
+/// An `rtmp-publish` limit counts sessions that send `publish`, on a listener
+/// without `rtmp_inspect` too: connections that never publish (here bare
+/// ones, and amslb's own readiness check) take nothing, two publishes pass,
+/// the third is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_publish_limit_counts_only_sessions_that_publish() {
+    let node = RtmpNode::start();
+    let listen = support::listener_addr(1935);
+    let mut text = config_on(listen, "", "tcp", &[("o1", node.addr.ip(), 1935)]);
+    text.push_str(
+        "\n[[limit]]\nname = \"rtmp-publishers\"\nroutes = [\"rtmp-publish\"]\nper_minute = 2\n",
+    );
+    let amslb = support::Amslb::start(&text, &[listen]);
+    for _ in 0..5 {
+        let bare = tokio::net::TcpStream::connect(listen).await.unwrap();
+        drop(bare);
+    }
+    for stream in ["p1", "p2"] {
+        publish_and_wait(format!("rtmp://{listen}/live/{stream}"), 3, "flv").await;
+        assert_recorded(&node, stream);
+    }
+    let url = format!("rtmp://{listen}/live/p3");
+    let (ok, _) =
+        blocking(move || wait_child(publish(&url, 3, "flv"), Duration::from_secs(30))).await;
+    assert!(!ok, "the third publish within the minute is refused");
+    let log = amslb.log();
+    assert!(log.contains("client over its limit, refused"), "{log}");
+    let recorded = std::fs::metadata(node.recording("p3")).map_or(0, |m| m.len());
+    assert!(recorded < 10_000, "p3 recorded {recorded} bytes");
+}

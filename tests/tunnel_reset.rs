@@ -1,8 +1,9 @@
 //! A reset on one side of a tunnel reaches the other side at once, as a reset,
 //! through the real `amslb` binary: WebSocket tunnels (HTTP upgrade), TCP
-//! passthrough with splice and with the buffered copy, and TLS-terminated TCP
-//! (RTMPS). The node here is a raw TCP server, so the test sees exactly what
-//! amslb does to its side of the connection.
+//! passthrough with splice and with the buffered copy, TLS-terminated TCP
+//! (RTMPS), and RTMP carried over TLS to the node (`node_tls`). The node here
+//! is a raw TCP (or TLS-over-TCP) server, so the test sees exactly what amslb
+//! does to its side of the connection.
 
 mod support;
 mod tls_support;
@@ -29,6 +30,8 @@ enum Kind {
     TcpSplice,
     TcpBuffered,
     Tls,
+    /// A plain `tcp` listener, RTMPS to the node.
+    TlsToNode,
 }
 
 /// What a read on a dead tunnel returned.
@@ -67,6 +70,8 @@ struct Setup {
     listener: SocketAddr,
     node: TcpListener,
     ca: TestCa,
+    /// The node's TLS (Kind::TlsToNode), with the certificate for live.test.
+    node_tls: tokio_rustls::TlsAcceptor,
     _dir: tempfile::TempDir,
     _amslb: Amslb,
 }
@@ -95,6 +100,19 @@ async fn setup(kind: Kind) -> Setup {
                 key_path.display()
             ),
         ),
+        Kind::TlsToNode => ("tcp", 1935, String::new()),
+    };
+    let node_tls = match kind {
+        Kind::TlsToNode => {
+            let ca_file = dir.path().join("ca.pem");
+            std::fs::write(&ca_file, &ca.pem).unwrap();
+            format!(
+                "[cluster.node_tls]\nca_file = \"{}\"\nserver_name = \"live.test\"\nrtmps_port = {}\n",
+                ca_file.display(),
+                node_addr.port()
+            )
+        }
+        _ => String::new(),
     };
     let listener = listener_addr(port);
     let config = format!(
@@ -125,6 +143,8 @@ address = "{}"
 group = "origin"
 http_port = {port}
 rtmp_port = {port}
+
+{node_tls}
 "#,
         node_addr.ip(),
         port = node_addr.port()
@@ -133,15 +153,38 @@ rtmp_port = {port}
     Setup {
         listener,
         node,
+        node_tls: acceptor(&cert_path, &key_path),
         ca,
         _dir: dir,
         _amslb: amslb,
     }
 }
 
+/// The TLS server side of a node, with the PEM files `cert` and `key`.
+fn acceptor(cert: &std::path::Path, key: &std::path::Path) -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    amslb::tls::install_crypto_provider();
+    let chain = rustls::pki_types::CertificateDer::pem_file_iter(cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
 /// Opens a tunnel of `kind` through amslb; returns the client's end and the
-/// node's end. With `client_resets`, the client's close will be a reset.
-async fn open(s: &Setup, kind: Kind, client_resets: bool) -> (Box<dyn Io>, TcpStream) {
+/// node's end. With `client_resets`, the client's close will be a reset; with
+/// `node_resets`, the node's.
+async fn open(
+    s: &Setup,
+    kind: Kind,
+    client_resets: bool,
+    node_resets: bool,
+) -> (Box<dyn Io>, Box<dyn Io>) {
     let tcp = TcpStream::connect(s.listener).await.unwrap();
     if client_resets {
         linger0(&tcp);
@@ -174,12 +217,22 @@ async fn open(s: &Setup, kind: Kind, client_resets: bool) -> (Box<dyn Io>, TcpSt
         b"hello"
     };
     // Connections that close before sending anything (a TCP connect check of
-    // the node) are not the tunnel.
+    // the node, amslb's readiness check relayed) are not the tunnel.
     let mut node = loop {
-        let (mut node, _) = tokio::time::timeout(Duration::from_secs(5), s.node.accept())
+        let (tcp, _) = tokio::time::timeout(Duration::from_secs(5), s.node.accept())
             .await
             .expect("amslb connects to the node")
             .unwrap();
+        if node_resets {
+            linger0(&tcp);
+        }
+        let mut node: Box<dyn Io> = match kind {
+            Kind::TlsToNode => match s.node_tls.accept(tcp).await {
+                Ok(tls) => Box::new(tls),
+                Err(_) => continue,
+            },
+            _ => Box::new(tcp),
+        };
         let mut head = Vec::new();
         while !head.ends_with(wanted) {
             if node.read_exact(&mut byte).await.is_err() {
@@ -215,7 +268,7 @@ async fn open(s: &Setup, kind: Kind, client_resets: bool) -> (Box<dyn Io>, TcpSt
 
 async fn client_reset_reaches_the_node(kind: Kind) {
     let s = setup(kind).await;
-    let (client, mut node) = open(&s, kind, true).await;
+    let (client, mut node) = open(&s, kind, true, false).await;
     drop(client);
     let (seen, took) = read_end(&mut node).await;
     eprintln!("{kind:?}: client reset, node saw {seen:?} after {took:?}");
@@ -225,8 +278,7 @@ async fn client_reset_reaches_the_node(kind: Kind) {
 
 async fn node_reset_reaches_the_client(kind: Kind) {
     let s = setup(kind).await;
-    let (mut client, node) = open(&s, kind, false).await;
-    linger0(&node);
+    let (mut client, node) = open(&s, kind, false, true).await;
     drop(node);
     // The client is idle (it does not write): it must learn from amslb.
     let (seen, took) = read_end(&mut client).await;
@@ -238,7 +290,7 @@ async fn node_reset_reaches_the_client(kind: Kind) {
 /// A FIN stays a FIN: the node's half-close reaches the client as an EOF.
 async fn node_fin_reaches_the_client_as_eof(kind: Kind) {
     let s = setup(kind).await;
-    let (mut client, mut node) = open(&s, kind, false).await;
+    let (mut client, mut node) = open(&s, kind, false, false).await;
     node.shutdown().await.unwrap();
     let (seen, took) = read_end(&mut client).await;
     assert_eq!(seen, Seen::Eof, "{kind:?}");
@@ -273,9 +325,23 @@ async fn tls_resets_pass_both_ways() {
     node_reset_reaches_the_client(Kind::Tls).await;
 }
 
+/// RTMP carried over TLS to the node: a reset on either side still reaches
+/// the other as a reset.
+#[tokio::test]
+async fn tls_to_node_resets_pass_both_ways() {
+    client_reset_reaches_the_node(Kind::TlsToNode).await;
+    node_reset_reaches_the_client(Kind::TlsToNode).await;
+}
+
 #[tokio::test]
 async fn fins_stay_fins() {
-    for kind in [Kind::WebSocket, Kind::TcpSplice, Kind::TcpBuffered] {
+    // Over TLS to the node the FIN comes after the node's close_notify.
+    for kind in [
+        Kind::WebSocket,
+        Kind::TcpSplice,
+        Kind::TcpBuffered,
+        Kind::TlsToNode,
+    ] {
         node_fin_reaches_the_client_as_eof(kind).await;
     }
 }

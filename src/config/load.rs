@@ -485,6 +485,7 @@ ca_file = "/etc/amslb/nodes-ca.pem"
         let tls = c.cluster.node_tls.as_ref().unwrap();
         assert!(tls.verify);
         assert_eq!(tls.https_port, 5443);
+        assert_eq!(tls.rtmps_port, 8443);
     }
 
     #[test]
@@ -506,6 +507,11 @@ ca_file = "/etc/amslb/nodes-ca.pem"
                 "\"srt-publish\"]",
                 "\"srt-publish\", \"hls\"]",
                 "limit[1].routes[4]",
+            ),
+            (
+                "ca_file = \"/etc/amslb/nodes-ca.pem\"",
+                "ca_file = \"/etc/amslb/nodes-ca.pem\"\nrtmps_port = 0",
+                "cluster.node_tls.rtmps_port",
             ),
         ];
         for (from, to, key) in cases {

@@ -204,9 +204,11 @@ pub enum RouteName {
     Panel,
     /// Anything else the router does not name (the panel included).
     Other,
-    /// A WebSocket whose first command is `publish` (listeners with `sniff_websocket`).
+    /// A WebSocket whose first command is `publish` (sniffed, or read as it
+    /// passes on other listeners).
     WebsocketPublish,
-    /// An RTMP or RTMPS session on a `tcp`/`tls` listener (AMS ingests RTMP).
+    /// An RTMP or RTMPS session on a `tcp`/`tls` listener that sends `publish`
+    /// (a listener such a limit covers inspects its sessions' RTMP start).
     RtmpPublish,
     /// An SRT session on a `udp` listener.
     SrtPublish,
@@ -763,22 +765,26 @@ pub fn validate_listener(config: &Config, index: usize) -> Result<(), (String, S
             "a udp listener has no X-Forwarded-For to read".into(),
         ));
     }
+    // http/https go by Host, tls (RTMPS) by the TLS server name (SNI); a
+    // plain tcp or udp session carries no name before a node is chosen.
     if !listener.host_groups.is_empty()
         && !matches!(
             listener.protocol,
-            super::Protocol::Http | super::Protocol::Https
+            super::Protocol::Http | super::Protocol::Https | super::Protocol::Tls
         )
     {
         return Err((
             format!("listener[{index}].host_groups"),
-            "only applies to http and https listeners".into(),
+            "only applies to http, https and tls listeners".into(),
         ));
     }
     Ok(())
 }
 
 /// `[cluster.node_tls]` / `[[group]] node_tls`: speak HTTPS to the nodes'
-/// `https_port` (requests, WebSockets, health checks), verifying their certificate.
+/// `https_port` (requests, WebSockets, health checks) and RTMPS to their
+/// `rtmps_port` (the `tcp` and `tls` listeners' sessions, `tcp` health
+/// checks), verifying their certificate.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NodeTlsConfig {
@@ -795,6 +801,9 @@ pub struct NodeTlsConfig {
     /// Node port for HTTPS (AMS: 5443).
     #[serde(default = "default_https_port")]
     pub https_port: u16,
+    /// Node port for RTMPS (AMS: 8443, `rtmps.enabled` in red5.properties).
+    #[serde(default = "default_rtmps_port")]
+    pub rtmps_port: u16,
 }
 
 fn default_verify() -> bool {
@@ -803,6 +812,10 @@ fn default_verify() -> bool {
 
 fn default_https_port() -> u16 {
     5443
+}
+
+fn default_rtmps_port() -> u16 {
+    8443
 }
 
 /// Checks every `node_tls` table: a usable server name.
@@ -824,8 +837,13 @@ pub fn validate_node_tls(config: &Config) -> Result<(), (String, String)> {
                 format!("{name:?} is not a DNS name or an address"),
             ));
         }
-        if tls.https_port == 0 {
-            return Err((format!("{key}.https_port"), "must not be 0".into()));
+        for (name, port) in [
+            ("https_port", tls.https_port),
+            ("rtmps_port", tls.rtmps_port),
+        ] {
+            if port == 0 {
+                return Err((format!("{key}.{name}"), "must not be 0".into()));
+            }
         }
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod proxy;
 pub mod record;
 pub mod serve;
 mod sniffed;
+mod ws_publish;
 
 use crate::runtime::Runtime;
 use crate::tls::TlsState;

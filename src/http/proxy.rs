@@ -641,6 +641,8 @@ fn spawn_tunnel(
     let hard_stop = ctx.runtime.hard_stop.clone();
     let listener = ctx.listener.clone();
     let client_addr = ctx.client.addr;
+    let watch =
+        super::ws_publish::PublishWatch::new(&ctx.runtime, config, &listener, client_addr.ip());
     ctx.runtime.tasks.spawn(async move {
         let (client, node_io) = match tokio::try_join!(client, node) {
             Ok(pair) => pair,
@@ -649,13 +651,15 @@ fn spawn_tunnel(
                 return;
             }
         };
-        let relayed = tunnel::relay_upgraded(
-            tunnel::upgraded(client),
-            tunnel::upgraded(node_io),
-            idle,
-            hard_stop.cancelled_owned(),
-        )
-        .await;
+        let (client, node_io) = (tunnel::upgraded(client), tunnel::upgraded(node_io));
+        let stop = hard_stop.cancelled_owned();
+        let relayed = if watch.watching() {
+            // The client's first command is read as it passes: the buffered
+            // relay (boxed: its state is larger than the readiness relay's).
+            Box::pin(tunnel::relay(watch.wrap(client), node_io, idle, stop)).await
+        } else {
+            tunnel::relay_upgraded(client, node_io, idle, stop).await
+        };
         if let Some(record) = record.as_mut() {
             record.tunnel_closed(relayed.to_node, relayed.to_client);
         }

@@ -1,5 +1,8 @@
 //! L4 streaming ingest: RTMP over TCP passthrough, RTMPS with TLS terminated
-//! here, SRT over UDP sessions.
+//! here, SRT over UDP sessions. RTMP and RTMPS sessions reach nodes whose
+//! group has `node_tls` as RTMPS ([`crate::node_tls::NodeTlsSet::dial_rtmp`]);
+//! on `tls` listeners the client's TLS server name can pick the group
+//! (`host_groups`).
 //!
 //! Each listener kind picks a node per session (never per packet) with the one
 //! placement function ([`crate::streaming::select::pick`], through

@@ -5,9 +5,13 @@ use super::meter::{Metered, SessionMeter};
 use super::rtmp::filter::{Filtered, NodeFilter};
 use super::rtmp::{self, Inspector, front, handshake};
 use super::tls::{TlsLoadError, server_config};
+use crate::config::rules::RouteName;
 use crate::config::{Config, ListenerConfig, Protocol};
 use crate::failover::{Connected, Failover, Reporting};
 use crate::metrics::L4Metrics;
+use crate::node_tls::NodeStream;
+use crate::policy::hosts;
+use crate::policy::limits::Limits;
 use crate::runtime::{ListenerView, Runtime};
 use crate::streaming::select::Wanted;
 use crate::tunnel::{self, TunnelEnd};
@@ -20,6 +24,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_util::either::Either;
+use tokio_util::sync::CancellationToken;
 
 /// Settings of one TCP-like listener for one session, read from the live
 /// config snapshot when the session starts, so a reload applies to new
@@ -40,6 +45,9 @@ pub struct TcpSettings {
     pub rtmp_inspect: bool,
     /// Choose the node by stream key (answering `connect` here).
     pub rtmp_affinity: bool,
+    /// A `per_minute` limit counts this listener's `rtmp-publish` sessions:
+    /// the RTMP start is inspected to find them.
+    pub publish_limited: bool,
 }
 
 impl TcpSettings {
@@ -53,7 +61,18 @@ impl TcpSettings {
             splice: listener.l4.splice,
             rtmp_inspect: listener.l4.rtmp_inspect,
             rtmp_affinity: listener.l4.rtmp_affinity,
+            publish_limited: Limits::counts_publishes(
+                config,
+                &listener.name,
+                RouteName::RtmpPublish,
+            ),
         }
+    }
+
+    /// Whether the client's bytes are read (C0+C1 checked, commands found)
+    /// rather than passed on unread.
+    fn inspects(&self) -> bool {
+        self.rtmp_inspect || self.rtmp_affinity || self.publish_limited
     }
 }
 
@@ -141,7 +160,14 @@ impl TcpProxy {
             Some(format!("{}/{stream}", o.app))
         });
         let publish = key.is_some();
-        let wanted = Wanted::for_session(&view.config, view.listener(), key, publish);
+        let mut wanted = Wanted::for_session(&view.config, view.listener(), key, publish);
+        // RTMPS: the server name the client asked for picks the group, as
+        // Host does on the HTTP listeners.
+        if let Some(sni) = server_name(&client)
+            && let Some(group) = hosts::group_for_host(&view.listener().host_groups, &sni)
+        {
+            wanted.group = group.to_string();
+        }
         let Some((mut node, lease)) = self.connect(&view.config, &wanted, peer).await else {
             return;
         };
@@ -158,7 +184,7 @@ impl TcpProxy {
                 return;
             }
         }
-        tracing::info!(listener = %s.name, %peer, node = node_id, key, "l4 session relayed");
+        tracing::info!(listener = %s.name, %peer, node = node_id, group = wanted.group, key, "l4 session relayed");
         let node_metrics = self.runtime.metrics.node(lease.node());
         let meter = SessionMeter::new(self.metrics.listener().clone(), node_metrics);
         if !start.prelude.is_empty() {
@@ -170,40 +196,55 @@ impl TcpProxy {
         }
         let mut inspector = start.inspector;
         let metrics = &self.metrics;
+        // A `publish` over the client's rtmp-publish limit ends the session.
+        let refused = CancellationToken::new();
         let mut tap = |data: &[u8]| {
             if let Some(inspector) = inspector.as_mut() {
                 inspector.feed(data);
                 for event in inspector.take_events() {
+                    tracing::info!(listener = %s.name, %peer, node = node_id, "rtmp {event}");
                     if let rtmp::Event::Publish { app, .. } = &event {
+                        if !self
+                            .runtime
+                            .admit_publish(&s.name, RouteName::RtmpPublish, peer.ip())
+                        {
+                            refused.cancel();
+                            return;
+                        }
                         metrics.publish(app);
                     }
-                    tracing::info!(listener = %s.name, %peer, node = node_id, "rtmp {event}");
                 }
+            }
+        };
+        let stop = async {
+            tokio::select! {
+                () = stop => {}
+                () = refused.cancelled() => {}
             }
         };
         // Events found in the replayed bytes.
         tap(&[]);
-        let end = match (client, start.opening) {
-            (client, Some(opening)) => {
-                let (from_node, to_node) = node.into_split();
-                let from_node = Filtered::new(from_node, NodeFilter::new(opening.connect_txn));
-                let node = tokio::io::join(from_node, to_node);
+        let end = match (client, start.opening, node) {
+            (client, Some(opening), node) => {
+                let node = Filtered::new(node, NodeFilter::new(opening.connect_txn));
                 buffered(client, node, &meter, s.idle, stop, tap).await
             }
+            // Splice needs plain sockets on both sides (no TLS to undo).
             #[cfg(target_os = "linux")]
-            (Either::Left(c), None) if s.splice && inspector_off(s) => {
+            (Either::Left(c), None, Either::Left(n)) if s.splice && inspector_off(s) => {
                 match super::splice::SplicePipes::new() {
-                    Ok(pipes) => pipes.relay(&c, &node, &meter, s.idle, stop).await,
+                    Ok(pipes) => pipes.relay(&c, &n, &meter, s.idle, stop).await,
                     // Out of descriptors for pipes: the copy path still works.
-                    Err(_) => buffered(c, node, &meter, s.idle, stop, tap).await,
+                    Err(_) => buffered(c, n, &meter, s.idle, stop, tap).await,
                 }
             }
-            (client, None) => buffered(client, node, &meter, s.idle, stop, tap).await,
+            (client, None, node) => buffered(client, node, &meter, s.idle, stop, tap).await,
         };
         let (bytes_in, bytes_out) = meter.totals();
         tracing::info!(
             listener = %s.name, %peer, node = node_id, key, bytes_in, bytes_out,
-            secs = meter.age().as_secs_f64(), end = ?end, "session ended"
+            secs = meter.age().as_secs_f64(), end = ?end,
+            over_publish_limit = refused.is_cancelled(), "session ended"
         );
     }
 
@@ -214,7 +255,7 @@ impl TcpProxy {
         config: &Config,
         wanted: &Wanted,
         peer: SocketAddr,
-    ) -> Option<(TcpStream, crate::cluster::NodeLease)> {
+    ) -> Option<(NodeStream, crate::cluster::NodeLease)> {
         let snapshot = self.runtime.cluster.snapshot();
         let report = Reporting {
             health: &self.runtime.health,
@@ -222,8 +263,11 @@ impl TcpProxy {
             listener: self.metrics.listener(),
         };
         let timeout = config.timeouts.connect;
+        // RTMPS to nodes whose group has `node_tls`: a refused certificate
+        // is a failed connect, so the next node is tried.
+        let node_tls = &*self.runtime.node_tls;
         let connected = Failover::new(config, &snapshot, wanted, report)
-            .connect(|node| connect_rtmp(node.rtmp_addr(), timeout))
+            .connect(|node| async move { node_tls.dial_rtmp(&node, timeout).await })
             .await;
         match connected {
             Ok(Connected { conn, lease }) => Some((conn, lease)),
@@ -249,7 +293,7 @@ impl TcpProxy {
             inspector: None,
             opening: None,
         };
-        if !s.rtmp_inspect && !s.rtmp_affinity {
+        if !s.inspects() {
             return Ok(start);
         }
         let work = async {
@@ -282,15 +326,12 @@ impl TcpProxy {
     }
 }
 
-/// One connect attempt to a node's RTMP port, bounded by `timeout`.
-async fn connect_rtmp(addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
-    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-        .await
-        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))?;
-    // No Nagle delay for RTMP control messages; keepalive notices a node
-    // that vanished without a FIN.
-    crate::listener::tune_stream(&stream);
-    Ok(stream)
+/// The TLS server name (SNI) an RTMPS client sent, lower case.
+fn server_name(client: &ClientStream) -> Option<String> {
+    let Either::Right(tls) = client else {
+        return None;
+    };
+    Some(tls.get_ref().1.server_name()?.to_ascii_lowercase())
 }
 
 /// Reads an RTMP client's C0+C1 and checks C0.
@@ -311,7 +352,7 @@ async fn read_c0_c1<S: AsyncRead + Unpin>(client: &mut S) -> Result<Vec<u8>, Str
 /// what splice needs.
 #[cfg(target_os = "linux")]
 fn inspector_off(s: &TcpSettings) -> bool {
-    !s.rtmp_inspect && !s.rtmp_affinity
+    !s.inspects()
 }
 
 /// The portable relay: the shared tunnel with the client side metered.

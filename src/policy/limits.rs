@@ -282,6 +282,15 @@ impl Limits {
         Ok(())
     }
 
+    /// Whether some `per_minute` limit counts publish sessions of `kind` on
+    /// `listener` (for any client): then the listener must look for them.
+    pub fn counts_publishes(config: &Config, listener: &str, kind: RouteName) -> bool {
+        config
+            .limits
+            .iter()
+            .any(|l| l.on_listener(listener) && l.counts_publish(kind))
+    }
+
     /// Takes a token for a new publish session of `kind` from every
     /// `per_minute` limit that counts it.
     pub fn publish(

@@ -8,8 +8,7 @@
 //! lock another thread takes.
 
 use super::UpstreamBody;
-use crate::listener::tune_stream;
-use crate::node_tls::NodeTls;
+use crate::node_tls::{DialError, NodeTls, dial};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
 use std::cell::RefCell;
@@ -17,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use thread_local::ThreadLocal;
-use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
 /// A connection able to send one request to a node.
 pub type Sender = SendRequest<UpstreamBody>;
@@ -57,19 +56,12 @@ struct Idle {
 /// Why a new connection to a node could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    /// TCP connect failed (refused, unreachable).
-    #[error("connect to {0}: {1}")]
-    Io(SocketAddr, std::io::Error),
-    /// TCP connect took longer than `timeouts.connect`.
-    #[error("connect to {0}: timed out")]
-    Timeout(SocketAddr),
+    /// TCP connect or the TLS handshake (`node_tls`) failed or timed out.
+    #[error(transparent)]
+    Dial(#[from] DialError),
     /// The HTTP/1 handshake failed.
     #[error("http handshake with {0}: {1}")]
     Handshake(SocketAddr, hyper::Error),
-    /// The TLS handshake failed (`node_tls`): e.g. a certificate not signed by
-    /// `ca_file`, or not valid for the expected name.
-    #[error("TLS handshake with node {0} refused: {1}")]
-    Tls(SocketAddr, std::io::Error),
 }
 
 impl Pool {
@@ -152,24 +144,11 @@ pub async fn connect(
     tls: Option<&NodeTls>,
     timeout: Duration,
 ) -> Result<Sender, ConnectError> {
-    let started = tokio::time::Instant::now();
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
-        Err(_) => return Err(ConnectError::Timeout(addr)),
-    };
-    tune_stream(&stream);
-    match tls {
-        None => handshake(addr, stream).await,
-        Some(tls) => {
-            let left = timeout.saturating_sub(started.elapsed());
-            let stream = match tokio::time::timeout(left, tls.handshake(stream, addr)).await {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Err(ConnectError::Tls(addr, e)),
-                Err(_) => return Err(ConnectError::Timeout(addr)),
-            };
-            handshake(addr, stream).await
-        }
+    // Each kind handed to hyper as itself, so a WebSocket tunnel can unwrap
+    // the plain socket again (`crate::tunnel::upgraded`).
+    match dial(addr, tls, timeout).await? {
+        Either::Left(tcp) => handshake(addr, tcp).await,
+        Either::Right(tls) => handshake(addr, tls).await,
     }
 }
 

@@ -27,40 +27,30 @@ pub fn require(program: &str, package: &str) {
     assert!(found, "{program} is missing: apt-get install {package}");
 }
 
-/// An nginx-rtmp node on `addr:1935` that records every published stream to
-/// `<dir>/rec/<name>.flv`. Single process (`master_process off`) so killing
-/// it closes every connection at once, like a crashed node.
-pub struct RtmpNode {
-    pub addr: SocketAddr,
+/// One nginx process (`master_process off`, so killing it closes every
+/// connection at once, like a crashed node) running `body` with `module`
+/// loaded, in its own directory; killed when dropped.
+pub struct Nginx {
     pub dir: TempDir,
     child: Option<Child>,
 }
 
-const RTMP_MODULE: &str = "/usr/lib/nginx/modules/ngx_rtmp_module.so";
-
-impl RtmpNode {
-    pub fn start() -> Self {
+impl Nginx {
+    /// Starts nginx in `dir` and waits until it accepts on `addr`.
+    fn start(module: &str, package: &str, dir: TempDir, body: &str, addr: SocketAddr) -> Self {
         require("nginx", "nginx");
         assert!(
-            Path::new(RTMP_MODULE).exists(),
-            "{RTMP_MODULE} is missing: apt-get install libnginx-mod-rtmp"
+            Path::new(module).exists(),
+            "{module} is missing: apt-get install {package}"
         );
-        let addr = SocketAddr::new(unique_loopback(), 1935);
-        let dir = tempfile::tempdir().unwrap();
-        let rec = dir.path().join("rec");
-        std::fs::create_dir_all(&rec).unwrap();
-        // nginx workers may drop to an unprivileged user: let it write recordings.
-        let _ = Command::new("chmod").arg("0777").arg(&rec).status();
         let conf = format!(
-            "load_module {RTMP_MODULE};\n\
+            "load_module {module};\n\
              master_process off;\n\
              pid {dir}/nginx.pid;\n\
              error_log {dir}/error.log info;\n\
              events {{ worker_connections 128; }}\n\
-             rtmp {{ server {{ listen {addr}; chunk_size 4096;\n\
-               application live {{ live on; record all; record_path {rec}; record_unique off; }} }} }}\n",
+             {body}",
             dir = dir.path().display(),
-            rec = rec.display(),
         );
         let conf_path = dir.path().join("nginx.conf");
         std::fs::write(&conf_path, conf).unwrap();
@@ -77,26 +67,20 @@ impl RtmpNode {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nginx");
-        let node = Self {
-            addr,
+        let nginx = Self {
             dir,
             child: Some(child),
         };
-        wait_tcp(addr, Duration::from_secs(10), || node.log());
-        node
+        wait_tcp(addr, Duration::from_secs(10), || nginx.log());
+        nginx
     }
 
-    /// The node's error log, for assertion messages.
+    /// The error log, for assertion messages.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("error.log")).unwrap_or_default()
     }
 
-    /// Where a stream published on app `live` is recorded.
-    pub fn recording(&self, stream: &str) -> PathBuf {
-        self.dir.path().join("rec").join(format!("{stream}.flv"))
-    }
-
-    /// Kills the node abruptly (SIGKILL), as a crash would.
+    /// Kills nginx abruptly (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -105,9 +89,104 @@ impl RtmpNode {
     }
 }
 
-impl Drop for RtmpNode {
+impl Drop for Nginx {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// An nginx-rtmp node on `addr:1935` that records every published stream to
+/// `<dir>/rec/<name>.flv`.
+pub struct RtmpNode {
+    pub addr: SocketAddr,
+    nginx: Nginx,
+}
+
+const RTMP_MODULE: &str = "/usr/lib/nginx/modules/ngx_rtmp_module.so";
+
+impl RtmpNode {
+    pub fn start() -> Self {
+        let addr = SocketAddr::new(unique_loopback(), 1935);
+        let dir = tempfile::tempdir().unwrap();
+        let rec = dir.path().join("rec");
+        std::fs::create_dir_all(&rec).unwrap();
+        // nginx workers may drop to an unprivileged user: let it write recordings.
+        let _ = Command::new("chmod").arg("0777").arg(&rec).status();
+        let body = format!(
+            "rtmp {{ server {{ listen {addr}; chunk_size 4096;\n\
+               application live {{ live on; record all; record_path {rec}; record_unique off; }} }} }}\n",
+            rec = rec.display(),
+        );
+        let nginx = Nginx::start(RTMP_MODULE, "libnginx-mod-rtmp", dir, &body, addr);
+        Self { addr, nginx }
+    }
+
+    /// The node's error log, for assertion messages.
+    pub fn log(&self) -> String {
+        self.nginx.log()
+    }
+
+    /// Where a stream published on app `live` is recorded.
+    pub fn recording(&self, stream: &str) -> PathBuf {
+        self.nginx
+            .dir
+            .path()
+            .join("rec")
+            .join(format!("{stream}.flv"))
+    }
+
+    /// Kills the node abruptly (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        self.nginx.kill();
+    }
+}
+
+/// nginx's `stream` TLS terminator on `addr` in front of `upstream`, with a
+/// given certificate: what an AMS node's RTMPS port is to amslb (RTMPS in,
+/// RTMP to the node behind it). Logs one line per connection with whether
+/// its TLS session was resumed.
+pub struct TlsFront {
+    pub addr: SocketAddr,
+    nginx: Nginx,
+}
+
+const STREAM_MODULE: &str = "/usr/lib/nginx/modules/ngx_stream_module.so";
+
+impl TlsFront {
+    /// Starts the terminator with the PEM `cert` chain and `key`.
+    pub fn start(addr: SocketAddr, upstream: SocketAddr, cert: &str, key: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+        std::fs::write(&cert_path, cert).unwrap();
+        std::fs::write(&key_path, key).unwrap();
+        let body = format!(
+            "stream {{\n\
+               log_format tls \"$remote_addr reused=$ssl_session_reused sni=$ssl_server_name bytes=$bytes_received\";\n\
+               access_log {dir}/access.log tls;\n\
+               server {{ listen {addr} ssl; proxy_pass {upstream};\n\
+                 ssl_certificate {cert}; ssl_certificate_key {key};\n\
+                 ssl_protocols TLSv1.2 TLSv1.3; ssl_session_tickets on; }} }}\n",
+            dir = dir.path().display(),
+            cert = cert_path.display(),
+            key = key_path.display(),
+        );
+        let nginx = Nginx::start(STREAM_MODULE, "libnginx-mod-stream", dir, &body, addr);
+        Self { addr, nginx }
+    }
+
+    /// The terminator's error log, for assertion messages.
+    pub fn log(&self) -> String {
+        self.nginx.log()
+    }
+
+    /// One line per finished connection: `ADDR reused=r|. sni=NAME bytes=N`
+    /// (N: bytes received from the client).
+    pub fn connections(&self) -> Vec<String> {
+        std::fs::read_to_string(self.nginx.dir.path().join("access.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
     }
 }
 

@@ -339,3 +339,23 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// The value of the metric line starting with `series` on the stats listener
+/// at `stats` (basic auth `auth`); 0 when there is no such line.
+pub async fn stats_metric(stats: SocketAddr, auth: (&str, &str), series: &str) -> f64 {
+    use base64::Engine;
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", auth.0, auth.1));
+    let page = send(
+        stats,
+        Request::get("/metrics")
+            .header("host", "stats")
+            .header("authorization", format!("Basic {auth}"))
+            .body(Empty::new())
+            .unwrap(),
+    )
+    .await
+    .text();
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}

@@ -79,8 +79,10 @@ impl NodeFilter {
     }
 }
 
-/// The node's read side as the client should see it, through a
-/// [`NodeFilter`] (pair it with the node's write side with `tokio::io::join`).
+/// The node connection as the client should see it: reads go through a
+/// [`NodeFilter`], writes pass straight on. Wrapping the whole connection
+/// (rather than a split read half) keeps one type for plain and TLS nodes and
+/// lets a reset reach the node's socket ([`crate::tunnel::Reset`]).
 #[derive(Debug)]
 pub struct Filtered<S> {
     inner: S,
@@ -91,7 +93,7 @@ pub struct Filtered<S> {
 }
 
 impl<S> Filtered<S> {
-    /// Wraps the node's read side `inner`.
+    /// Wraps the node connection `inner`.
     pub fn new(inner: S, filter: NodeFilter) -> Self {
         Self {
             inner,
@@ -128,6 +130,8 @@ impl<S: AsyncRead + Unpin> AsyncRead for Filtered<S> {
         Poll::Ready(Ok(()))
     }
 }
+
+crate::tunnel::write_through!(Filtered, inner);
 
 #[cfg(test)]
 mod tests {
