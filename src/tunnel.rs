@@ -150,6 +150,11 @@ pub async fn relay_upgraded(
     match (client.into_socket(), node.into_socket()) {
         (Ok(client), Ok(node)) => sockets::relay(client, node, idle, stop).await,
         (client, node) => {
+            tracing::debug!(
+                client_plain = client.is_ok(),
+                node_plain = node.is_ok(),
+                "tunnel relayed through buffers"
+            );
             let rewrap = |io: Result<(Bytes, TcpStream), UpgradedIo>| match io {
                 Ok((prefix, socket)) => Prefixed::new(prefix, Either::Left(socket)),
                 Err(io) => io,
