@@ -95,6 +95,9 @@ pub async fn run(path: PathBuf, prepared: reload::Prepared) -> Result<(), StartE
         .await
         .map_err(|e| StartError::Upgrade(format!("taking over from the old process: {e}")))?;
     let server = Server::bind(prepared.config.clone())?;
+    if let Some(takeover) = &takeover {
+        server.start_from_membership(takeover.membership());
+    }
     reload::start(server.runtime(), path, prepared).await?;
     let mut running = server.start();
     match takeover {

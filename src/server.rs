@@ -158,6 +158,23 @@ impl Server {
         running.shutdown(grace).await;
     }
 
+    /// Starts a remote membership source (MongoDB) from `nodes`, the
+    /// membership an upgraded-from process had, instead of the config's seed
+    /// nodes: if MongoDB is down during the upgrade, the new process keeps
+    /// routing to every node the old one knew, until MongoDB answers. A static
+    /// membership stays as the (possibly new) config says.
+    pub fn start_from_membership(&self, nodes: &[crate::cluster::NodeSpec]) {
+        let config = self.runtime.config();
+        if config.cluster.source == crate::config::ClusterSource::Static || nodes.is_empty() {
+            return;
+        }
+        info!(
+            nodes = nodes.len(),
+            "upgrade: starting from the previous process's membership until MongoDB answers"
+        );
+        self.runtime.cluster.update(nodes.to_vec());
+    }
+
     /// Starts membership, shared state, health checks, worker threads, TLS
     /// tasks and every TCP accept loop. UDP listeners wait for
     /// [`Running::serve_udp`], so a process taking over from an old one can

@@ -2,7 +2,8 @@
 //! upgrade`) hands every listener to a new process while an RTMP publish
 //! (ffmpeg → nginx-rtmp), an SRT publish (ffmpeg → ffmpeg) and a WebSocket
 //! session keep running and an HTTP load sees no failure; the old process
-//! exits 0 after its last session; the pid file names the new process.
+//! exits 0 after its last session; the pid file names the new process. An
+//! upgrade while MongoDB is down keeps every node the old process knew.
 
 mod l4_parts;
 mod support;
@@ -14,7 +15,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::{Amslb, amslb_command, listener_addr, sim_node, unique_loopback};
+use support::secantus::{Secantus, cluster_toml};
+use support::{
+    Amslb, amslb_command, cidr, get, listener_addr, sim_node, sim_node_in, unique_loopback,
+};
 use tokio_tungstenite::tungstenite::Message;
 
 /// Seconds each publisher streams, at 25 fps.
@@ -381,6 +385,84 @@ async fn failed_upgrade_keeps_the_old_process_and_amslb_upgrade_retries() {
     assert_eq!(
         old.wait_exit(Duration::from_secs(10)),
         Some(0),
+        "{}",
+        old.log()
+    );
+}
+
+/// An upgrade while MongoDB is down: the new process starts from the
+/// membership the old one hands over with its listeners, not from the
+/// config's (here empty) seed list, so every node keeps getting requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_while_mongodb_is_down_keeps_every_node() {
+    let mut db = Secantus::start(&[]);
+    let uri = db.uri(None);
+    let [a, b]: [u8; 2] = rand::random();
+    let net = [127, a.clamp(10, 250), b];
+    let nodes = [
+        sim_node_in(net, 1, "web1").await,
+        sim_node_in(net, 2, "web2").await,
+    ];
+    let _registrations = [
+        nodes[0].register(&uri, Duration::from_millis(500)).await,
+        nodes[1].register(&uri, Duration::from_millis(500)).await,
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("amslb.pid");
+    let http = listener_addr(8080);
+    let text = format!(
+        "[global]\npid_file = \"{}\"\nhard_stop_after = \"60s\"\nshutdown_grace = \"1s\"\n\
+         [health]\nenabled = false\n\
+         [[listener]]\nname = \"http\"\nbind = [\"{http}\"]\nprotocol = \"http\"\ndefault_group = \"origin\"\n\
+         [[group]]\nname = \"origin\"\nbalance = \"round-robin\"\n[[group]]\nname = \"edge\"\n{}",
+        pid_file.display(),
+        cluster_toml(&uri, &cidr(net), "127.0.0.255/32", "")
+    );
+    let mut old = Amslb::start(&text, &[http]);
+    let old_pid = old.pid();
+    let both = || async {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..8 {
+            let answer = get(http, "/rest/v2/version").await;
+            if answer.status == 200 {
+                seen.insert(answer.node());
+            }
+        }
+        seen.len() == 2
+    };
+    let start = Instant::now();
+    while !both().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "MongoDB's nodes never served:\n{}",
+            old.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    db.kill();
+    old.signal("USR2");
+    let new = new_pid(&pid_file, old_pid, Duration::from_secs(20))
+        .await
+        .unwrap_or_else(|| panic!("no new process:\n{}", old.log()));
+    let _stop_new = KillOnDrop(new);
+    // Once the old process is gone, only the new one answers.
+    assert_eq!(
+        old.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "the old process did not exit:\n{}",
+        old.log()
+    );
+    let mut served = std::collections::HashMap::new();
+    for _ in 0..20 {
+        let answer = get(http, "/rest/v2/version").await;
+        assert_eq!(answer.status, 200, "{}\n{}", answer.text(), old.log());
+        *served.entry(answer.node()).or_insert(0) += 1;
+    }
+    assert_eq!(served.len(), 2, "the new process lost nodes: {served:?}");
+    assert!(
+        old.log()
+            .contains("starting from the previous process's membership"),
         "{}",
         old.log()
     );

@@ -6,8 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 
-/// What a membership source says about a node: enough to build or match a [`Node`].
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What a membership source says about a node: enough to build or match a
+/// [`Node`]. Serialisable so an upgrade can hand the membership on.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeSpec {
     /// Stable id (config `id`, or `_id` in MongoDB).
     pub id: String,

@@ -20,6 +20,8 @@ const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug)]
 pub struct Takeover {
     channel: Arc<Channel>,
+    /// The old process's membership when it handed over.
+    membership: Vec<NodeSpec>,
 }
 
 impl Takeover {
@@ -30,7 +32,7 @@ impl Takeover {
         let Some(path) = std::env::var_os(SOCKET_ENV) else {
             return Ok(None);
         };
-        let channel = blocking(move || -> io::Result<Channel> {
+        let (channel, membership) = blocking(move || -> io::Result<(Channel, Vec<NodeSpec>)> {
             let channel = Channel::new(UnixStream::connect(&path)?, STEP_TIMEOUT)?;
             channel.send(
                 &Message::Hello {
@@ -39,28 +41,36 @@ impl Takeover {
                 &[],
             )?;
             let mut count = 0;
-            loop {
+            let membership = loop {
                 match channel.recv()? {
-                    (Message::Listeners { more }, fds) => {
+                    (Message::Listeners { more, membership }, fds) => {
                         count += fds.len();
                         crate::listener::inherit(fds);
                         if !more {
-                            break;
+                            break membership;
                         }
                     }
                     (other, _) => return Err(unexpected(&other)),
                 }
-            }
+            };
             info!(
                 sockets = count,
-                "upgrade: listening sockets received from the previous process"
+                nodes = membership.len(),
+                "upgrade: listening sockets and membership received from the previous process"
             );
-            Ok(channel)
+            Ok((channel, membership))
         })
         .await?;
         Ok(Some(Self {
             channel: Arc::new(channel),
+            membership,
         }))
+    }
+
+    /// The old process's membership when it handed over: what a remote
+    /// membership source starts from until it first answers.
+    pub fn membership(&self) -> &[NodeSpec] {
+        &self.membership
     }
 
     /// Tells the old process this one is ready (every listener bound, TCP

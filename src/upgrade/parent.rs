@@ -158,9 +158,19 @@ async fn converse(
         .copies()
         .map_err(step("copying the listening sockets"))?;
     let count = sockets.len();
-    send_batches(&channel, sockets, |_, more| Message::Listeners { more })
-        .await
-        .map_err(step("sending the listening sockets"))?;
+    let membership: Vec<_> = running
+        .runtime
+        .cluster
+        .snapshot()
+        .nodes()
+        .map(|node| node.spec().clone())
+        .collect();
+    send_batches(&channel, sockets, |_, more| Message::Listeners {
+        more,
+        membership: if more { Vec::new() } else { membership.clone() },
+    })
+    .await
+    .map_err(step("sending the listening sockets"))?;
     info!(
         pid,
         sockets = count,

@@ -34,6 +34,11 @@ pub enum Message {
     Listeners {
         /// Whether another `Listeners` message follows.
         more: bool,
+        /// On the last batch: the old process's membership, so a new process
+        /// that cannot reach MongoDB starts from it instead of the seeds
+        /// (absent from older senders).
+        #[serde(default)]
+        membership: Vec<crate::cluster::NodeSpec>,
     },
     /// New → old: config checked, every listener bound, TCP accepting.
     Ready,
@@ -195,10 +200,17 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let fd = OwnedFd::from(listener);
-        a.send(&Message::Listeners { more: false }, &[fd]).unwrap();
+        a.send(
+            &Message::Listeners {
+                more: false,
+                membership: Vec::new(),
+            },
+            &[fd],
+        )
+        .unwrap();
         a.send(&Message::Ready, &[]).unwrap();
         let (first, fds) = b.recv().unwrap();
-        assert!(matches!(first, Message::Listeners { more: false }));
+        assert!(matches!(first, Message::Listeners { more: false, .. }));
         assert_eq!(fds.len(), 1);
         // The received descriptor is the same listening socket.
         let got = std::net::TcpListener::from(fds.into_iter().next().unwrap());
