@@ -96,7 +96,7 @@ pub async fn run(path: PathBuf, prepared: reload::Prepared) -> Result<(), StartE
         .map_err(|e| StartError::Upgrade(format!("taking over from the old process: {e}")))?;
     let server = Server::bind(prepared.config.clone())?;
     if let Some(takeover) = &takeover {
-        server.start_from_membership(takeover.membership());
+        server.start_from(takeover.membership(), takeover.drains());
     }
     reload::start(server.runtime(), path, prepared).await?;
     let mut running = server.start();

@@ -158,13 +158,25 @@ impl Server {
         running.shutdown(grace).await;
     }
 
-    /// Starts a remote membership source (MongoDB) from `nodes`, the
-    /// membership an upgraded-from process had, instead of the config's seed
-    /// nodes: if MongoDB is down during the upgrade, the new process keeps
-    /// routing to every node the old one knew, until MongoDB answers. A static
-    /// membership stays as the (possibly new) config says.
-    pub fn start_from_membership(&self, nodes: &[crate::cluster::NodeSpec]) {
+    /// Starts from what an upgraded-from process knew, so that with MongoDB
+    /// down during the upgrade the new process routes as the old one did
+    /// until MongoDB answers: a remote membership source (MongoDB) starts
+    /// from `nodes` instead of the config's seed nodes, and shared state
+    /// (`[state]`) from `drains`. A static membership stays as the (possibly
+    /// new) config says.
+    pub fn start_from(
+        &self,
+        nodes: &[crate::cluster::NodeSpec],
+        drains: &[(String, crate::state::Drain)],
+    ) {
         let config = self.runtime.config();
+        if config.state.is_some() && !drains.is_empty() {
+            info!(
+                drains = drains.len(),
+                "upgrade: starting from the previous process's drains until MongoDB answers"
+            );
+            self.runtime.shared.start_from(drains.to_vec());
+        }
         if config.cluster.source == crate::config::ClusterSource::Static || nodes.is_empty() {
             return;
         }

@@ -390,11 +390,26 @@ async fn failed_upgrade_keeps_the_old_process_and_amslb_upgrade_retries() {
     );
 }
 
+/// The status-page entry of node `id` on the stats listener `stats`.
+async fn status_node(stats: SocketAddr, id: &str) -> serde_json::Value {
+    let doc: serde_json::Value =
+        serde_json::from_str(&get(stats, "/api/v1/status").await.text()).expect("status JSON");
+    doc["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["nodes"].as_array().into_iter().flatten())
+        .find(|n| n["id"] == id)
+        .cloned()
+        .unwrap_or_else(|| panic!("node {id} not on the status page: {doc}"))
+}
+
 /// An upgrade while MongoDB is down: the new process starts from the
-/// membership the old one hands over with its listeners, not from the
-/// config's (here empty) seed list, so every node keeps getting requests.
+/// membership and the drains the old one hands over with its listeners, not
+/// from the config's (here empty) seed list and no drains, so it routes as
+/// the old process did: to the node that is not drained, with both known.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_while_mongodb_is_down_keeps_every_node() {
+async fn an_upgrade_while_mongodb_is_down_keeps_nodes_and_drains() {
     let mut db = Secantus::start(&[]);
     let uri = db.uri(None);
     let [a, b]: [u8; 2] = rand::random();
@@ -409,36 +424,47 @@ async fn an_upgrade_while_mongodb_is_down_keeps_every_node() {
     ];
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("amslb.pid");
-    let http = listener_addr(8080);
+    let (http, stats) = (listener_addr(8080), listener_addr(6080));
     let text = format!(
         "[global]\npid_file = \"{}\"\nhard_stop_after = \"60s\"\nshutdown_grace = \"1s\"\n\
          [health]\nenabled = false\n\
+         [stats]\nbind = \"{stats}\"\nallow = [\"127.0.0.0/8\"]\n\
+         [state]\nuri = \"{uri}\"\ninstance = \"A\"\n\
          [[listener]]\nname = \"http\"\nbind = [\"{http}\"]\nprotocol = \"http\"\ndefault_group = \"origin\"\n\
          [[group]]\nname = \"origin\"\nbalance = \"round-robin\"\n[[group]]\nname = \"edge\"\n{}",
         pid_file.display(),
         cluster_toml(&uri, &cidr(net), "127.0.0.255/32", "")
     );
-    let mut old = Amslb::start(&text, &[http]);
+    let mut old = Amslb::start(&text, &[http, stats]);
     let old_pid = old.pid();
-    let both = || async {
-        let mut seen = std::collections::HashSet::new();
+    let served_by = || async {
+        let mut seen = std::collections::BTreeSet::new();
         for _ in 0..8 {
             let answer = get(http, "/rest/v2/version").await;
             if answer.status == 200 {
                 seen.insert(answer.node());
             }
         }
-        seen.len() == 2
+        seen.into_iter().collect::<Vec<_>>()
     };
-    let start = Instant::now();
-    while !both().await {
-        assert!(
-            start.elapsed() < Duration::from_secs(15),
-            "MongoDB's nodes never served:\n{}",
-            old.log()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let until = async |want: &[&str], what: &str| {
+        let start = Instant::now();
+        while served_by().await != want {
+            assert!(
+                start.elapsed() < Duration::from_secs(15),
+                "{what}:\n{}",
+                old.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    until(&["web1", "web2"], "MongoDB's nodes never served").await;
+    let drain = http::Request::post("/api/v1/nodes/web2/drain")
+        .header("host", "stats")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(support::send(stats, drain).await.status, 200);
+    until(&["web1"], "the drain was not applied").await;
 
     db.kill();
     old.signal("USR2");
@@ -453,17 +479,18 @@ async fn an_upgrade_while_mongodb_is_down_keeps_every_node() {
         "the old process did not exit:\n{}",
         old.log()
     );
-    let mut served = std::collections::HashMap::new();
     for _ in 0..20 {
         let answer = get(http, "/rest/v2/version").await;
         assert_eq!(answer.status, 200, "{}\n{}", answer.text(), old.log());
-        *served.entry(answer.node()).or_insert(0) += 1;
+        assert_eq!(answer.node(), "web1", "the drained node got a request");
     }
-    assert_eq!(served.len(), 2, "the new process lost nodes: {served:?}");
-    assert!(
-        old.log()
-            .contains("starting from the previous process's membership"),
-        "{}",
-        old.log()
-    );
+    let web2 = status_node(stats, "web2").await;
+    assert_eq!(web2["drain"]["instance"], "A", "{web2}");
+    let log = old.log();
+    for line in [
+        "starting from the previous process's membership",
+        "starting from the previous process's drains",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
 }

@@ -55,8 +55,8 @@ const PEER_GONE_AFTER: Duration = Duration::from_secs(6);
 /// Longest wait for one MongoDB operation.
 const OP_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// One node's drain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One node's drain (serialisable so an upgrade can hand it on).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Drain {
     /// Who asked: user and address of the admin request.
     pub by: String,
@@ -237,6 +237,20 @@ impl SharedState {
         }
         self.apply(cluster, now_ms());
         Ok(())
+    }
+
+    /// Every drain this instance knows, by node id (what an upgrade hands on).
+    pub fn known(&self) -> Vec<(String, Drain)> {
+        self.lock()
+            .iter()
+            .map(|(node, drain)| (node.clone(), drain.clone()))
+            .collect()
+    }
+
+    /// Starts from `drains`, the previous process's, until MongoDB answers
+    /// (which replaces them by what it holds).
+    pub fn start_from(&self, drains: Vec<(String, Drain)>) {
+        self.lock().extend(drains);
     }
 
     /// Replaces the known drains by what MongoDB holds, logging each change.

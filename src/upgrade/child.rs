@@ -6,6 +6,7 @@ use super::{SOCKET_ENV, blocking};
 use crate::cluster::NodeSpec;
 use crate::l4::udp::MovedSession;
 use crate::server::Running;
+use crate::state::Drain;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
@@ -16,12 +17,18 @@ use tracing::{info, warn};
 /// Longest wait for one message from the old process.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What the new process receives besides the sockets: the channel, and the
+/// old process's membership and drains.
+type Handed = (Channel, Vec<NodeSpec>, Vec<(String, Drain)>);
+
 /// A process started by an upgrade, connected to the one it replaces.
 #[derive(Debug)]
 pub struct Takeover {
     channel: Arc<Channel>,
     /// The old process's membership when it handed over.
     membership: Vec<NodeSpec>,
+    /// The old process's drains when it handed over.
+    drains: Vec<(String, Drain)>,
 }
 
 impl Takeover {
@@ -32,7 +39,7 @@ impl Takeover {
         let Some(path) = std::env::var_os(SOCKET_ENV) else {
             return Ok(None);
         };
-        let (channel, membership) = blocking(move || -> io::Result<(Channel, Vec<NodeSpec>)> {
+        let (channel, membership, drains) = blocking(move || -> io::Result<Handed> {
             let channel = Channel::new(UnixStream::connect(&path)?, STEP_TIMEOUT)?;
             channel.send(
                 &Message::Hello {
@@ -41,13 +48,20 @@ impl Takeover {
                 &[],
             )?;
             let mut count = 0;
-            let membership = loop {
+            let (membership, drains) = loop {
                 match channel.recv()? {
-                    (Message::Listeners { more, membership }, fds) => {
+                    (
+                        Message::Listeners {
+                            more,
+                            membership,
+                            drains,
+                        },
+                        fds,
+                    ) => {
                         count += fds.len();
                         crate::listener::inherit(fds);
                         if !more {
-                            break membership;
+                            break (membership, drains);
                         }
                     }
                     (other, _) => return Err(unexpected(&other)),
@@ -56,14 +70,16 @@ impl Takeover {
             info!(
                 sockets = count,
                 nodes = membership.len(),
+                drains = drains.len(),
                 "upgrade: listening sockets and membership received from the previous process"
             );
-            Ok((channel, membership))
+            Ok((channel, membership, drains))
         })
         .await?;
         Ok(Some(Self {
             channel: Arc::new(channel),
             membership,
+            drains,
         }))
     }
 
@@ -71,6 +87,12 @@ impl Takeover {
     /// membership source starts from until it first answers.
     pub fn membership(&self) -> &[NodeSpec] {
         &self.membership
+    }
+
+    /// The old process's drains when it handed over: what shared state
+    /// starts from until MongoDB answers.
+    pub fn drains(&self) -> &[(String, Drain)] {
+        &self.drains
     }
 
     /// Tells the old process this one is ready (every listener bound, TCP

@@ -165,9 +165,11 @@ async fn converse(
         .nodes()
         .map(|node| node.spec().clone())
         .collect();
+    let drains = running.runtime.shared.known();
     send_batches(&channel, sockets, |_, more| Message::Listeners {
         more,
         membership: if more { Vec::new() } else { membership.clone() },
+        drains: if more { Vec::new() } else { drains.clone() },
     })
     .await
     .map_err(step("sending the listening sockets"))?;

@@ -39,6 +39,10 @@ pub enum Message {
         /// (absent from older senders).
         #[serde(default)]
         membership: Vec<crate::cluster::NodeSpec>,
+        /// On the last batch: the old process's drains by node id, for the
+        /// same reason.
+        #[serde(default)]
+        drains: Vec<(String, crate::state::Drain)>,
     },
     /// New → old: config checked, every listener bound, TCP accepting.
     Ready,
@@ -204,6 +208,7 @@ mod tests {
             &Message::Listeners {
                 more: false,
                 membership: Vec::new(),
+                drains: Vec::new(),
             },
             &[fd],
         )
