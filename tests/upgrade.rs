@@ -493,4 +493,40 @@ async fn an_upgrade_while_mongodb_is_down_keeps_nodes_and_drains() {
     ] {
         assert!(log.contains(line), "no {line:?} in:\n{log}");
     }
+    // The outage is exported by the new process, and ends when MongoDB is back.
+    let up = async || {
+        let text = get(stats, "/metrics").await.text();
+        let value = |name: &str| {
+            text.lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.rsplit(' ').next())
+                .map(str::to_string)
+        };
+        (
+            value("amslb_membership_source_up{source=\"mongodb\"}"),
+            value("amslb_shared_state_up"),
+        )
+    };
+    let start = Instant::now();
+    while up().await != (Some("0".into()), Some("0".into())) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "outage not exported: {:?}",
+            up().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    db.restart(&[]);
+    let start = Instant::now();
+    while up().await != (Some("1".into()), Some("1".into())) {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "state did not resume: {:?}\n{}",
+            up().await,
+            old.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // From MongoDB again: the drain it holds still applies.
+    assert_eq!(status_node(stats, "web2").await["drain"]["instance"], "A");
 }
