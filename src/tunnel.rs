@@ -340,7 +340,19 @@ where
     };
     let client = client_read.unsplit(client_write);
     let node = node_read.unsplit(node_write);
-    let end = match end {
+    let end = ended(end, &client, &node);
+    drop((client, node));
+    Relayed {
+        to_node: to_node.load(Ordering::Relaxed),
+        to_client: to_client.load(Ordering::Relaxed),
+        end,
+    }
+}
+
+/// How a tunnel ended; when a side failed, the other is set to reset on
+/// close (both relays pass an error on this way).
+fn ended(end: Result<TunnelEnd, Side>, client: &impl Reset, node: &impl Reset) -> TunnelEnd {
+    match end {
         Ok(end) => end,
         Err(failed) => {
             match failed {
@@ -349,12 +361,6 @@ where
             }
             TunnelEnd::Error
         }
-    };
-    drop((client, node));
-    Relayed {
-        to_node: to_node.load(Ordering::Relaxed),
-        to_client: to_client.load(Ordering::Relaxed),
-        end,
     }
 }
 

@@ -9,7 +9,7 @@
 //! reads nothing more meanwhile). An idle tunnel holds its two sockets, a
 //! timer and nothing else.
 
-use super::{Relayed, Reset, Side, TunnelEnd};
+use super::{Failed, Relayed, Side, TunnelEnd};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::future::Future;
@@ -41,12 +41,6 @@ struct Flow {
     moved: u64,
 }
 
-/// Why a step of a direction failed.
-enum Fault {
-    Read,
-    Write,
-}
-
 impl Flow {
     /// A direction whose source already sent `prefix`.
     fn with_prefix(prefix: Bytes) -> Self {
@@ -69,7 +63,7 @@ impl Flow {
 
     /// Reads what `from` has and writes it to `to`, keeping what `to` cannot
     /// take now. `Ok(true)` when bytes moved.
-    fn read(&mut self, from: &TcpStream, to: &TcpStream) -> Result<bool, Fault> {
+    fn read(&mut self, from: &TcpStream, to: &TcpStream) -> Result<bool, Failed> {
         SCRATCH_BUFFER.with_borrow_mut(|buf| match from.try_read(buf) {
             Ok(0) => {
                 self.eof = true;
@@ -79,7 +73,7 @@ impl Flow {
                 let sent = match to.try_write(&buf[..n]) {
                     Ok(sent) => sent,
                     Err(e) if e.kind() == ErrorKind::WouldBlock => 0,
-                    Err(_) => return Err(Fault::Write),
+                    Err(_) => return Err(Failed::Write),
                 };
                 self.pending.extend_from_slice(&buf[sent..n]);
                 self.moved += n as u64;
@@ -87,12 +81,12 @@ impl Flow {
             }
             // Readiness was stale: wait again.
             Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
-            Err(_) => Err(Fault::Read),
+            Err(_) => Err(Failed::Read),
         })
     }
 
     /// Writes what is held to `to`; frees the copy once it is all out.
-    fn flush(&mut self, to: &TcpStream) -> Result<bool, Fault> {
+    fn flush(&mut self, to: &TcpStream) -> Result<bool, Failed> {
         match to.try_write(&self.pending) {
             Ok(sent) => {
                 self.pending.drain(..sent);
@@ -102,17 +96,17 @@ impl Flow {
                 Ok(sent > 0)
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => Ok(false),
-            Err(_) => Err(Fault::Write),
+            Err(_) => Err(Failed::Write),
         }
     }
 
     /// Passes the source's EOF on as a half-close once all is written.
-    fn pass_eof(&mut self, to: &TcpStream) -> Result<(), Fault> {
+    fn pass_eof(&mut self, to: &TcpStream) -> Result<(), Failed> {
         if self.eof && !self.done && self.pending.is_empty() {
             self.done = true;
             match socket2::SockRef::from(to).shutdown(Shutdown::Write) {
                 // The destination closed already: nothing left to tell it.
-                Err(e) if e.kind() != ErrorKind::NotConnected => return Err(Fault::Write),
+                Err(e) if e.kind() != ErrorKind::NotConnected => return Err(Failed::Write),
                 _ => {}
             }
         }
@@ -138,68 +132,54 @@ pub async fn relay(
         if up.done && down.done {
             break Ok(TunnelEnd::Closed);
         }
-        let step: Result<bool, (Fault, Side, Side)> = tokio::select! {
-            ready = client.readable(), if up.wants_read() => step(ready, Fault::Read, || up.read(&client, &node), Side::Client, Side::Node),
-            ready = node.writable(), if up.wants_write() => step(ready, Fault::Write, || up.flush(&node), Side::Client, Side::Node),
-            ready = node.readable(), if down.wants_read() => step(ready, Fault::Read, || down.read(&node, &client), Side::Node, Side::Client),
-            ready = client.writable(), if down.wants_write() => step(ready, Fault::Write, || down.flush(&client), Side::Node, Side::Client),
+        let step: Result<bool, Side> = tokio::select! {
+            ready = client.readable(), if up.wants_read() => step(ready, Failed::Read, || up.read(&client, &node), Side::Client, Side::Node),
+            ready = node.writable(), if up.wants_write() => step(ready, Failed::Write, || up.flush(&node), Side::Client, Side::Node),
+            ready = node.readable(), if down.wants_read() => step(ready, Failed::Read, || down.read(&node, &client), Side::Node, Side::Client),
+            ready = client.writable(), if down.wants_write() => step(ready, Failed::Write, || down.flush(&client), Side::Node, Side::Client),
             () = &mut timer => break Ok(TunnelEnd::Idle),
             () = &mut stop => break Ok(TunnelEnd::Shutdown),
         };
         let step = step.and_then(|moved| {
             up.pass_eof(&node)
-                .map_err(|f| (f, Side::Client, Side::Node))?;
+                .map_err(|f| f.side(Side::Client, Side::Node))?;
             down.pass_eof(&client)
-                .map_err(|f| (f, Side::Node, Side::Client))?;
+                .map_err(|f| f.side(Side::Node, Side::Client))?;
             Ok(moved)
         });
         match step {
             Ok(true) => timer.as_mut().reset(Instant::now() + idle),
             Ok(false) => {}
-            Err((fault, from, to)) => {
-                break Err(match fault {
-                    Fault::Read => from,
-                    Fault::Write => to,
-                });
-            }
-        }
-    };
-    let end = match end {
-        Ok(end) => end,
-        Err(failed) => {
-            match failed {
-                Side::Client => node.reset_on_close(),
-                Side::Node => client.reset_on_close(),
-            }
-            TunnelEnd::Error
+            Err(failed) => break Err(failed),
         }
     };
     Relayed {
         to_node: up.moved,
         to_client: down.moved,
-        end,
+        end: super::ended(end, &client, &node),
     }
 }
 
-/// One step of a direction once its socket is ready (`unready`: the fault if
-/// waiting failed; `from` and `to`: the direction's source and destination,
+/// One step of a direction once its socket is ready (`unready`: the failure
+/// if waiting failed; `from` and `to`: the direction's source and destination,
 /// to name the side that failed).
 fn step(
     ready: io::Result<()>,
-    unready: Fault,
-    act: impl FnOnce() -> Result<bool, Fault>,
+    unready: Failed,
+    act: impl FnOnce() -> Result<bool, Failed>,
     from: Side,
     to: Side,
-) -> Result<bool, (Fault, Side, Side)> {
+) -> Result<bool, Side> {
     ready
         .map_err(|_| unready)
         .and_then(|()| act())
-        .map_err(|fault| (fault, from, to))
+        .map_err(|failed| failed.side(from, to))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tunnel::Reset;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
