@@ -39,7 +39,7 @@ use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
 use crate::streaming::select::Wanted;
 use crate::streaming::{assign, sniff};
-use crate::transport::{self, ConnectError, Lent, Pools, Sender};
+use crate::transport::{self, ConnectError, Lent, Pool, Pools, Sender};
 use crate::tunnel;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -534,7 +534,7 @@ pub(crate) async fn forward(
             ctx.metrics.redispatch();
         }
         let Connected {
-            conn: (mut sender, reused),
+            conn: (mut sender, reused, pool),
             lease,
         } = connected
             .inspect_err(|_| ctx.metrics.no_node(&wanted.group))
@@ -560,7 +560,7 @@ pub(crate) async fn forward(
             }
             Ok(Ok(response)) => {
                 health.report_status(&node, response.status().as_u16());
-                let lent = ctx.runtime.pools.of(&node).lend(sender);
+                let lent = pool.lend(sender);
                 return Ok((response, lease, lent));
             }
             Ok(Err(mut failed)) => match (failed.take_message(), replay) {
@@ -610,21 +610,21 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     copy
 }
 
-/// A connection to `node`, and whether it is a reused keep-alive one.
+/// A connection to `node`, whether it is a reused keep-alive one, and the
+/// pool it goes back to (looked up once per request).
 async fn checkout(
     pools: &Pools,
     node: &Node,
     tls: &NodeTlsSet,
     connect_timeout: Duration,
-) -> Result<(Sender, bool), ConnectError> {
-    match pools.of(node).take() {
-        Some(sender) => Ok((sender, true)),
+) -> Result<(Sender, bool, Arc<Pool>), ConnectError> {
+    let pool = pools.of(node);
+    match pool.take() {
+        Some(sender) => Ok((sender, true, pool)),
         None => {
             let (addr, tls) = tls.http(node);
-            Ok((
-                transport::connect(addr, tls.map(|t| &**t), connect_timeout).await?,
-                false,
-            ))
+            let sender = transport::connect(addr, tls.map(|t| &**t), connect_timeout).await?;
+            Ok((sender, false, pool))
         }
     }
 }
