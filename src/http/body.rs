@@ -101,15 +101,7 @@ pub fn local_response(status: StatusCode, text: &str) -> Response<ResponseBody> 
 /// A response with `body` as plain text, not cacheable: every answer amslb
 /// writes itself (errors, refusals, rule answers) goes out this way.
 pub fn plain_text(status: StatusCode, body: String) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(body))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    response
+    uncached(status, body, "text/plain; charset=utf-8")
 }
 
 /// A JSON answer of amslb's API on a proxy listener. Never cached (it changes
@@ -117,20 +109,25 @@ pub fn plain_text(status: StatusCode, body: String) -> Response<ResponseBody> {
 /// are served from elsewhere than the balancer and the answer holds nothing a
 /// page of another origin must not read.
 pub fn api_json(status: StatusCode, body: &serde_json::Value) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(
-        body.to_string(),
-    ))));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
+    let mut response = uncached(status, body.to_string(), "application/json");
+    response.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,
         HeaderValue::from_static("*"),
     );
+    response
+}
+
+/// An answer amslb wrote itself: `body` as `content_type`, never cached.
+fn uncached(
+    status: StatusCode,
+    body: String,
+    content_type: &'static str,
+) -> Response<ResponseBody> {
+    let mut response = Response::new(ResponseBody::Local(Full::new(Bytes::from(body))));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     response
 }
 
