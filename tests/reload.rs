@@ -197,14 +197,7 @@ async fn reload(stats: SocketAddr) -> serde_json::Value {
 
 /// The status-page entry of node `id`.
 fn node_entry(doc: &serde_json::Value, id: &str) -> serde_json::Value {
-    doc["groups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|g| g["nodes"].as_array().unwrap().iter())
-        .find(|n| n["id"] == id)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
+    status_node_entry(doc, id).unwrap_or(serde_json::Value::Null)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -73,13 +73,7 @@ impl Instance {
     async fn status_node(&self, id: &str) -> Value {
         let answer = http("GET", &format!("http://{}/api/v1/status", self.stats), None).await;
         let doc: Value = serde_json::from_str(&answer.body).unwrap();
-        doc["groups"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|g| g["nodes"].as_array().unwrap().iter())
-            .find(|n| n["id"] == id)
-            .cloned()
+        support::status_node_entry(&doc, id)
             .unwrap_or_else(|| panic!("node {id} not on the status page: {doc}"))
     }
 

@@ -394,13 +394,7 @@ async fn failed_upgrade_keeps_the_old_process_and_amslb_upgrade_retries() {
 async fn status_node(stats: SocketAddr, id: &str) -> serde_json::Value {
     let doc: serde_json::Value =
         serde_json::from_str(&get(stats, "/api/v1/status").await.text()).expect("status JSON");
-    doc["groups"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .flat_map(|g| g["nodes"].as_array().into_iter().flatten())
-        .find(|n| n["id"] == id)
-        .cloned()
+    support::status_node_entry(&doc, id)
         .unwrap_or_else(|| panic!("node {id} not on the status page: {doc}"))
 }
 

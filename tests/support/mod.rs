@@ -115,6 +115,22 @@ pub async fn sim_node_in(net: [u8; 3], host: u8, id: &str) -> SimNode {
     SimNode::start(id, addr).await.unwrap()
 }
 
+/// Node `id`'s entry in an `/api/v1/status` document, if the document lists it.
+pub fn status_node_entry(doc: &serde_json::Value, id: &str) -> Option<serde_json::Value> {
+    doc["groups"]
+        .as_array()
+        .expect("the status document lists groups")
+        .iter()
+        .flat_map(|g| {
+            g["nodes"]
+                .as_array()
+                .expect("each group lists nodes")
+                .iter()
+        })
+        .find(|n| n["id"] == id)
+        .cloned()
+}
+
 /// A fresh loopback address with the given port, for an amslb listener.
 pub fn listener_addr(port: u16) -> SocketAddr {
     SocketAddr::new(unique_loopback(), port)
