@@ -33,6 +33,13 @@ fn subnets() -> ([u8; 3], [u8; 3]) {
     ([127, a, b], [127, a, b.wrapping_add(1)])
 }
 
+/// `session_idle` of the SRT listener. Each SRT probe binds a new client
+/// socket, and the kernel may hand it the port of an earlier probe whose
+/// session amslb still holds: that datagram rightly belongs to the old
+/// session and its node. A short idle time lets the test wait until every
+/// session opened before a change has ended.
+const SRT_IDLE_SECS: u64 = 1;
+
 /// The RTMP (`tcp`) and SRT (`udp`) listeners of a config, and the group they
 /// send sessions to.
 struct L4<'a> {
@@ -50,7 +57,8 @@ fn config(play: SocketAddr, stats: SocketAddr, l4: Option<&L4>, tail: &str) -> S
         Some(l4) => (
             format!(
                 "[[listener]]\nname = \"rtmp\"\nbind = [\"{}\"]\nprotocol = \"tcp\"\ndefault_group = \"{}\"\n\n\
-                 [[listener]]\nname = \"srt\"\nbind = [\"{}\"]\nprotocol = \"udp\"\ndefault_group = \"{}\"\n",
+                 [[listener]]\nname = \"srt\"\nbind = [\"{}\"]\nprotocol = \"udp\"\ndefault_group = \"{}\"\n\
+                 session_idle = \"{SRT_IDLE_SECS}s\"\n",
                 l4.rtmp, l4.group, l4.srt, l4.group
             ),
             if l4.origin_backup {
@@ -406,6 +414,8 @@ async fn reload_applies_health_sticky_and_membership_source_under_load() {
         },
     )
     .await;
+    // Sessions opened while the origin was still up have ended by now.
+    tokio::time::sleep(Duration::from_millis(SRT_IDLE_SECS * 1000 + 500)).await;
     for _ in 0..6 {
         let (a, b) = l4_nodes(rtmp, srt).await;
         assert!(["edge-1", "edge-3"].contains(&a.as_str()), "RTMP on {a}");
