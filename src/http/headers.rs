@@ -1,8 +1,13 @@
 //! Request and response header rewriting: hop-by-hop headers, X-Forwarded-*,
 //! Forwarded and Via.
 
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use std::net::SocketAddr;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Headers that describe one hop and must not be forwarded (RFC 9110 §7.6.1),
 /// besides those named in `Connection`.
@@ -20,15 +25,28 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// `Connection: upgrade` and `Upgrade` pair is kept so the node sees the upgrade.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers listed in Connection are hop-by-hop too (e.g. "Connection: close, x-foo").
-    let listed: Vec<HeaderName> = headers
+    // Only a listed header that is present and not already in HOP_BY_HOP
+    // needs a name of its own, so the usual "keep-alive" or "close" costs
+    // no allocation.
+    let mut listed: Vec<HeaderName> = Vec::new();
+    let tokens = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim);
+    for token in tokens {
+        let known = HOP_BY_HOP
+            .iter()
+            .any(|h| token.eq_ignore_ascii_case(h.as_str()));
         // `Connection: host` would leave the node without a Host to route on.
-        .filter(|name| *name != header::HOST)
-        .collect();
+        if known || token.eq_ignore_ascii_case("host") || !headers.contains_key(token) {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            listed.push(name);
+        }
+    }
     let upgrade = keep_upgrade
         .then(|| headers.get(header::UPGRADE).cloned())
         .flatten();
@@ -62,27 +80,27 @@ pub struct ForwardOptions {
 /// Adds X-Forwarded-For (appending to what a previous proxy set),
 /// X-Forwarded-Proto, X-Forwarded-Host, and optionally Forwarded and Via.
 pub fn add_forwarding(headers: &mut HeaderMap, client: ClientInfo, options: ForwardOptions) {
-    let ip = client.addr.ip().to_string();
-    let xff = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let ip = client.addr.ip();
+    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
-        _ => ip.clone(),
+        _ => ip.to_string(),
     };
-    // An address and a string built from header text that was valid stay valid.
-    if let Ok(value) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", value);
+    // An address and a string built from header text that was valid stay
+    // valid; the value takes the string's buffer instead of a copy.
+    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+        headers.insert(X_FORWARDED_FOR, value);
     }
     let proto = if client.tls { "https" } else { "http" };
-    headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert("x-forwarded-host", host);
+        headers.insert(X_FORWARDED_HOST, host);
     }
     if options.forwarded {
-        let node = if client.addr.is_ipv6() {
-            format!("\"[{ip}]\"")
+        let mut value = if ip.is_ipv6() {
+            format!("for=\"[{ip}]\";proto={proto}")
         } else {
-            ip
+            format!("for={ip};proto={proto}")
         };
-        let mut value = format!("for={node};proto={proto}");
         if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
             value.push_str(";host=\"");
             value.push_str(host);

@@ -514,6 +514,10 @@ pub(crate) async fn forward(
     let upload = Upload::new(request.body());
     let client_timeout = config.timeouts.client;
     let mut request = request.map(|body| {
+        if body.is_end_stream() {
+            // Nothing to stream or watch (and no box to allocate).
+            return UpstreamBody::Empty;
+        }
         UpstreamBody::Client(UnsyncBoxBody::new(ClientBody::new(
             body,
             upload.clone(),

@@ -72,8 +72,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The body amslb sends to a node: the client's, streamed (boxed, so the
 /// HTTP layer can wrap it with its own fault tracking without this layer
-/// knowing the wrapper), or none at all when a bodiless request is sent
-/// again after a reused connection died.
+/// knowing the wrapper), or none at all: a request without a body, or a
+/// bodiless request sent again after a reused connection died.
 #[derive(Debug)]
 pub enum UpstreamBody {
     /// The client's request body, passed through as it arrives.
