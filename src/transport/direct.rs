@@ -33,7 +33,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::io::{AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
 
@@ -105,19 +105,17 @@ impl DirectConn {
         })
     }
 
-    /// Whether the node has not closed (or written to) the idle connection:
-    /// a look at the socket that never blocks and consumes nothing.
-    pub fn looks_open(&self) -> bool {
-        let tcp = match &self.io {
-            Either::Left(tcp) => tcp,
-            Either::Right(tls) => tls.get_ref().0,
-        };
+    /// Whether the node has neither closed the idle connection nor sent
+    /// anything on it: one read that never blocks (TLS records that carry no
+    /// data, such as session tickets, are taken in; any byte of data, an end
+    /// of stream or an error means the connection is not reusable).
+    pub fn looks_open(&mut self) -> bool {
         let mut byte = [0u8; 1];
-        let mut peeked = ReadBuf::new(&mut byte);
+        let mut probe = ReadBuf::new(&mut byte);
         let mut cx = Context::from_waker(Waker::noop());
-        // Pending: nothing to read, the connection is idle and open. EOF, a
-        // stray byte (a TLS close_notify, say) or an error: not reusable.
-        tcp.poll_peek(&mut cx, &mut peeked).is_pending()
+        Pin::new(&mut self.io)
+            .poll_read(&mut cx, &mut probe)
+            .is_pending()
     }
 
     /// Sends `request` (which has no body) and reads the response head; the
@@ -291,7 +289,8 @@ fn parse_head(read: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>,
             headers.append(name, value);
         }
         let framing = framing(status, head_request, &headers).map_err(bad)?;
-        let keep_alive = keep_alive(version, &headers);
+        // After a 101 the connection speaks another protocol: never reused.
+        let keep_alive = status != StatusCode::SWITCHING_PROTOCOLS && keep_alive(version, &headers);
         let mut response = Response::new(());
         *response.status_mut() = status;
         *response.version_mut() = version;
@@ -826,6 +825,27 @@ mod tests {
         assert!(
             pool.take_direct().is_none(),
             "a connection with a stray answer was kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_switched_protocols_is_not_reused() {
+        let (addr, node) = scripted_node(vec![vec![
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        ]])
+        .await;
+        let pool = Arc::new(Pool::default());
+        let response = open(addr)
+            .await
+            .send(&get("/"), pool.clone())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
+        assert!(response.body().is_end_stream());
+        let (_, _open) = node.await.unwrap();
+        assert!(
+            pool.take_direct().is_none(),
+            "a switched connection was pooled"
         );
     }
 

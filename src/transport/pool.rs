@@ -72,7 +72,7 @@ pub enum ConnectError {
 impl Pool {
     /// An idle hyper connection of this thread that still looks open, if there is one.
     pub fn take(&self) -> Option<Sender> {
-        take_idle(&self.idle, SendRequest::is_ready)
+        take_idle(&self.idle, |sender| sender.is_ready())
     }
 
     /// An idle direct connection of this thread that still looks open, if
@@ -106,7 +106,7 @@ impl Pool {
 /// [`MAX_IDLE_AGE`] and rejected ones are dropped.
 fn take_idle<C: Send>(
     list: &ThreadLocal<RefCell<Vec<Idle<C>>>>,
-    usable: impl Fn(&C) -> bool,
+    mut usable: impl FnMut(&mut C) -> bool,
 ) -> Option<C> {
     let now = Instant::now();
     let mut idle = list.get_or_default().borrow_mut();
@@ -117,8 +117,8 @@ fn take_idle<C: Send>(
         .take_while(|i| now.duration_since(i.since) >= MAX_IDLE_AGE)
         .count();
     idle.drain(..expired);
-    while let Some(candidate) = idle.pop() {
-        if usable(&candidate.conn) {
+    while let Some(mut candidate) = idle.pop() {
+        if usable(&mut candidate.conn) {
             return Some(candidate.conn);
         }
     }
