@@ -15,6 +15,7 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io::{self, ErrorKind};
 use std::net::Shutdown;
+use std::task::Poll;
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -124,6 +125,7 @@ pub async fn relay(
     idle: Duration,
     stop: impl Future<Output = ()>,
 ) -> Relayed {
+    adopt(&client, &node).await;
     let mut up = Flow::with_prefix(client_prefix);
     let mut down = Flow::with_prefix(node_prefix);
     let timer = tokio::time::sleep(idle);
@@ -158,6 +160,27 @@ pub async fn relay(
         to_client: down.moved,
         end: super::ended(end, &client, &node),
     }
+}
+
+/// Makes this task the one that `client`'s and `node`'s readiness wakes,
+/// dropping the wakers their earlier owners left behind. Those were hyper's
+/// connection tasks, which ended with the upgrade; but a task's allocation
+/// (its whole future, ~10 KiB for a client connection) stays until its last
+/// waker is dropped, and a socket keeps the waker of the last `poll_*_ready`
+/// until readiness comes, which for an idle tunnel is never: that was most of
+/// an idle tunnel's memory. The `readable()` and `writable()` waits below
+/// queue separately and would not replace them. (A socket that is ready now
+/// holds no waker: the event that made it ready woke and dropped it.)
+async fn adopt(client: &TcpStream, node: &TcpStream) {
+    std::future::poll_fn(|cx| {
+        for socket in [client, node] {
+            // Only the registration matters here, not the readiness.
+            let _ = socket.poll_read_ready(cx);
+            let _ = socket.poll_write_ready(cx);
+        }
+        Poll::Ready(())
+    })
+    .await;
 }
 
 /// One step of a direction once its socket is ready (`unready`: the failure
@@ -253,6 +276,41 @@ mod tests {
         drop(node);
         drop(writer.await.unwrap());
         assert_eq!(tunnel.await.unwrap().to_node, data.len() as u64 + 4);
+    }
+
+    /// A waker that only lets its copies be counted.
+    struct Counted;
+
+    impl std::task::Wake for Counted {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+
+    #[tokio::test]
+    async fn the_tunnel_drops_the_wakers_the_sockets_earlier_owners_left() {
+        let (_client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        // An earlier owner (hyper's connection task) read the idle sockets
+        // dry and waited for more, leaving its waker with each of them.
+        let earlier = std::sync::Arc::new(Counted);
+        let waker = std::task::Waker::from(earlier.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        for socket in [&client_end, &node_end] {
+            let read = socket.try_read(&mut [0u8; 16]).map_err(|e| e.kind());
+            assert_eq!(read, Err(ErrorKind::WouldBlock));
+            assert!(socket.poll_read_ready(&mut cx).is_pending());
+        }
+        drop(waker);
+        assert_eq!(std::sync::Arc::strong_count(&earlier), 3);
+        let tunnel = start(client_end, node_end, Duration::from_secs(10));
+        // The prefix arriving means the tunnel has run.
+        let mut prefix = [0u8; 4];
+        node.read_exact(&mut prefix).await.unwrap();
+        assert_eq!(
+            std::sync::Arc::strong_count(&earlier),
+            1,
+            "the idle tunnel's sockets still hold the earlier owner's waker"
+        );
+        tunnel.abort();
     }
 
     #[tokio::test]
