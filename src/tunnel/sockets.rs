@@ -2,20 +2,30 @@
 //!
 //! Most tunnels are idle WebSocket signalling: thousands may be open with
 //! nothing moving. [`super::relay`] keeps a read buffer per direction and a
-//! task per direction's future for each of them; here one future waits for
-//! either socket to become readable, reads through one scratch buffer per
-//! thread and writes straight on. Only bytes the other side cannot take at
-//! once are copied out and kept until it can (backpressure: that direction
-//! reads nothing more meanwhile). An idle tunnel holds its two sockets, a
-//! timer and nothing else.
+//! task per direction's future for each of them; here one poll asks each
+//! socket for readiness, reads through one scratch buffer per thread and
+//! writes straight on. Only bytes the other side cannot take at once are
+//! copied out and kept until it can (backpressure: that direction reads
+//! nothing more meanwhile). An idle tunnel holds its two sockets, a timer
+//! and nothing else.
+//!
+//! The waits are the sockets' own `poll_read_ready`/`poll_write_ready`, which
+//! keep one waker per socket and direction: polling them makes this task the
+//! one woken and drops the waker the sockets' earlier owner left there
+//! (hyper's connection task, ended by the upgrade). A task's allocation (its
+//! whole future, ~10 KiB for a client connection) stays until its last waker
+//! is dropped, and on an idle socket nothing else would drop it: with
+//! `readable()` waits, which queue apart from those wakers, that was most of
+//! an idle tunnel's memory.
 
 use super::{Failed, Relayed, Side, TunnelEnd};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::net::Shutdown;
-use std::task::Poll;
+use std::pin::pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -25,7 +35,7 @@ const SCRATCH: usize = super::BUFFER;
 
 thread_local! {
     /// The read buffer every readiness-driven tunnel of this thread shares:
-    /// it is only used between two awaits, never held across one.
+    /// it is only used within one poll, never held across one.
     static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
 
@@ -52,14 +62,30 @@ impl Flow {
         }
     }
 
-    /// Waiting for the source: nothing is held for the destination.
-    fn wants_read(&self) -> bool {
-        !self.eof && self.pending.is_empty()
-    }
-
-    /// Waiting for the destination to take what is held.
-    fn wants_write(&self) -> bool {
-        !self.pending.is_empty()
+    /// One step from `from` to `to`: writes what is held once `to` can take
+    /// it, else reads once `from` has something. `Ready(moved)` when it
+    /// acted (moved: bytes went through), `Pending` when it waits (the
+    /// socket it waits for wakes the task) or is done.
+    fn step(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+    ) -> Result<Poll<bool>, Failed> {
+        self.pass_eof(to)?;
+        let (ready, failed) = if !self.pending.is_empty() {
+            (to.poll_write_ready(cx), Failed::Write)
+        } else if !self.eof {
+            (from.poll_read_ready(cx), Failed::Read)
+        } else {
+            return Ok(Poll::Pending);
+        };
+        match ready {
+            Poll::Pending => Ok(Poll::Pending),
+            Poll::Ready(Err(_)) => Err(failed),
+            Poll::Ready(Ok(())) if failed == Failed::Write => self.flush(to).map(Poll::Ready),
+            Poll::Ready(Ok(())) => self.read(from, to).map(Poll::Ready),
+        }
     }
 
     /// Reads what `from` has and writes it to `to`, keeping what `to` cannot
@@ -125,78 +151,48 @@ pub async fn relay(
     idle: Duration,
     stop: impl Future<Output = ()>,
 ) -> Relayed {
-    adopt(&client, &node).await;
     let mut up = Flow::with_prefix(client_prefix);
     let mut down = Flow::with_prefix(node_prefix);
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer, stop);
-    let end = loop {
-        if up.done && down.done {
-            break Ok(TunnelEnd::Closed);
-        }
-        let step: Result<bool, Side> = tokio::select! {
-            ready = client.readable(), if up.wants_read() => step(ready, Failed::Read, || up.read(&client, &node), Side::Client, Side::Node),
-            ready = node.writable(), if up.wants_write() => step(ready, Failed::Write, || up.flush(&node), Side::Client, Side::Node),
-            ready = node.readable(), if down.wants_read() => step(ready, Failed::Read, || down.read(&node, &client), Side::Node, Side::Client),
-            ready = client.writable(), if down.wants_write() => step(ready, Failed::Write, || down.flush(&client), Side::Node, Side::Client),
-            () = &mut timer => break Ok(TunnelEnd::Idle),
-            () = &mut stop => break Ok(TunnelEnd::Shutdown),
-        };
-        let step = step.and_then(|moved| {
-            up.pass_eof(&node)
+    let mut timer = pin!(tokio::time::sleep(idle));
+    let mut stop = pin!(stop);
+    let end = std::future::poll_fn(|cx| {
+        let mut moved = false;
+        // One step of each direction in turn, so a busy one cannot starve
+        // the other, until both wait (or are done).
+        loop {
+            let to_node = up
+                .step(cx, &client, &node)
                 .map_err(|f| f.side(Side::Client, Side::Node))?;
-            down.pass_eof(&client)
+            let to_client = down
+                .step(cx, &node, &client)
                 .map_err(|f| f.side(Side::Node, Side::Client))?;
-            Ok(moved)
-        });
-        match step {
-            Ok(true) => timer.as_mut().reset(Instant::now() + idle),
-            Ok(false) => {}
-            Err(failed) => break Err(failed),
+            match (to_node, to_client) {
+                (Poll::Pending, Poll::Pending) => break,
+                (to_node, to_client) => {
+                    moved |= to_node == Poll::Ready(true) || to_client == Poll::Ready(true);
+                }
+            }
         }
-    };
+        if up.done && down.done {
+            return Poll::Ready(Ok(TunnelEnd::Closed));
+        }
+        if moved {
+            timer.as_mut().reset(Instant::now() + idle);
+        }
+        if timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(TunnelEnd::Idle));
+        }
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(TunnelEnd::Shutdown));
+        }
+        Poll::Pending
+    })
+    .await;
     Relayed {
         to_node: up.moved,
         to_client: down.moved,
         end: super::ended(end, &client, &node),
     }
-}
-
-/// Makes this task the one that `client`'s and `node`'s readiness wakes,
-/// dropping the wakers their earlier owners left behind. Those were hyper's
-/// connection tasks, which ended with the upgrade; but a task's allocation
-/// (its whole future, ~10 KiB for a client connection) stays until its last
-/// waker is dropped, and a socket keeps the waker of the last `poll_*_ready`
-/// until readiness comes, which for an idle tunnel is never: that was most of
-/// an idle tunnel's memory. The `readable()` and `writable()` waits below
-/// queue separately and would not replace them. (A socket that is ready now
-/// holds no waker: the event that made it ready woke and dropped it.)
-async fn adopt(client: &TcpStream, node: &TcpStream) {
-    std::future::poll_fn(|cx| {
-        for socket in [client, node] {
-            // Only the registration matters here, not the readiness.
-            let _ = socket.poll_read_ready(cx);
-            let _ = socket.poll_write_ready(cx);
-        }
-        Poll::Ready(())
-    })
-    .await;
-}
-
-/// One step of a direction once its socket is ready (`unready`: the failure
-/// if waiting failed; `from` and `to`: the direction's source and destination,
-/// to name the side that failed).
-fn step(
-    ready: io::Result<()>,
-    unready: Failed,
-    act: impl FnOnce() -> Result<bool, Failed>,
-    from: Side,
-    to: Side,
-) -> Result<bool, Side> {
-    ready
-        .map_err(|_| unready)
-        .and_then(|()| act())
-        .map_err(|failed| failed.side(from, to))
 }
 
 #[cfg(test)]
