@@ -24,11 +24,11 @@ use std::cell::RefCell;
 use std::future::Future;
 use std::io::ErrorKind;
 use std::net::Shutdown;
-use std::pin::pin;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Largest read of one step, as [`super::BUFFER`] for the buffered relay.
 const SCRATCH: usize = super::BUFFER;
@@ -145,26 +145,66 @@ impl Flow {
 /// on, the first error resets the other side, `idle` and `stop` end it),
 /// first writing `client_prefix` to the node and `node_prefix` to the client:
 /// bytes already read from each before the tunnel began.
-pub async fn relay(
+///
+/// The relay is one closure over its state, each part held once: an `async
+/// fn` would keep its arguments beside the values made from them (the
+/// prefixes, `stop`) for as long as the tunnel is open. Called within the
+/// runtime (the idle timer starts here).
+pub fn relay<S: Future<Output = ()>>(
     (client_prefix, client): (Bytes, TcpStream),
     (node_prefix, node): (Bytes, TcpStream),
     idle: Duration,
-    stop: impl Future<Output = ()>,
-) -> Relayed {
-    let mut up = Flow::with_prefix(client_prefix);
-    let mut down = Flow::with_prefix(node_prefix);
-    let mut timer = pin!(tokio::time::sleep(idle));
-    let mut stop = pin!(stop);
-    let end = std::future::poll_fn(|cx| {
+    stop: S,
+) -> impl Future<Output = Relayed> {
+    let mut tunnel = Tunnel {
+        up: Flow::with_prefix(client_prefix),
+        down: Flow::with_prefix(node_prefix),
+        client,
+        node,
+        idle,
+        timer: Box::pin(tokio::time::sleep(idle)),
+    };
+    let mut stop = Box::pin(stop);
+    std::future::poll_fn(move |cx| {
+        let end = std::task::ready!(tunnel.poll_end(cx, stop.as_mut()));
+        Poll::Ready(Relayed {
+            to_node: tunnel.up.moved,
+            to_client: tunnel.down.moved,
+            end: super::ended(end, &tunnel.client, &tunnel.node),
+        })
+    })
+}
+
+/// The state of one readiness-driven tunnel.
+struct Tunnel {
+    client: TcpStream,
+    node: TcpStream,
+    /// From the client to the node.
+    up: Flow,
+    /// From the node to the client.
+    down: Flow,
+    idle: Duration,
+    /// Reset whenever bytes move.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Tunnel {
+    /// Moves what both sides allow; ready with how the tunnel ended, or the
+    /// side that failed.
+    fn poll_end<S: Future<Output = ()>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut stop: Pin<&mut S>,
+    ) -> Poll<Result<TunnelEnd, Side>> {
         let mut moved = false;
         // One step of each direction in turn, so a busy one cannot starve
         // the other, until both wait (or are done).
         loop {
-            let to_node = up
-                .step(cx, &client, &node)
+            let to_node = (self.up)
+                .step(cx, &self.client, &self.node)
                 .map_err(|f| f.side(Side::Client, Side::Node))?;
-            let to_client = down
-                .step(cx, &node, &client)
+            let to_client = (self.down)
+                .step(cx, &self.node, &self.client)
                 .map_err(|f| f.side(Side::Node, Side::Client))?;
             match (to_node, to_client) {
                 (Poll::Pending, Poll::Pending) => break,
@@ -173,25 +213,19 @@ pub async fn relay(
                 }
             }
         }
-        if up.done && down.done {
+        if self.up.done && self.down.done {
             return Poll::Ready(Ok(TunnelEnd::Closed));
         }
         if moved {
-            timer.as_mut().reset(Instant::now() + idle);
+            self.timer.as_mut().reset(Instant::now() + self.idle);
         }
-        if timer.as_mut().poll(cx).is_ready() {
+        if self.timer.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(TunnelEnd::Idle));
         }
         if stop.as_mut().poll(cx).is_ready() {
             return Poll::Ready(Ok(TunnelEnd::Shutdown));
         }
         Poll::Pending
-    })
-    .await;
-    Relayed {
-        to_node: up.moved,
-        to_client: down.moved,
-        end: super::ended(end, &client, &node),
     }
 }
 
