@@ -214,6 +214,14 @@ const BOTH_LENGTHS: &[u8] =
 const UNASKED_101: &[u8] =
     b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n";
 const BAD_CHUNK: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n";
+const TWO_LENGTHS: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nok\n";
+/// An answer with a second, unasked answer behind it: were the connection
+/// reused, the next client would get "bogus".
+const EXTRA_ANSWER: &[u8] =
+    b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nfirst\nHTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nbogus\n";
+/// No length and no chunking: the body runs to the close, which never comes
+/// here, so the client gets what there is and the connection is not reused.
+const NO_FRAMING: &[u8] = b"HTTP/1.1 200 OK\r\n\r\nunframed\n";
 
 static ANSWERS: &[(&str, &[u8])] = &[
     ("/stall-body", STALL_BODY),
@@ -221,6 +229,9 @@ static ANSWERS: &[(&str, &[u8])] = &[
     ("/both", BOTH_LENGTHS),
     ("/switch", UNASKED_101),
     ("/bad-chunk", BAD_CHUNK),
+    ("/two-lengths", TWO_LENGTHS),
+    ("/extra", EXTRA_ANSWER),
+    ("/no-framing", NO_FRAMING),
 ];
 
 #[tokio::test]
@@ -302,6 +313,37 @@ async fn bad_node_responses_are_refused_or_reframed() {
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+
+    // Two different Content-Lengths: which one frames the body is unknowable.
+    let answer = raw_exchange(
+        lb,
+        b"GET /two-lengths HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        wait,
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+
+    // Bytes after a complete answer: that connection never serves another
+    // request, so no client gets an answer meant for nobody.
+    for _ in 0..3 {
+        assert_eq!(get(lb, "/extra").await.text(), "first\n");
+        for _ in 0..3 {
+            let r = get(lb, "/next").await;
+            assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
+        }
+    }
+
+    // A body framed by the close: streamed as it comes, its connection dropped.
+    let answer = raw_exchange(
+        lb,
+        b"GET /no-framing HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+        Duration::from_millis(500),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("unframed"), "{answer}");
+    let r = get(lb, "/next").await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"));
 
     // A head and then nothing: 504 after timeouts.server.
     let started = Instant::now();

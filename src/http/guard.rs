@@ -12,7 +12,7 @@
 use super::idle::IdleTimer;
 use crate::cluster::Node;
 use crate::health::Health;
-use crate::transport::BoxError;
+use crate::transport::{BoxError, NodeIncoming};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
@@ -226,7 +226,7 @@ pub enum BadResponse {
     UnaskedUpgrade(String),
     /// The body failed before its first byte (bad chunk size, reset).
     #[error("node {0} sent a broken response body: {1}")]
-    Body(String, hyper::Error),
+    Body(String, BoxError),
     /// The body's first byte did not come within `timeouts.server`.
     #[error("node {0} sent no response body byte within {1:?}")]
     Stalled(String, Duration),
@@ -249,7 +249,7 @@ impl BadResponse {
 /// that is broken or stalled from the start becomes a clean 502/504 (counted
 /// against the node) instead of a connection closed with no status.
 pub async fn vet_response(
-    mut response: Response<Incoming>,
+    mut response: Response<NodeIncoming>,
     asked_upgrade: bool,
     health: &Arc<Health>,
     node: &Arc<Node>,
@@ -297,7 +297,7 @@ pub async fn vet_response(
 #[derive(Debug)]
 pub struct NodeBody {
     first: Option<Frame<Bytes>>,
-    body: Incoming,
+    body: NodeIncoming,
     timer: IdleTimer,
     health: Arc<Health>,
     node: Arc<Node>,
@@ -319,7 +319,7 @@ impl Body for NodeBody {
             Poll::Ready(Some(Err(e))) => {
                 let reason = format!("response body failed: {e}");
                 this.health.report_failure(&this.node, &reason);
-                Poll::Ready(Some(Err(e.into())))
+                Poll::Ready(Some(Err(e)))
             }
             Poll::Pending if this.timer.expired(cx) => {
                 this.health
@@ -331,7 +331,7 @@ impl Body for NodeBody {
             Poll::Pending => Poll::Pending,
             done => {
                 this.timer.disarm();
-                done.map_err(Into::into)
+                done
             }
         }
     }

@@ -39,7 +39,10 @@ use crate::runtime::{ListenerView, Runtime};
 use crate::sticky::Affinity;
 use crate::streaming::select::Wanted;
 use crate::streaming::{assign, sniff};
-use crate::transport::{self, ConnectError, Lent, Pool, Pools, Sender};
+use crate::transport::{
+    self, BoxError, ConnectError, DirectBody, DirectConn, Lent, NodeIncoming, Pool, Pools,
+    SendError, Sender,
+};
 use crate::tunnel;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -74,7 +77,7 @@ pub(crate) enum ProxyError {
     #[error("node {0} did not send a response head within {1:?}")]
     Timeout(String, Duration),
     #[error("node {0} failed: {1}")]
-    Upstream(String, hyper::Error),
+    Upstream(String, BoxError),
     #[error("{0}")]
     Client(ClientFault),
 }
@@ -325,7 +328,7 @@ impl RequestCtx {
         &mut self,
         plan: &Plan,
         request: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, NodeLease, Lent), Refusal> {
+    ) -> Result<(Response<NodeIncoming>, NodeLease, Option<Lent>), Refusal> {
         let config = &self.view.config;
         forward(
             &self.conn,
@@ -352,7 +355,7 @@ impl RequestCtx {
         plan: &Plan,
         policy: &Admitted,
         lease: &NodeLease,
-        response: Response<Incoming>,
+        response: Response<NodeIncoming>,
     ) -> Result<Response<NodeBody>, Refusal> {
         let (health, timeout) = (&self.conn.runtime.health, self.view.config.timeouts.server);
         let asked_upgrade = plan.client_upgrade.is_some();
@@ -393,7 +396,7 @@ impl RequestCtx {
         &mut self,
         client_upgrade: Option<OnUpgrade>,
         lease: NodeLease,
-        connection: Lent,
+        connection: Option<Lent>,
         mut response: Response<NodeBody>,
     ) -> Response<ResponseBody> {
         let mut record = self.record.take();
@@ -418,7 +421,7 @@ impl RequestCtx {
         response.map(|body| ResponseBody::Node {
             body: Box::new(body),
             lease: Some(lease),
-            connection: Some(connection),
+            connection,
             record,
         })
     }
@@ -497,6 +500,9 @@ fn is_upgrade(request: &Request<Incoming>) -> bool {
 ///
 /// The client's sticky node, when it has a healthy one, is tried first
 /// (draining or not); every failure is reported to the health checker.
+/// A request without a body that asks for no upgrade goes over a
+/// [`DirectConn`] (driven in this task); the rest over hyper's client, whose
+/// connection comes back as the [`Lent`].
 pub(crate) async fn forward(
     ctx: &ConnContext,
     config: &Config,
@@ -504,7 +510,7 @@ pub(crate) async fn forward(
     wanted: &Wanted,
     affinity: &Affinity,
     request: Request<Incoming>,
-) -> Result<(Response<Incoming>, NodeLease, Lent), ProxyError> {
+) -> Result<(Response<NodeIncoming>, NodeLease, Option<Lent>), ProxyError> {
     let upload = Upload::new(request.body());
     let client_timeout = config.timeouts.client;
     let mut request = request.map(|body| {
@@ -514,6 +520,7 @@ pub(crate) async fn forward(
             client_timeout,
         )))
     });
+    let direct = is_replayable(&request) && !request.headers().contains_key(header::UPGRADE);
     let health = &ctx.runtime.health;
     let report = Reporting {
         health,
@@ -527,14 +534,16 @@ pub(crate) async fn forward(
     let mut redispatch_counted = false;
     loop {
         let connected = failover
-            .connect(|node| async move { checkout(pools, &node, node_tls, connect_timeout).await })
+            .connect(|node| async move {
+                checkout(pools, &node, node_tls, connect_timeout, direct).await
+            })
             .await;
         if failover.first_failed() && !std::mem::replace(&mut redispatch_counted, true) {
             ctx.runtime.sticky().count_redispatch();
             ctx.metrics.redispatch();
         }
         let Connected {
-            conn: (mut sender, reused, pool),
+            conn: (conn, reused, pool),
             lease,
         } = connected
             .inspect_err(|_| ctx.metrics.no_node(&wanted.group))
@@ -546,53 +555,121 @@ pub(crate) async fn forward(
                 Failure::AllFailed { source, .. } => ProxyError::AllNodesFailed(source),
             })?;
         let node = lease.node().clone();
-        // A reused keep-alive connection may die under the request (the node
-        // closed it, or the node itself died). A bodiless idempotent request
-        // can then be sent again safely, as HAProxy and nginx do; keep what
-        // rebuilding it takes.
-        let replay = (reused && is_replayable(&request)).then(|| replay_copy(&request));
         let server_timeout = config.timeouts.server;
-        match guard::await_response(&upload, server_timeout, sender.try_send_request(request)).await
-        {
+        let sent = match conn {
+            NodeConn::Direct(conn) => {
+                let sent =
+                    guard::await_response(&upload, server_timeout, conn.send(&request, pool));
+                sent.await.map(|sent| direct_outcome(sent, reused, request))
+            }
+            NodeConn::Hyper(sender) => {
+                hyper_outcome(&upload, server_timeout, sender, reused, request, pool).await
+            }
+        };
+        let outcome = match sent {
             Err(_) => {
                 health.report_failure(&node, "no response head in time");
                 return Err(ProxyError::Timeout(node.id().to_string(), server_timeout));
             }
-            Ok(Ok(response)) => {
+            Ok(outcome) => outcome,
+        };
+        match outcome {
+            Outcome::Answered(response, lent) => {
                 health.report_status(&node, response.status().as_u16());
-                let lent = pool.lend(sender);
                 return Ok((response, lease, lent));
             }
-            Ok(Err(mut failed)) => match (failed.take_message(), replay) {
-                // Not sent at all: the pooled connection was closing. Pick again
-                // without counting it against the node: this is not its fault.
-                (Some(unsent), _) => {
-                    info!(
-                        node = node.id(),
-                        "pooled connection was closed, reconnecting"
-                    );
-                    request = unsent;
-                }
-                (None, Some(copy)) => {
-                    info!(node = node.id(), error = %failed.into_error(), "reused connection lost, sending again");
-                    request = copy;
-                }
-                // The client broke its own request: not the node's failure.
-                (None, None) if upload.fault().is_some() => {
-                    let fault = upload.fault().unwrap_or(ClientFault::BadBody);
-                    info!(node = node.id(), %fault, error = %failed.into_error(), "request abandoned by the client");
-                    return Err(ProxyError::Client(fault));
-                }
-                (None, None) => {
-                    health.report_failure(&node, "connection lost before the answer");
-                    return Err(ProxyError::Upstream(
-                        node.id().to_string(),
-                        failed.into_error(),
-                    ));
-                }
-            },
+            // Not sent at all: the pooled connection was closing. Pick again
+            // without counting it against the node: this is not its fault.
+            Outcome::Unsent(unsent) => {
+                info!(
+                    node = node.id(),
+                    "pooled connection was closed, reconnecting"
+                );
+                request = unsent;
+            }
+            Outcome::SendAgain(again, error) => {
+                info!(node = node.id(), %error, "reused connection lost, sending again");
+                request = again;
+            }
+            // The client broke its own request: not the node's failure.
+            Outcome::Lost(error) if upload.fault().is_some() => {
+                let fault = upload.fault().unwrap_or(ClientFault::BadBody);
+                info!(node = node.id(), %fault, %error, "request abandoned by the client");
+                return Err(ProxyError::Client(fault));
+            }
+            Outcome::Lost(error) => {
+                health.report_failure(&node, "connection lost before the answer");
+                return Err(ProxyError::Upstream(node.id().to_string(), error));
+            }
         }
     }
+}
+
+/// A node connection for one request.
+enum NodeConn {
+    /// hyper's client: requests with a body, upgrades.
+    Hyper(Sender),
+    /// amslb's own, driven by this task: bodiless requests.
+    Direct(DirectConn),
+}
+
+/// What became of one attempt to send a request on one connection.
+enum Outcome {
+    /// The node answered (the hyper connection comes back through the
+    /// [`Lent`]; a direct one through its body).
+    Answered(Response<NodeIncoming>, Option<Lent>),
+    /// The connection was closed before the request went out: this request,
+    /// to send on another.
+    Unsent(Request<UpstreamBody>),
+    /// A reused connection died under a replayable request: send it again.
+    SendAgain(Request<UpstreamBody>, BoxError),
+    /// The connection died with the request sent (or half sent).
+    Lost(BoxError),
+}
+
+/// The outcome of a direct send; `request` is kept for a second attempt.
+fn direct_outcome(
+    sent: Result<Response<DirectBody>, SendError>,
+    reused: bool,
+    request: Request<UpstreamBody>,
+) -> Outcome {
+    match sent {
+        Ok(response) => Outcome::Answered(response.map(NodeIncoming::Direct), None),
+        // Only replayable requests go direct, so a reused connection the
+        // node had closed can take the request again elsewhere.
+        Err(failed) if reused && failed.nothing_received => {
+            Outcome::SendAgain(request, failed.error.into())
+        }
+        Err(failed) => Outcome::Lost(failed.error.into()),
+    }
+}
+
+/// Sends `request` over hyper's client connection `sender`.
+async fn hyper_outcome(
+    upload: &Upload,
+    server_timeout: Duration,
+    mut sender: Sender,
+    reused: bool,
+    request: Request<UpstreamBody>,
+    pool: Arc<Pool>,
+) -> Result<Outcome, guard::NoAnswer> {
+    // A reused keep-alive connection may die under the request (the node
+    // closed it, or the node itself died). A bodiless idempotent request
+    // can then be sent again safely, as HAProxy and nginx do; keep what
+    // rebuilding it takes.
+    let replay = (reused && is_replayable(&request)).then(|| replay_copy(&request));
+    let sent =
+        guard::await_response(upload, server_timeout, sender.try_send_request(request)).await?;
+    Ok(match sent {
+        Ok(response) => {
+            Outcome::Answered(response.map(NodeIncoming::Hyper), Some(pool.lend(sender)))
+        }
+        Err(mut failed) => match (failed.take_message(), replay) {
+            (Some(unsent), _) => Outcome::Unsent(unsent),
+            (None, Some(copy)) => Outcome::SendAgain(copy, failed.into_error().into()),
+            (None, None) => Outcome::Lost(failed.into_error().into()),
+        },
+    })
 }
 
 /// Whether a request may be sent a second time: an idempotent method and no body.
@@ -610,23 +687,33 @@ fn replay_copy(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     copy
 }
 
-/// A connection to `node`, whether it is a reused keep-alive one, and the
-/// pool it goes back to (looked up once per request).
+/// A connection to `node` (a direct one when `direct`), whether it is a
+/// reused keep-alive one, and the pool it goes back to (looked up once per
+/// request).
 async fn checkout(
     pools: &Pools,
     node: &Node,
     tls: &NodeTlsSet,
     connect_timeout: Duration,
-) -> Result<(Sender, bool, Arc<Pool>), ConnectError> {
+    direct: bool,
+) -> Result<(NodeConn, bool, Arc<Pool>), ConnectError> {
     let pool = pools.of(node);
-    match pool.take() {
-        Some(sender) => Ok((sender, true, pool)),
-        None => {
-            let (addr, tls) = tls.http(node);
-            let sender = transport::connect(addr, tls.map(|t| &**t), connect_timeout).await?;
-            Ok((sender, false, pool))
-        }
+    let reused = if direct {
+        pool.take_direct().map(NodeConn::Direct)
+    } else {
+        pool.take().map(NodeConn::Hyper)
+    };
+    if let Some(conn) = reused {
+        return Ok((conn, true, pool));
     }
+    let (addr, tls) = tls.http(node);
+    let tls = tls.map(|t| &**t);
+    let conn = if direct {
+        NodeConn::Direct(DirectConn::open(addr, tls, connect_timeout).await?)
+    } else {
+        NodeConn::Hyper(transport::connect(addr, tls, connect_timeout).await?)
+    };
+    Ok((conn, false, pool))
 }
 
 fn spawn_tunnel(

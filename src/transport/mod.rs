@@ -3,16 +3,20 @@
 //!
 //! [`Pools`] holds one [`Pool`] of idle keep-alive HTTP connections per node
 //! address; the HTTP proxy takes a connection from it and gives it back.
+//! Bodiless requests use amslb's own client connection ([`direct`]), the
+//! rest hyper's ([`pool::connect`]); [`NodeIncoming`] is either's response body.
 
+pub mod direct;
 pub mod pool;
 
+pub use direct::{DirectBody, DirectConn, DirectError, SendError};
 pub use pool::{ConnectError, Lent, Pool, Sender, connect};
 
 use crate::cluster::{Cluster, Node};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -103,6 +107,44 @@ impl Body for UpstreamBody {
         match self {
             UpstreamBody::Client(body) => body.size_hint(),
             UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// A node's response body, from hyper's client or from a [`DirectConn`].
+#[derive(Debug)]
+pub enum NodeIncoming {
+    /// Read by hyper's client connection.
+    Hyper(Incoming),
+    /// Read straight from the socket as it is polled.
+    Direct(DirectBody),
+}
+
+impl Body for NodeIncoming {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            NodeIncoming::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            NodeIncoming::Direct(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            NodeIncoming::Hyper(body) => body.is_end_stream(),
+            NodeIncoming::Direct(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            NodeIncoming::Hyper(body) => body.size_hint(),
+            NodeIncoming::Direct(body) => body.size_hint(),
         }
     }
 }

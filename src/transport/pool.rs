@@ -4,10 +4,13 @@
 //! for one request as a [`Lent`] and comes back when that is dropped, once its
 //! response body has been read to the end (hyper reports that through
 //! `SendRequest::is_ready`/`ready`), so a pooled connection is always idle.
-//! Each event loop thread has its own idle list: the request path touches no
-//! lock another thread takes.
+//! Each event loop thread has its own idle lists: the request path touches no
+//! lock another thread takes. A pool keeps two kinds of connection: hyper's
+//! client ones (requests with a body, upgrades) and amslb's own
+//! [`DirectConn`]s (bodiless requests, `super::direct`).
 
 use super::UpstreamBody;
+use super::direct::DirectConn;
 use crate::node_tls::{DialError, NodeTls, dial};
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper_util::rt::TokioIo;
@@ -44,12 +47,14 @@ pub const NODE_READ_BUFFER: usize = 32 * 1024;
 /// or a cache line shared with other threads.
 #[derive(Debug, Default)]
 pub struct Pool {
-    idle: ThreadLocal<RefCell<Vec<Idle>>>,
+    idle: ThreadLocal<RefCell<Vec<Idle<Sender>>>>,
+    direct: ThreadLocal<RefCell<Vec<Idle<DirectConn>>>>,
 }
 
+/// An idle connection and when it came back.
 #[derive(Debug)]
-struct Idle {
-    sender: Sender,
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
@@ -65,23 +70,17 @@ pub enum ConnectError {
 }
 
 impl Pool {
-    /// An idle connection of this thread that still looks open, if there is one.
+    /// An idle hyper connection of this thread that still looks open, if there is one.
     pub fn take(&self) -> Option<Sender> {
-        let now = Instant::now();
-        let mut idle = self.idle.get_or_default().borrow_mut();
-        // Entries are in the order they came back, oldest first: drop the
-        // ones too old to trust without touching the rest.
-        let expired = idle
-            .iter()
-            .take_while(|i| now.duration_since(i.since) >= MAX_IDLE_AGE)
-            .count();
-        idle.drain(..expired);
-        while let Some(candidate) = idle.pop() {
-            if candidate.sender.is_ready() {
-                return Some(candidate.sender);
-            }
-        }
-        None
+        take_idle(&self.idle, SendRequest::is_ready)
+    }
+
+    /// An idle direct connection of this thread that still looks open, if
+    /// there is one. Every one is looked at: a node that sent anything after
+    /// the answer it owed (a second answer, say) must never have that read
+    /// as the answer to the next request.
+    pub fn take_direct(&self) -> Option<DirectConn> {
+        take_idle(&self.direct, DirectConn::looks_open)
     }
 
     /// Lends `sender` out for one request; it comes back when the [`Lent`] is dropped.
@@ -92,15 +91,48 @@ impl Pool {
         }
     }
 
-    /// Keeps an idle connection on this thread's list, if there is room.
+    /// Keeps an idle hyper connection on this thread's list, if there is room.
     fn put(&self, sender: Sender) {
-        let mut idle = self.idle.get_or_default().borrow_mut();
-        if idle.len() < MAX_IDLE {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
+        put_idle(&self.idle, sender);
+    }
+
+    /// Keeps an idle direct connection on this thread's list, if there is room.
+    pub fn put_direct(&self, conn: DirectConn) {
+        put_idle(&self.direct, conn);
+    }
+}
+
+/// The newest connection of `list` that `usable` accepts; older than
+/// [`MAX_IDLE_AGE`] and rejected ones are dropped.
+fn take_idle<C: Send>(
+    list: &ThreadLocal<RefCell<Vec<Idle<C>>>>,
+    usable: impl Fn(&C) -> bool,
+) -> Option<C> {
+    let now = Instant::now();
+    let mut idle = list.get_or_default().borrow_mut();
+    // Entries are in the order they came back, oldest first: drop the
+    // ones too old to trust without touching the rest.
+    let expired = idle
+        .iter()
+        .take_while(|i| now.duration_since(i.since) >= MAX_IDLE_AGE)
+        .count();
+    idle.drain(..expired);
+    while let Some(candidate) = idle.pop() {
+        if usable(&candidate.conn) {
+            return Some(candidate.conn);
         }
+    }
+    None
+}
+
+/// Keeps `conn` on this thread's `list`, if there is room.
+fn put_idle<C: Send>(list: &ThreadLocal<RefCell<Vec<Idle<C>>>>, conn: C) {
+    let mut idle = list.get_or_default().borrow_mut();
+    if idle.len() < MAX_IDLE {
+        idle.push(Idle {
+            conn,
+            since: Instant::now(),
+        });
     }
 }
 
