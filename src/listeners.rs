@@ -179,19 +179,31 @@ async fn handle_stream(
     let Some(_held) = hold_connection(&runtime, settings, &mut stream, client.addr).await else {
         return;
     };
+    // Each protocol's serving future is boxed: the task of every connection
+    // would otherwise be sized for the largest (TLS, ~10 KB), and spawning
+    // and ending a task copies its whole future.
     match settings.protocol {
-        Protocol::Http => http::serve_connection(runtime.clone(), listener, stream, client).await,
+        Protocol::Http => {
+            Box::pin(http::serve_connection(
+                runtime.clone(),
+                listener,
+                stream,
+                client,
+            ))
+            .await;
+        }
         Protocol::Tcp | Protocol::Tls => {
             if let Some(l4) = l4 {
                 // Relays survive the shutdown grace period (a publisher keeps
                 // streaming while in-flight work drains), then are cut.
-                l4.handle(stream, client.addr, runtime.hard_stop.cancelled())
-                    .await;
+                Box::pin(l4.handle(stream, client.addr, runtime.hard_stop.cancelled())).await;
             }
         }
         Protocol::Https => {
             if let Some(tls) = runtime.tls() {
-                http::serve_tls_connection(runtime.clone(), tls, listener, stream, client).await;
+                let serve =
+                    http::serve_tls_connection(runtime.clone(), tls, listener, stream, client);
+                Box::pin(serve).await;
             }
         }
         // UDP listeners accept no streams; see `BoundUdp`.

@@ -562,8 +562,17 @@ pub(crate) async fn forward(
                     guard::await_response(&upload, server_timeout, conn.send(&request, pool));
                 sent.await.map(|sent| direct_outcome(sent, reused, request))
             }
+            // Boxed, as the less common path (bodies, upgrades): see `checkout`.
             NodeConn::Hyper(sender) => {
-                hyper_outcome(&upload, server_timeout, sender, reused, request, pool).await
+                Box::pin(hyper_outcome(
+                    &upload,
+                    server_timeout,
+                    sender,
+                    reused,
+                    request,
+                    pool,
+                ))
+                .await
             }
         };
         let outcome = match sent {
@@ -708,10 +717,13 @@ async fn checkout(
     }
     let (addr, tls) = tls.http(node);
     let tls = tls.map(|t| &**t);
+    // Boxed: a connect (with its TLS handshake) is a large future that a
+    // pooled request never needs, and every request's future would
+    // otherwise be sized, and copied, for it.
     let conn = if direct {
-        NodeConn::Direct(DirectConn::open(addr, tls, connect_timeout).await?)
+        NodeConn::Direct(Box::pin(DirectConn::open(addr, tls, connect_timeout)).await?)
     } else {
-        NodeConn::Hyper(transport::connect(addr, tls, connect_timeout).await?)
+        NodeConn::Hyper(Box::pin(transport::connect(addr, tls, connect_timeout)).await?)
     };
     Ok((conn, false, pool))
 }
