@@ -141,14 +141,18 @@ impl UpgradedIo {
 /// Relays between two upgraded connections like [`relay`]; between two plain
 /// TCP sockets (a WebSocket on a plain listener to a plain node) readiness
 /// driven, so an idle tunnel holds no buffer (`tunnel/sockets.rs`).
-pub async fn relay_upgraded(
+///
+/// A plain function returning the relay itself, not an `async fn`: that
+/// would keep its own copy of both connections and of `stop` beside the
+/// relay's for as long as the tunnel is open, in every idle tunnel's task.
+pub fn relay_upgraded<S: std::future::Future<Output = ()>>(
     client: UpgradedIo,
     node: UpgradedIo,
     idle: Duration,
-    stop: impl std::future::Future<Output = ()>,
-) -> Relayed {
+    stop: S,
+) -> impl std::future::Future<Output = Relayed> {
     match (client.into_socket(), node.into_socket()) {
-        (Ok(client), Ok(node)) => sockets::relay(client, node, idle, stop).await,
+        (Ok(client), Ok(node)) => Either::Left(sockets::relay(client, node, idle, stop)),
         (client, node) => {
             tracing::debug!(
                 client_plain = client.is_ok(),
@@ -161,7 +165,7 @@ pub async fn relay_upgraded(
             };
             // Boxed: the buffered relay's state is much larger than the
             // readiness one's, and the task is sized for the larger.
-            Box::pin(relay(rewrap(client), rewrap(node), idle, stop)).await
+            Either::Right(Box::pin(relay(rewrap(client), rewrap(node), idle, stop)))
         }
     }
 }

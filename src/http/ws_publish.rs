@@ -20,8 +20,9 @@ use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, ReadBuf};
 
 /// What a tunnel's client side is watched with: nothing when no limit
-/// counts `websocket-publish` on the listener.
-pub struct PublishWatch(Option<Watch>);
+/// counts `websocket-publish` on the listener. Boxed: every tunnel's task
+/// holds a `PublishWatch` for its whole life, most of them empty.
+pub struct PublishWatch(Option<Box<Watch>>);
 
 struct Watch {
     sniffer: Sniffer,
@@ -34,11 +35,13 @@ impl PublishWatch {
     /// The watch for a tunnel of `client` on `listener`.
     pub fn new(runtime: &Arc<Runtime>, config: &Config, listener: &str, client: IpAddr) -> Self {
         let counted = Limits::counts_publishes(config, listener, RouteName::WebsocketPublish);
-        Self(counted.then(|| Watch {
-            sniffer: Sniffer::new(""),
-            runtime: runtime.clone(),
-            listener: listener.to_string(),
-            client,
+        Self(counted.then(|| {
+            Box::new(Watch {
+                sniffer: Sniffer::new(""),
+                runtime: runtime.clone(),
+                listener: listener.to_string(),
+                client,
+            })
         }))
     }
 
@@ -60,7 +63,7 @@ impl PublishWatch {
 pub struct Watched<S> {
     inner: S,
     /// Present until the first command is known.
-    watch: Option<Watch>,
+    watch: Option<Box<Watch>>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {

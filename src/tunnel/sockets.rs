@@ -2,29 +2,40 @@
 //!
 //! Most tunnels are idle WebSocket signalling: thousands may be open with
 //! nothing moving. [`super::relay`] keeps a read buffer per direction and a
-//! task per direction's future for each of them; here one future waits for
-//! either socket to become readable, reads through one scratch buffer per
-//! thread and writes straight on. Only bytes the other side cannot take at
-//! once are copied out and kept until it can (backpressure: that direction
-//! reads nothing more meanwhile). An idle tunnel holds its two sockets, a
-//! timer and nothing else.
+//! task per direction's future for each of them; here one poll asks each
+//! socket for readiness, reads through one scratch buffer per thread and
+//! writes straight on. Only bytes the other side cannot take at once are
+//! copied out and kept until it can (backpressure: that direction reads
+//! nothing more meanwhile). An idle tunnel holds its two sockets, a timer
+//! and nothing else.
+//!
+//! The waits are the sockets' own `poll_read_ready`/`poll_write_ready`, which
+//! keep one waker per socket and direction: polling them makes this task the
+//! one woken and drops the waker the sockets' earlier owner left there
+//! (hyper's connection task, ended by the upgrade). A task's allocation (its
+//! whole future, ~10 KiB for a client connection) stays until its last waker
+//! is dropped, and on an idle socket nothing else would drop it: with
+//! `readable()` waits, which queue apart from those wakers, that was most of
+//! an idle tunnel's memory.
 
 use super::{Failed, Relayed, Side, TunnelEnd};
 use bytes::Bytes;
 use std::cell::RefCell;
 use std::future::Future;
-use std::io::{self, ErrorKind};
+use std::io::ErrorKind;
 use std::net::Shutdown;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 
 /// Largest read of one step, as [`super::BUFFER`] for the buffered relay.
 const SCRATCH: usize = super::BUFFER;
 
 thread_local! {
     /// The read buffer every readiness-driven tunnel of this thread shares:
-    /// it is only used between two awaits, never held across one.
+    /// it is only used within one poll, never held across one.
     static SCRATCH_BUFFER: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
 }
 
@@ -51,14 +62,30 @@ impl Flow {
         }
     }
 
-    /// Waiting for the source: nothing is held for the destination.
-    fn wants_read(&self) -> bool {
-        !self.eof && self.pending.is_empty()
-    }
-
-    /// Waiting for the destination to take what is held.
-    fn wants_write(&self) -> bool {
-        !self.pending.is_empty()
+    /// One step from `from` to `to`: writes what is held once `to` can take
+    /// it, else reads once `from` has something. `Ready(moved)` when it
+    /// acted (moved: bytes went through), `Pending` when it waits (the
+    /// socket it waits for wakes the task) or is done.
+    fn step(
+        &mut self,
+        cx: &mut Context<'_>,
+        from: &TcpStream,
+        to: &TcpStream,
+    ) -> Result<Poll<bool>, Failed> {
+        self.pass_eof(to)?;
+        let (ready, failed) = if !self.pending.is_empty() {
+            (to.poll_write_ready(cx), Failed::Write)
+        } else if !self.eof {
+            (from.poll_read_ready(cx), Failed::Read)
+        } else {
+            return Ok(Poll::Pending);
+        };
+        match ready {
+            Poll::Pending => Ok(Poll::Pending),
+            Poll::Ready(Err(_)) => Err(failed),
+            Poll::Ready(Ok(())) if failed == Failed::Write => self.flush(to).map(Poll::Ready),
+            Poll::Ready(Ok(())) => self.read(from, to).map(Poll::Ready),
+        }
     }
 
     /// Reads what `from` has and writes it to `to`, keeping what `to` cannot
@@ -118,62 +145,88 @@ impl Flow {
 /// on, the first error resets the other side, `idle` and `stop` end it),
 /// first writing `client_prefix` to the node and `node_prefix` to the client:
 /// bytes already read from each before the tunnel began.
-pub async fn relay(
+///
+/// The relay is one closure over its state, each part held once: an `async
+/// fn` would keep its arguments beside the values made from them (the
+/// prefixes, `stop`) for as long as the tunnel is open. Called within the
+/// runtime (the idle timer starts here).
+pub fn relay<S: Future<Output = ()>>(
     (client_prefix, client): (Bytes, TcpStream),
     (node_prefix, node): (Bytes, TcpStream),
     idle: Duration,
-    stop: impl Future<Output = ()>,
-) -> Relayed {
-    let mut up = Flow::with_prefix(client_prefix);
-    let mut down = Flow::with_prefix(node_prefix);
-    let timer = tokio::time::sleep(idle);
-    tokio::pin!(timer, stop);
-    let end = loop {
-        if up.done && down.done {
-            break Ok(TunnelEnd::Closed);
-        }
-        let step: Result<bool, Side> = tokio::select! {
-            ready = client.readable(), if up.wants_read() => step(ready, Failed::Read, || up.read(&client, &node), Side::Client, Side::Node),
-            ready = node.writable(), if up.wants_write() => step(ready, Failed::Write, || up.flush(&node), Side::Client, Side::Node),
-            ready = node.readable(), if down.wants_read() => step(ready, Failed::Read, || down.read(&node, &client), Side::Node, Side::Client),
-            ready = client.writable(), if down.wants_write() => step(ready, Failed::Write, || down.flush(&client), Side::Node, Side::Client),
-            () = &mut timer => break Ok(TunnelEnd::Idle),
-            () = &mut stop => break Ok(TunnelEnd::Shutdown),
-        };
-        let step = step.and_then(|moved| {
-            up.pass_eof(&node)
-                .map_err(|f| f.side(Side::Client, Side::Node))?;
-            down.pass_eof(&client)
-                .map_err(|f| f.side(Side::Node, Side::Client))?;
-            Ok(moved)
-        });
-        match step {
-            Ok(true) => timer.as_mut().reset(Instant::now() + idle),
-            Ok(false) => {}
-            Err(failed) => break Err(failed),
-        }
+    stop: S,
+) -> impl Future<Output = Relayed> {
+    let mut tunnel = Tunnel {
+        up: Flow::with_prefix(client_prefix),
+        down: Flow::with_prefix(node_prefix),
+        client,
+        node,
+        idle,
+        timer: Box::pin(tokio::time::sleep(idle)),
     };
-    Relayed {
-        to_node: up.moved,
-        to_client: down.moved,
-        end: super::ended(end, &client, &node),
-    }
+    let mut stop = Box::pin(stop);
+    std::future::poll_fn(move |cx| {
+        let end = std::task::ready!(tunnel.poll_end(cx, stop.as_mut()));
+        Poll::Ready(Relayed {
+            to_node: tunnel.up.moved,
+            to_client: tunnel.down.moved,
+            end: super::ended(end, &tunnel.client, &tunnel.node),
+        })
+    })
 }
 
-/// One step of a direction once its socket is ready (`unready`: the failure
-/// if waiting failed; `from` and `to`: the direction's source and destination,
-/// to name the side that failed).
-fn step(
-    ready: io::Result<()>,
-    unready: Failed,
-    act: impl FnOnce() -> Result<bool, Failed>,
-    from: Side,
-    to: Side,
-) -> Result<bool, Side> {
-    ready
-        .map_err(|_| unready)
-        .and_then(|()| act())
-        .map_err(|failed| failed.side(from, to))
+/// The state of one readiness-driven tunnel.
+struct Tunnel {
+    client: TcpStream,
+    node: TcpStream,
+    /// From the client to the node.
+    up: Flow,
+    /// From the node to the client.
+    down: Flow,
+    idle: Duration,
+    /// Reset whenever bytes move.
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Tunnel {
+    /// Moves what both sides allow; ready with how the tunnel ended, or the
+    /// side that failed.
+    fn poll_end<S: Future<Output = ()>>(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut stop: Pin<&mut S>,
+    ) -> Poll<Result<TunnelEnd, Side>> {
+        let mut moved = false;
+        // One step of each direction in turn, so a busy one cannot starve
+        // the other, until both wait (or are done).
+        loop {
+            let to_node = (self.up)
+                .step(cx, &self.client, &self.node)
+                .map_err(|f| f.side(Side::Client, Side::Node))?;
+            let to_client = (self.down)
+                .step(cx, &self.node, &self.client)
+                .map_err(|f| f.side(Side::Node, Side::Client))?;
+            match (to_node, to_client) {
+                (Poll::Pending, Poll::Pending) => break,
+                (to_node, to_client) => {
+                    moved |= to_node == Poll::Ready(true) || to_client == Poll::Ready(true);
+                }
+            }
+        }
+        if self.up.done && self.down.done {
+            return Poll::Ready(Ok(TunnelEnd::Closed));
+        }
+        if moved {
+            self.timer.as_mut().reset(Instant::now() + self.idle);
+        }
+        if self.timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(TunnelEnd::Idle));
+        }
+        if stop.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Ok(TunnelEnd::Shutdown));
+        }
+        Poll::Pending
+    }
 }
 
 #[cfg(test)]
@@ -253,6 +306,41 @@ mod tests {
         drop(node);
         drop(writer.await.unwrap());
         assert_eq!(tunnel.await.unwrap().to_node, data.len() as u64 + 4);
+    }
+
+    /// A waker that only lets its copies be counted.
+    struct Counted;
+
+    impl std::task::Wake for Counted {
+        fn wake(self: std::sync::Arc<Self>) {}
+    }
+
+    #[tokio::test]
+    async fn the_tunnel_drops_the_wakers_the_sockets_earlier_owners_left() {
+        let (_client, client_end) = pair().await;
+        let (mut node, node_end) = pair().await;
+        // An earlier owner (hyper's connection task) read the idle sockets
+        // dry and waited for more, leaving its waker with each of them.
+        let earlier = std::sync::Arc::new(Counted);
+        let waker = std::task::Waker::from(earlier.clone());
+        let mut cx = std::task::Context::from_waker(&waker);
+        for socket in [&client_end, &node_end] {
+            let read = socket.try_read(&mut [0u8; 16]).map_err(|e| e.kind());
+            assert_eq!(read, Err(ErrorKind::WouldBlock));
+            assert!(socket.poll_read_ready(&mut cx).is_pending());
+        }
+        drop(waker);
+        assert_eq!(std::sync::Arc::strong_count(&earlier), 3);
+        let tunnel = start(client_end, node_end, Duration::from_secs(10));
+        // The prefix arriving means the tunnel has run.
+        let mut prefix = [0u8; 4];
+        node.read_exact(&mut prefix).await.unwrap();
+        assert_eq!(
+            std::sync::Arc::strong_count(&earlier),
+            1,
+            "the idle tunnel's sockets still hold the earlier owner's waker"
+        );
+        tunnel.abort();
     }
 
     #[tokio::test]
