@@ -34,7 +34,6 @@ use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio_util::either::Either;
 use tokio_util::io::poll_read_buf;
 
 /// Largest response head accepted (status line and headers).
