@@ -8,8 +8,8 @@
 //!
 //! 1. Plain settings and helpers: [`config`] (the file, its validation, and
 //!    [`config::diff`]: what a reload changes and what only a restart
-//!    applies), [`route`] (classify a request line), [`listener`] (socket
-//!    options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`],
+//!    applies), [`route`] (classify a request line), [`header_list`]
+//!    (comma-separated header lists), [`listener`] (socket options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`],
 //!    `fdlimit` (the binary's open-file limit), [`import`] (HAProxy/nginx configs to
 //!    lb.toml).
 //! 2. Cluster data: [`cluster`]: nodes, groups and the membership snapshot,
@@ -53,6 +53,7 @@ pub mod balance;
 pub mod cluster;
 pub mod config;
 pub mod failover;
+pub mod header_list;
 pub mod health;
 pub mod http;
 pub mod import;

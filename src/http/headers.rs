@@ -29,13 +29,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // needs a name of its own, so the usual "keep-alive" or "close" costs
     // no allocation.
     let mut listed: Vec<HeaderName> = Vec::new();
-    let tokens = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim);
-    for token in tokens {
+    for token in crate::header_list::elements(headers, header::CONNECTION) {
         let known = HOP_BY_HOP
             .iter()
             .any(|h| token.eq_ignore_ascii_case(h.as_str()));

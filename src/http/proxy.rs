@@ -482,16 +482,9 @@ pub(crate) fn sticky_affinity(
 }
 
 fn is_upgrade(request: &Request<Incoming>) -> bool {
-    request.headers().contains_key(header::UPGRADE)
-        && request
-            .headers()
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| {
-                v.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-            })
+    let headers = request.headers();
+    headers.contains_key(header::UPGRADE)
+        && crate::header_list::lists(headers, header::CONNECTION, "upgrade")
 }
 
 /// Picks a node and sends the request, retrying other nodes (of the group,

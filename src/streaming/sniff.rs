@@ -17,6 +17,7 @@
 
 use super::frame::{self, Parsed};
 use crate::config::ListenerConfig;
+use crate::header_list;
 use crate::route::{Route, RouteKind, Target};
 use base64::Engine;
 use http::{HeaderMap, header};
@@ -150,14 +151,7 @@ impl Sniffer {
 /// sniffing listener, `/{app}/websocket` without `?target=`, and a valid
 /// version-13 handshake (anything else is proxied as usual).
 pub fn applies(listener: &ListenerConfig, route: &Route, headers: &HeaderMap) -> bool {
-    let has = |name: header::HeaderName, value: &str| {
-        headers
-            .get_all(name)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(value))
-    };
+    let has = |name: header::HeaderName, token: &str| header_list::lists(headers, name, token);
     listener.sniff_websocket
         && route.kind == RouteKind::WebSocket
         && route.target == Target::ListenerDefault

@@ -22,6 +22,7 @@
 //! close, with no byte left over.
 
 use super::pool::{NODE_READ_BUFFER, Pool};
+use crate::header_list;
 use crate::node_tls::{DialError, NodeStream, NodeTls, dial};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -320,13 +321,9 @@ fn framing(
         return Ok(Framing::Length(0));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
-        let last = headers
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .rfind(|coding| !coding.is_empty());
+        let last = header_list::elements(headers, TRANSFER_ENCODING)
+            .filter(|coding| !coding.is_empty())
+            .last();
         return Ok(match last {
             Some(coding) if coding.eq_ignore_ascii_case("chunked") => Framing::Chunked(Chunk::Size),
             _ => Framing::ToClose,
@@ -352,14 +349,7 @@ fn framing(
 
 /// Whether the node keeps the connection open after this response.
 fn keep_alive(version: Version, headers: &HeaderMap) -> bool {
-    let has = |token: &str| {
-        headers
-            .get_all(CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case(token))
-    };
+    let has = |token: &str| header_list::lists(headers, CONNECTION, token);
     if version == Version::HTTP_10 {
         has("keep-alive")
     } else {
