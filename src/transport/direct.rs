@@ -122,6 +122,13 @@ impl DirectConn {
             .is_pending()
     }
 
+    /// Reads what the node sent next into the read buffer (at most
+    /// [`READ_CHUNK`] more): the byte count, 0 at the end of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.read.reserve(READ_CHUNK);
+        poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+
     /// Sends `request` (which has no body) and reads the response head; the
     /// body streams from the returned response, and at its end this
     /// connection goes back to `pool` when it can serve another request.
@@ -142,16 +149,15 @@ impl DirectConn {
         head_request: bool,
         pool: Arc<Pool>,
     ) -> Result<Response<DirectBody>, SendError> {
-        let stale = |error| SendError {
-            error,
-            nothing_received: true,
-        };
         let written = async {
             self.io.write_all(&self.head).await?;
             // TLS buffers what it encrypts; plain TCP flushes as a no-op.
             self.io.flush().await
         };
-        written.await.map_err(|e| stale(e.into()))?;
+        written.await.map_err(|e| SendError {
+            error: e.into(),
+            nothing_received: true,
+        })?;
         let (response, framing, keep_alive) = loop {
             if let Some(parsed) = parse_head(&mut self.read, head_request)? {
                 break parsed;
@@ -163,31 +169,22 @@ impl DirectConn {
                 });
             }
             let received_some = !self.read.is_empty();
-            self.read.reserve(READ_CHUNK);
-            match std::future::poll_fn(|cx| {
-                poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
-            })
-            .await
-            {
-                Ok(0) => {
-                    return Err(SendError {
-                        error: DirectError::Closed("before the response head"),
-                        nothing_received: !received_some,
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => {
-                    return Err(SendError {
-                        error: e.into(),
-                        nothing_received: !received_some,
-                    });
-                }
-            }
+            let failed = match std::future::poll_fn(|cx| self.poll_fill(cx)).await {
+                Ok(0) => DirectError::Closed("before the response head"),
+                Ok(_) => continue,
+                Err(e) => e.into(),
+            };
+            return Err(SendError {
+                error: failed,
+                nothing_received: !received_some,
+            });
         };
+        // A body that runs to the close never ends framed, so `finish`
+        // never sees it: `keep_alive` alone decides reuse.
         let mut body = DirectBody {
             conn: Some(self),
             framing,
-            reusable: keep_alive && !matches!(framing, Framing::ToClose),
+            reusable: keep_alive,
             pool,
         };
         if matches!(body.framing, Framing::Length(0)) {
@@ -413,8 +410,7 @@ impl DirectBody {
                 }
                 Ok(Decoded::NeedMore) => {}
             }
-            conn.read.reserve(READ_CHUNK);
-            match poll_read_buf(Pin::new(&mut conn.io), cx, &mut conn.read) {
+            match conn.poll_fill(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Ok(0)) if self.framing == Framing::ToClose => {
                     self.framing = Framing::Done;
