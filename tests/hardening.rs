@@ -296,32 +296,22 @@ async fn bad_node_responses_are_refused_or_reframed() {
         r.headers
     );
 
-    // A 101 to a plain GET.
-    let answer = raw_exchange(
-        lb,
-        b"GET /switch HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        wait,
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
-
-    // A bad chunk size before any body byte went out.
-    let answer = raw_exchange(
-        lb,
-        b"GET /bad-chunk HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        wait,
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
-
-    // Two different Content-Lengths: which one frames the body is unknowable.
-    let answer = raw_exchange(
-        lb,
-        b"GET /two-lengths HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-        wait,
-    )
-    .await;
-    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    // Answers refused with a 502 before any of them reaches the client.
+    for (path, why) in [
+        ("/switch", "a 101 to a plain GET"),
+        (
+            "/bad-chunk",
+            "a bad chunk size before any body byte went out",
+        ),
+        (
+            "/two-lengths",
+            "two different Content-Lengths: which one frames the body is unknowable",
+        ),
+    ] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let answer = raw_exchange(lb, request.as_bytes(), wait).await;
+        assert!(answer.starts_with("HTTP/1.1 502"), "{why}: {answer}");
+    }
 
     // Bytes after a complete answer: that connection never serves another
     // request, so no client gets an answer meant for nobody.
