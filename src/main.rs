@@ -245,12 +245,27 @@ fn upgrade(
 }
 
 fn init_logging(level: Option<&str>) {
-    let filter = match level {
-        Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+    let directives = level
+        .map(str::to_string)
+        .or_else(|| std::env::var(EnvFilter::DEFAULT_ENV).ok())
+        .unwrap_or_else(|| "info".to_string());
+    let filter = EnvFilter::new(quiet_rustls(directives));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// `directives` with rustls held to errors, unless they name rustls
+/// themselves. rustls warns about what a client sent, once per handshake (an
+/// IP address as SNI, which wrk and many scripts send, is one such warning):
+/// any client could fill the log that way, and at a few thousand handshakes
+/// a second the formatting and writing cost ~4 % of amslb's CPU. A failed
+/// handshake is still logged by amslb itself (`http::serve_tls_connection`, at debug).
+fn quiet_rustls(directives: String) -> String {
+    if directives.contains("rustls") {
+        directives
+    } else {
+        format!("{directives},rustls=error")
+    }
 }

@@ -154,6 +154,45 @@ async fn tls12_and_tls13_both_handshake_and_resume() {
     }
 }
 
+/// wrk and many scripts send the address they dial as SNI, which RFC 6066
+/// forbids; rustls ignores it and warns. Those handshakes must work and must
+/// not write a log line each (any client could fill the log that way).
+#[tokio::test]
+async fn ip_address_as_sni_handshakes_without_a_log_line_per_connection() {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("ipsni");
+    let dir = tmp.path();
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (amslb, https, _node) = start(dir, "").await;
+
+    let ip = https.ip().to_string();
+    for _ in 0..3 {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &https.to_string(),
+                "-servername",
+                &ip,
+            ])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl not found: apt-get install openssl");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("BEGIN CERTIFICATE"),
+            "no certificate from a handshake with SNI {ip}: {text}"
+        );
+    }
+    let log = amslb.log();
+    assert!(
+        !log.contains("rustls") && !log.contains("SNI"),
+        "a client-side quirk was logged per connection:\n{log}"
+    );
+}
+
 #[tokio::test]
 async fn websocket_echoes_over_tls_through_the_balancer() {
     amslb::tls::install_crypto_provider();
