@@ -1,14 +1,20 @@
-//! Load generators: `wrk` for HTTP(S) figures, a raw request for the
+//! Load generators: `wrk` for HTTP(S) figures, a client making full TLS
+//! handshakes, a raw request for the
 //! equivalence check, and a WebSocket client that holds many idle tunnels.
 
 use crate::procs::{find_program, output, tail};
 use futures_util::{SinkExt, StreamExt, stream};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -136,6 +142,152 @@ impl Wrk {
             p50_us: p50,
             p99_us: p99,
         })
+    }
+}
+
+/// Full TLS handshakes for scenario 5, each carrying one request: `clients`
+/// tasks each connect, handshake as a new session, send a GET with
+/// `Connection: close`, read the answer to its end and start over, for
+/// `duration`. wrk cannot measure this: it reconnects with the session
+/// ticket of its last connection, so its handshakes are resumptions.
+/// TLS 1.3 with X25519 only: the OpenSSL 3.0 of Debian's HAProxy and nginx
+/// has no post-quantum hybrid, and offering one would cost them a
+/// HelloRetryRequest each.
+pub struct FullHandshakes {
+    connector: TlsConnector,
+    name: ServerName<'static>,
+}
+
+/// What one [`FullHandshakes`] run measured.
+#[derive(Debug, Clone, Copy)]
+pub struct HandshakeResult {
+    /// Connections that completed the handshake and got a 200.
+    pub done: u64,
+    /// Connections that failed anywhere.
+    pub failed: u64,
+    /// Length of the run in seconds.
+    pub secs: f64,
+}
+
+impl HandshakeResult {
+    /// Full handshakes (with their request) per second.
+    pub fn rate(&self) -> f64 {
+        self.done as f64 / self.secs
+    }
+}
+
+/// Connections counted by [`FullHandshakes`] clients.
+#[derive(Debug, Default)]
+struct Tally {
+    done: u64,
+    failed: u64,
+    first_error: Option<String>,
+}
+
+impl Tally {
+    fn fail(&mut self, error: String) {
+        self.failed += 1;
+        self.first_error.get_or_insert(error);
+    }
+
+    fn add(mut self, other: Tally) -> Tally {
+        self.done += other.done;
+        self.failed += other.failed;
+        self.first_error = self.first_error.or(other.first_error);
+        self
+    }
+}
+
+impl FullHandshakes {
+    /// A client that trusts the PEM certificate `cert` for `name`.
+    pub fn new(cert: &Path, name: &str) -> Result<Self, String> {
+        let der = CertificateDer::from_pem_file(cert).map_err(|e| format!("{cert:?}: {e}"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).map_err(|e| e.to_string())?;
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(|e| e.to_string())?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.resumption = rustls::client::Resumption::disabled();
+        Ok(Self {
+            connector: TlsConnector::from(Arc::new(config)),
+            name: ServerName::try_from(name.to_string()).map_err(|e| e.to_string())?,
+        })
+    }
+
+    /// Runs `clients` tasks against `addr` fetching `path` for `duration`;
+    /// fails when more than 1 % of the connections did, with the first error.
+    pub async fn run(
+        &self,
+        addr: SocketAddr,
+        path: &str,
+        clients: usize,
+        duration: Duration,
+    ) -> Result<HandshakeResult, String> {
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+            self.name.to_str()
+        );
+        let started = Instant::now();
+        let until = started + duration;
+        let tally = stream::iter(0..clients)
+            .map(|_| self.client(addr, request.as_bytes(), until))
+            .buffer_unordered(clients)
+            .fold(Tally::default(), |a, b| async move { a.add(b) })
+            .await;
+        let result = HandshakeResult {
+            done: tally.done,
+            failed: tally.failed,
+            secs: started.elapsed().as_secs_f64(),
+        };
+        if result.done == 0 || result.failed * 100 > result.done {
+            return Err(format!(
+                "{} handshakes, {} failed, first: {}",
+                result.done,
+                result.failed,
+                tally.first_error.unwrap_or_default()
+            ));
+        }
+        Ok(result)
+    }
+
+    /// One client's loop until `until`.
+    async fn client(&self, addr: SocketAddr, request: &[u8], until: Instant) -> Tally {
+        let mut tally = Tally::default();
+        while Instant::now() < until {
+            let one = tokio::time::timeout(Duration::from_secs(10), self.one(addr, request));
+            match one.await {
+                Ok(Ok(())) => tally.done += 1,
+                Ok(Err(e)) => tally.fail(e.to_string()),
+                Err(_) => tally.fail("no answer within 10 s".to_string()),
+            }
+        }
+        tally
+    }
+
+    /// One connection: handshake, request, the whole answer, which must be a 200.
+    async fn one(&self, addr: SocketAddr, request: &[u8]) -> std::io::Result<()> {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        tcp.set_nodelay(true)?;
+        let mut tls = self.connector.connect(self.name.clone(), tcp).await?;
+        tls.write_all(request).await?;
+        let mut answer = Vec::with_capacity(512);
+        // A peer that closes TCP without close_notify after a complete
+        // answer has still answered.
+        match tls.read_to_end(&mut answer).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+            Err(e) => return Err(e),
+        }
+        if answer.starts_with(b"HTTP/1.1 200") {
+            Ok(())
+        } else {
+            let head = String::from_utf8_lossy(&answer[..answer.len().min(40)]).into_owned();
+            Err(std::io::Error::other(format!("not a 200: {head:?}")))
+        }
     }
 }
 

@@ -63,6 +63,9 @@ pub enum Front<'a> {
     Tcp,
 }
 
+/// The name the bench's certificate is for.
+pub const TLS_NAME: &str = "bench.test";
+
 /// One ECDSA P-256 certificate in the layouts each balancer wants.
 pub struct TlsFiles {
     /// PEM certificate.
@@ -78,7 +81,7 @@ pub struct TlsFiles {
 impl TlsFiles {
     /// Generates a self-signed certificate for `bench.test` under `dir/certs`.
     pub fn generate(dir: &Path) -> Result<Self, String> {
-        let certified = rcgen::generate_simple_self_signed(vec!["bench.test".to_string()])
+        let certified = rcgen::generate_simple_self_signed(vec![TLS_NAME.to_string()])
             .map_err(|e| e.to_string())?;
         let (cert_pem, key_pem) = (certified.cert.pem(), certified.signing_key.serialize_pem());
         let certs = dir.join("certs");
@@ -278,8 +281,11 @@ fn nginx_config(spec: &Spec) -> Result<String, StartError> {
             } else {
                 " ssl"
             },
+            // nginx 1.22 (Debian 12) offers TLS 1.0-1.2 unless told: the
+            // same versions as amslb and HAProxy, or it would be measured
+            // on TLS 1.2 resumptions, which skip the key exchange.
             format!(
-                "ssl_certificate {};\nssl_certificate_key {};\n",
+                "ssl_protocols TLSv1.2 TLSv1.3;\nssl_certificate {};\nssl_certificate_key {};\n",
                 files.cert.display(),
                 files.key.display()
             ),

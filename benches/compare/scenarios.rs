@@ -3,9 +3,9 @@
 
 use crate::backend::{LARGE_PATH, NODE_HEADER, SMALL_PATH, XFF_HEADER, spawn_ws_nodes};
 use crate::hls::{self, quantile};
-use crate::load::{H2load, Wrk, WrkResult, check_echo, http_get, open_tunnels};
+use crate::load::{FullHandshakes, H2load, Wrk, WrkResult, check_echo, http_get, open_tunnels};
 use crate::net::{Addrs, NODE_PORT};
-use crate::peers::{Front, Kind, Peer, Spec, TlsFiles};
+use crate::peers::{Front, Kind, Peer, Spec, TLS_NAME, TlsFiles};
 use crate::procs::{Daemon, StartError};
 use crate::registry::{self, Registry, Secantus};
 use crate::report::{Better, Cell, Column, Figure, Report};
@@ -46,6 +46,8 @@ const LEFT_STREAK: usize = 10;
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Scenario 7: how long amslb's idle CPU (health checks, following the registry) is measured.
 const IDLE_SPAN: Duration = Duration::from_secs(4);
+/// Scenario 5: connections making full handshakes at once.
+const FULL_HANDSHAKE_CLIENTS: usize = 64;
 /// Scenario 8: h2load connections (`-c`).
 const H2_CONNS: usize = 16;
 /// Scenario 8: concurrent streams per connection (`-m`).
@@ -252,19 +254,34 @@ impl Bench {
         );
     }
 
-    /// 5: full TLS handshakes per second (a new connection per request, no resumption).
+    /// 5: TLS handshakes per second, full ([`FullHandshakes`]: a new session
+    /// every connection) and resumed (wrk, which reconnects with the session
+    /// ticket of its last connection), each with one request.
     fn tls_handshakes(&mut self) {
         let Some(tls) = certificate(&self.tls, &mut self.report.notes, 5) else {
             return;
         };
+        let full = FullHandshakes::new(&tls.cert, TLS_NAME);
         let front = Front::Https(tls);
         let results = self.each_peer(5, &front, &self.http_nodes, |daemon, addr| {
+            let full = full.as_ref()?;
+            let run = |duration| {
+                self.rt
+                    .block_on(full.run(addr, SMALL_PATH, FULL_HANDSHAKE_CLIENTS, duration))
+            };
+            run(WARMUP)?;
+            let (full, full_cpu) = with_cpu(Some(daemon), || run(self.duration))?;
             let url = format!("https://{addr}{SMALL_PATH}");
             self.wrk.run(&url, SMALL_CONNS, WARMUP, true)?;
-            let (r, cpu) = with_cpu(Some(daemon), || {
+            let (resumed, resumed_cpu) = with_cpu(Some(daemon), || {
                 checked(self.wrk.run(&url, SMALL_CONNS, self.duration, true))
             })?;
-            Ok(vec![r.rate(), us_per(cpu, r.requests)])
+            Ok(vec![
+                full.rate(),
+                us_per(full_cpu, full.done),
+                resumed.rate(),
+                us_per(resumed_cpu, resumed.requests),
+            ])
         });
         let results = na_hint(results, "amslb has no https listener yet");
         self.add(
@@ -272,11 +289,19 @@ impl Bench {
             results,
             &[
                 (
-                    "5 TLS full handshakes/s (ECDSA P-256, 64 conns)",
+                    &format!(
+                        "5 TLS full handshakes/s (ECDSA P-256, X25519, {FULL_HANDSHAKE_CLIENTS} conns)"
+                    ),
                     Better::Higher,
                     0,
                 ),
-                ("5 balancer CPU µs per handshake", Better::Lower, 1),
+                ("5 balancer CPU µs per full handshake", Better::Lower, 1),
+                (
+                    "5 TLS resumed handshakes/s (wrk, session ticket, 64 conns)",
+                    Better::Higher,
+                    0,
+                ),
+                ("5 balancer CPU µs per resumed handshake", Better::Lower, 1),
             ],
         );
     }
