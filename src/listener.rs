@@ -103,16 +103,21 @@ impl Listening {
 
 /// Binds a TCP listener with SO_REUSEADDR and SO_REUSEPORT (so a new process can
 /// take over the port during an upgrade), IPV6_V6ONLY for IPv6 addresses (so
-/// `[::]:80` and `0.0.0.0:80` can be bound side by side) and the given backlog.
+/// `[::]:80` and `0.0.0.0:80` can be bound side by side), the given backlog
+/// and the per-connection options of [`tune_stream`], which the connections
+/// it accepts inherit (see [`tune_accepted`]).
 ///
 /// An inherited socket bound to `addr` is used instead, as it is (its
 /// backlog stays what the previous process set).
 pub fn bind_tcp(addr: SocketAddr, backlog: u32) -> io::Result<tokio::net::TcpListener> {
     if let Some(socket) = take_inherited(addr, Type::STREAM) {
         socket.set_nonblocking(true)?;
+        // An older process may not have set them.
+        tune(&socket);
         return tokio::net::TcpListener::from_std(socket.into());
     }
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    tune(&socket);
     socket.set_reuse_address(true)?;
     #[cfg(unix)]
     socket.set_reuse_port(true)?;
@@ -142,15 +147,29 @@ pub fn bind_udp(addr: SocketAddr) -> io::Result<tokio::net::UdpSocket> {
     tokio::net::UdpSocket::from_std(socket.into())
 }
 
-/// Per-connection socket options for an accepted or outgoing TCP stream:
-/// TCP_NODELAY, because signalling and playlist requests are small and latency
-/// matters more than packet count, and keepalive so dead peers of long tunnels
-/// are noticed by the kernel.
+/// Per-connection socket options for an outgoing TCP stream: TCP_NODELAY,
+/// because signalling and playlist requests are small and latency matters
+/// more than packet count, and keepalive so dead peers of long tunnels are
+/// noticed by the kernel.
 pub fn tune_stream(stream: &tokio::net::TcpStream) {
-    let _ = stream.set_nodelay(true);
-    let sock = socket2::SockRef::from(stream);
+    tune(&socket2::SockRef::from(stream));
+}
+
+/// The options of [`tune_stream`] for an accepted stream. Linux copies a
+/// listening socket's TCP options into every connection it accepts, and
+/// [`bind_tcp`] has set them there, so nothing is left to do: three
+/// setsockopt calls fewer per connection. Other systems get them here.
+pub fn tune_accepted(stream: &tokio::net::TcpStream) {
+    #[cfg(not(target_os = "linux"))]
+    tune_stream(stream);
+    #[cfg(target_os = "linux")]
+    let _ = stream;
+}
+
+fn tune(socket: &Socket) {
+    let _ = socket.set_tcp_nodelay(true);
     let keepalive = socket2::TcpKeepalive::new().with_time(std::time::Duration::from_secs(60));
-    let _ = sock.set_tcp_keepalive(&keepalive);
+    let _ = socket.set_tcp_keepalive(&keepalive);
 }
 
 #[cfg(test)]
@@ -183,6 +202,23 @@ mod tests {
                 .unwrap();
         assert_eq!(peer, client.local_addr().unwrap(), "the same kernel socket");
         assert_eq!(release_unclaimed(), 0);
+    }
+
+    #[tokio::test]
+    async fn accepted_connections_have_nodelay_and_keepalive() {
+        let listener = bind_tcp("127.0.0.1:0".parse().unwrap(), 16).unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        tune_accepted(&accepted);
+        let sock = socket2::SockRef::from(&accepted);
+        assert!(sock.tcp_nodelay().unwrap(), "TCP_NODELAY");
+        assert!(sock.keepalive().unwrap(), "SO_KEEPALIVE");
+        assert_eq!(
+            sock.tcp_keepalive_time().unwrap(),
+            std::time::Duration::from_secs(60)
+        );
     }
 
     #[tokio::test]

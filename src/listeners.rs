@@ -8,7 +8,7 @@ use crate::config::Protocol;
 use crate::config::rules::in_any;
 use crate::http::{self, headers::ClientInfo};
 use crate::l4::tcp::TcpProxy;
-use crate::listener::{bind_tcp, tune_stream};
+use crate::listener::{bind_tcp, tune_accepted};
 use crate::metrics::ListenerMetrics;
 use crate::proxy_protocol;
 use crate::runtime::Runtime;
@@ -152,7 +152,7 @@ async fn handle_stream(
     mut stream: TcpStream,
     peer: SocketAddr,
 ) {
-    tune_stream(&stream);
+    tune_accepted(&stream);
     let config = runtime.config();
     let Some(settings) = config.listeners.iter().find(|l| *l.name == *listener) else {
         return;
