@@ -17,6 +17,7 @@ use crate::runtime::Runtime;
 use crate::tls::TlsState;
 use crate::tls::serve::handshake;
 use headers::ClientInfo;
+use hyper::service::service_fn;
 use idle::{ConnActivity, WriteTimeout};
 use proxy::ConnContext;
 use serve::{HttpLimits, Versions, serve_http};
@@ -95,15 +96,17 @@ async fn serve<I>(
     // A client that reads nothing for `timeouts.client` is closed (HTTP/1,
     // h2 and tunnels after an upgrade alike).
     let io = WriteTimeout::new(io, idle_limit);
-    let activity = Arc::new(ConnActivity::default());
-    let service = idle::tracked(activity.clone(), idle_limit, move |request| {
-        proxy::handle(ctx.clone(), request)
-    });
+    let handle = move |request| proxy::handle(ctx.clone(), request);
     let stop = runtime.shutdown.child_token();
     let result = if versions == Versions::Http1 {
-        // hyper's header-read timeout already ends idle HTTP/1 keep-alive.
-        serve_http(io, versions, service, limits, stop).await
+        // hyper's header-read timeout already ends idle HTTP/1 keep-alive,
+        // and hyper polls an HTTP/1 response body whenever the socket takes
+        // more: neither the activity count nor the stream watch of h2 is
+        // needed (each cost an allocation and a lock per request).
+        serve_http(io, versions, service_fn(handle), limits, stop).await
     } else {
+        let activity = Arc::new(ConnActivity::default());
+        let service = idle::tracked(activity.clone(), idle_limit, handle);
         // hyper's HTTP/2 server has no idle timeout: close the connection
         // (GOAWAY, like a shutdown) after `timeouts.client` without a request.
         let idle_stop = stop.clone();
