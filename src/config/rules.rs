@@ -6,6 +6,7 @@
 use super::Config;
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::net::IpAddr;
 
@@ -123,7 +124,7 @@ impl<'de> Deserialize<'de> for HostPattern {
 }
 
 /// The host a request names: the `Host` value lower case, without port or trailing dot.
-pub fn normalize_host(host: &str) -> String {
+pub fn normalize_host(host: &str) -> Cow<'_, str> {
     let host = host.trim();
     let name = if let Some(v6) = host.strip_prefix('[') {
         v6.split(']').next().unwrap_or_default()
@@ -132,7 +133,13 @@ pub fn normalize_host(host: &str) -> String {
             .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
             .map_or(host, |(name, _)| name)
     };
-    name.trim_end_matches('.').to_ascii_lowercase()
+    let name = name.trim_end_matches('.');
+    // Clients send lowercase names: no copy for those, on every request.
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(name.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(name)
+    }
 }
 
 /// A path pattern: `*` matches any run of characters (`/` too), `?` one character.

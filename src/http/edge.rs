@@ -117,6 +117,10 @@ pub(crate) fn admit<B>(
         .and_then(|h| h.to_str().ok())
         .or_else(|| request.uri().host())
         .map(normalize_host);
+    // Looked up now: `host` borrows the request, which rule edits change below.
+    let host_group = host
+        .as_deref()
+        .and_then(|host| hosts::group_for_host(&listener.host_groups, host));
     let mut admitted = Admitted::default();
     if !config.rules.is_empty() {
         let facts = Facts {
@@ -170,10 +174,8 @@ pub(crate) fn admit<B>(
             "too many requests",
         )));
     }
-    if admitted.group.is_none()
-        && let Some(host) = &host
-    {
-        admitted.group = hosts::group_for_host(&listener.host_groups, host).map(str::to_string);
+    if admitted.group.is_none() {
+        admitted.group = host_group.map(str::to_string);
     }
     Ok(admitted)
 }

@@ -364,7 +364,9 @@ impl Body for NodeBody {
 /// a target with an authority (HTTP/2 `:authority`, an HTTP/1.1
 /// absolute-form URI) wins over `Host` and replaces it (RFC 9113 §8.3.1,
 /// RFC 9112 §3.2.2), so routing and the node agree on one name.
-pub fn resolve_host<B>(request: &mut Request<B>) -> Result<Option<String>, (StatusCode, String)> {
+pub fn resolve_host<B>(
+    request: &mut Request<B>,
+) -> Result<Option<HeaderValue>, (StatusCode, String)> {
     let headers = request.headers();
     if headers.get_all(header::HOST).iter().nth(1).is_some() {
         return Err((
@@ -372,15 +374,12 @@ pub fn resolve_host<B>(request: &mut Request<B>) -> Result<Option<String>, (Stat
             "more than one Host header".to_string(),
         ));
     }
-    if let Some(authority) = request.uri().authority().map(|a| a.as_str().to_string()) {
-        let value = HeaderValue::from_str(&authority)
-            .map_err(|_| (StatusCode::BAD_REQUEST, "invalid authority".to_string()))?;
-        request.headers_mut().insert(header::HOST, value);
-        return Ok(Some(authority));
-    }
-    Ok(request
-        .headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_string))
+    let Some(authority) = request.uri().authority() else {
+        // The usual case: a clone of the value shares its bytes, no copy.
+        return Ok(request.headers().get(header::HOST).cloned());
+    };
+    let value = HeaderValue::from_str(authority.as_str())
+        .map_err(|_| (StatusCode::BAD_REQUEST, "invalid authority".to_string()))?;
+    request.headers_mut().insert(header::HOST, value.clone());
+    Ok(Some(value))
 }

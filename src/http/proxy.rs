@@ -136,7 +136,7 @@ struct RequestCtx {
     method: Method,
     uri: Uri,
     /// The host the client named (`Host`, or `:authority` over h2).
-    host: Option<String>,
+    host: Option<HeaderValue>,
     /// The access log and metrics record; taken by the response body once a
     /// node answers, so it is written when the body ends.
     record: Option<Exchange>,
@@ -197,7 +197,8 @@ impl RequestCtx {
         if self.view.listener().redirect_https && !crate::tls::is_http01_path(path) {
             let host = self
                 .host
-                .as_deref()
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
                 .ok_or((StatusCode::BAD_REQUEST, "missing Host header".to_string()))?;
             let host = host.split(':').next().unwrap_or(host);
             let path = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -306,10 +307,7 @@ impl RequestCtx {
         *request.version_mut() = Version::HTTP_11;
         let headers = request.headers_mut();
         if !headers.contains_key(header::HOST)
-            && let Some(value) = self
-                .host
-                .take()
-                .and_then(|h| HeaderValue::from_str(&h).ok())
+            && let Some(value) = self.host.take()
         {
             headers.insert(header::HOST, value);
         }
@@ -462,21 +460,23 @@ pub(crate) fn sticky_affinity(
     route: &Route,
     request: &mut Request<Incoming>,
 ) -> Affinity {
-    let mut nodes: Vec<Arc<Node>> = snapshot
-        .group(group)
-        .map(|members| members.nodes.clone())
-        .unwrap_or_default();
-    if !nodes.iter().any(|n| n.is_usable())
-        && let Some(backup) = config.group(group).and_then(|g| g.backup.as_deref())
-        && let Some(members) = snapshot.group(backup)
-    {
-        nodes.extend(members.nodes.iter().cloned());
-    }
+    let members: &[Arc<Node>] = snapshot.group(group).map_or(&[], |m| &m.nodes);
+    // The group's own list, borrowed (no copy per request) unless its
+    // backup has to join it.
+    let with_backup: Vec<Arc<Node>>;
+    let nodes = match config.group(group).and_then(|g| g.backup.as_deref()) {
+        Some(backup) if !members.iter().any(|n| n.is_usable()) => {
+            let backup = snapshot.group(backup).map_or(&[][..], |m| &m.nodes);
+            with_backup = members.iter().chain(backup).cloned().collect();
+            &with_backup[..]
+        }
+        _ => members,
+    };
     let mut uri = std::mem::take(request.uri_mut());
     let affinity =
         ctx.runtime
             .sticky()
-            .on_request(route.kind, &mut uri, request.headers_mut(), &nodes);
+            .on_request(route.kind, &mut uri, request.headers_mut(), nodes);
     *request.uri_mut() = uri;
     affinity
 }
