@@ -389,6 +389,10 @@ impl Metrics {
     /// listener that survives a reload keeps counting where it was.
     pub fn listener(&self, name: &str) -> Arc<ListenerMetrics> {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up on every client connection: no key copied when it exists.
+        if let Some(found) = listeners.get(name) {
+            return found.clone();
+        }
         listeners
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(ListenerMetrics::new(name, &self.families)))
