@@ -28,6 +28,32 @@ async fn start(dir: &Path, extra: &str) -> (Amslb, SocketAddr, support::SimNode)
     (amslb, https, node)
 }
 
+/// amslb serving one `live.amslb.test` certificate of a fresh CA from a
+/// new directory (named after `tag`), in front of one simulated origin.
+struct Live {
+    ca: TestCa,
+    amslb: Amslb,
+    https: SocketAddr,
+    node: support::SimNode,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_live(tag: &str) -> Live {
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let dir = tempdir(tag);
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(dir.path().join("live.pem"), format!("{cert}{key}")).unwrap();
+    let (amslb, https, node) = start(dir.path(), "").await;
+    Live {
+        ca,
+        amslb,
+        https,
+        node,
+        _dir: dir,
+    }
+}
+
 #[tokio::test]
 async fn sni_picks_the_right_certificate_among_three() {
     amslb::tls::install_crypto_provider();
@@ -68,13 +94,13 @@ async fn sni_picks_the_right_certificate_among_three() {
 
 #[tokio::test]
 async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
-    amslb::tls::install_crypto_provider();
-    let ca = TestCa::new();
-    let tmp = tempdir("alpn");
-    let dir = tmp.path();
-    let (cert, key) = ca.leaf(&["live.amslb.test"]);
-    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let (_amslb, https, node) = start(dir, "").await;
+    let Live {
+        ca,
+        amslb: _amslb,
+        https,
+        node,
+        _dir,
+    } = start_live("alpn").await;
     let roots = [ca.der.clone()];
 
     let h2 = get(
@@ -124,13 +150,13 @@ async fn h2_and_http11_are_both_proxied_with_forwarded_proto_https() {
 
 #[tokio::test]
 async fn tls12_and_tls13_both_handshake_and_resume() {
-    amslb::tls::install_crypto_provider();
-    let ca = TestCa::new();
-    let tmp = tempdir("resume");
-    let dir = tmp.path();
-    let (cert, key) = ca.leaf(&["live.amslb.test"]);
-    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let (_amslb, https, _node) = start(dir, "").await;
+    let Live {
+        ca,
+        amslb: _amslb,
+        https,
+        node: _node,
+        _dir,
+    } = start_live("resume").await;
 
     for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
         let mut roots = rustls::RootCertStore::empty();
@@ -159,13 +185,13 @@ async fn tls12_and_tls13_both_handshake_and_resume() {
 /// not write a log line each (any client could fill the log that way).
 #[tokio::test]
 async fn ip_address_as_sni_handshakes_without_a_log_line_per_connection() {
-    amslb::tls::install_crypto_provider();
-    let ca = TestCa::new();
-    let tmp = tempdir("ipsni");
-    let dir = tmp.path();
-    let (cert, key) = ca.leaf(&["live.amslb.test"]);
-    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let (amslb, https, _node) = start(dir, "").await;
+    let Live {
+        ca: _,
+        amslb,
+        https,
+        node: _node,
+        _dir,
+    } = start_live("ipsni").await;
 
     let ip = https.ip().to_string();
     for _ in 0..3 {
@@ -195,13 +221,13 @@ async fn ip_address_as_sni_handshakes_without_a_log_line_per_connection() {
 
 #[tokio::test]
 async fn websocket_echoes_over_tls_through_the_balancer() {
-    amslb::tls::install_crypto_provider();
-    let ca = TestCa::new();
-    let tmp = tempdir("wss");
-    let dir = tmp.path();
-    let (cert, key) = ca.leaf(&["live.amslb.test"]);
-    std::fs::write(dir.join("live.pem"), format!("{cert}{key}")).unwrap();
-    let (_amslb, https, node) = start(dir, "").await;
+    let Live {
+        ca,
+        amslb: _amslb,
+        https,
+        node,
+        _dir,
+    } = start_live("wss").await;
 
     let tcp = TcpStream::connect(https).await.unwrap();
     // Browsers open WebSockets on an HTTP/1.1 connection (amslb does not offer
