@@ -46,8 +46,6 @@ const LEFT_STREAK: usize = 10;
 const POLL_INTERVAL: Duration = Duration::from_secs(2);
 /// Scenario 7: how long amslb's idle CPU (health checks, following the registry) is measured.
 const IDLE_SPAN: Duration = Duration::from_secs(4);
-/// Scenario 5: connections making full handshakes at once.
-const FULL_HANDSHAKE_CLIENTS: usize = 64;
 /// Scenario 8: h2load connections (`-c`).
 const H2_CONNS: usize = 16;
 /// Scenario 8: concurrent streams per connection (`-m`).
@@ -267,7 +265,7 @@ impl Bench {
             let full = full.as_ref()?;
             let run = |duration| {
                 self.rt
-                    .block_on(full.run(addr, SMALL_PATH, FULL_HANDSHAKE_CLIENTS, duration))
+                    .block_on(full.run(addr, SMALL_PATH, SMALL_CONNS, duration))
             };
             run(WARMUP)?;
             let (full, full_cpu) = with_cpu(Some(daemon), || run(self.duration))?;
@@ -289,15 +287,15 @@ impl Bench {
             results,
             &[
                 (
-                    &format!(
-                        "5 TLS full handshakes/s (ECDSA P-256, X25519, {FULL_HANDSHAKE_CLIENTS} conns)"
-                    ),
+                    &format!("5 TLS full handshakes/s (ECDSA P-256, X25519, {SMALL_CONNS} conns)"),
                     Better::Higher,
                     0,
                 ),
                 ("5 balancer CPU µs per full handshake", Better::Lower, 1),
                 (
-                    "5 TLS resumed handshakes/s (wrk, session ticket, 64 conns)",
+                    &format!(
+                        "5 TLS resumed handshakes/s (wrk, session ticket, {SMALL_CONNS} conns)"
+                    ),
                     Better::Higher,
                     0,
                 ),
