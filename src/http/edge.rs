@@ -53,6 +53,7 @@ pub(crate) fn client_context(
         runtime: ctx.runtime.clone(),
         listener: ctx.listener.clone(),
         client,
+        client_ip: super::headers::ip_header(chain.client),
         metrics: ctx.metrics.clone(),
     })
 }

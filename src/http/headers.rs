@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -71,17 +71,33 @@ pub struct ForwardOptions {
     pub via: bool,
 }
 
-/// Adds X-Forwarded-For (appending to what a previous proxy set),
-/// X-Forwarded-Proto, X-Forwarded-Host, and optionally Forwarded and Via.
-pub fn add_forwarding(headers: &mut HeaderMap, client: ClientInfo, options: ForwardOptions) {
+/// The client's address as header text, made once per client connection so
+/// that a request's X-Forwarded-For costs neither formatting nor a copy.
+pub fn ip_header(ip: IpAddr) -> HeaderValue {
+    // An address's text is always a valid header value; the value takes the
+    // string's buffer instead of a copy.
+    HeaderValue::from_maybe_shared(Bytes::from(ip.to_string()))
+        .expect("an IP address is header-safe text")
+}
+
+/// Adds X-Forwarded-For (appending `client_ip`, the [`ip_header`] of
+/// `client`, to what a previous proxy set), X-Forwarded-Proto,
+/// X-Forwarded-Host, and optionally Forwarded and Via.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client: ClientInfo,
+    client_ip: &HeaderValue,
+    options: ForwardOptions,
+) {
     let ip = client.addr.ip();
     let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) if !previous.trim().is_empty() => format!("{previous}, {ip}"),
-        _ => ip.to_string(),
+        Some(previous) if !previous.trim().is_empty() => {
+            // A string built from header text that was valid stays valid.
+            HeaderValue::from_maybe_shared(Bytes::from(format!("{previous}, {ip}"))).ok()
+        }
+        _ => Some(client_ip.clone()),
     };
-    // An address and a string built from header text that was valid stay
-    // valid; the value takes the string's buffer instead of a copy.
-    if let Ok(value) = HeaderValue::from_maybe_shared(Bytes::from(xff)) {
+    if let Some(value) = xff {
         headers.insert(X_FORWARDED_FOR, value);
     }
     let proto = if client.tls { "https" } else { "http" };
@@ -166,6 +182,7 @@ mod tests {
         add_forwarding(
             &mut h,
             client,
+            &ip_header(client.addr.ip()),
             ForwardOptions {
                 forwarded: false,
                 via: false,
@@ -188,6 +205,7 @@ mod tests {
         add_forwarding(
             &mut h,
             client,
+            &ip_header(client.addr.ip()),
             ForwardOptions {
                 forwarded: true,
                 via: true,

@@ -90,6 +90,7 @@ async fn serve<I>(
         runtime: runtime.clone(),
         listener: listener.clone(),
         client,
+        client_ip: headers::ip_header(client.addr.ip()),
         metrics: runtime.metrics.listener(&listener),
     });
     let idle_limit = config.timeouts.client;

@@ -63,6 +63,8 @@ pub struct ConnContext {
     pub listener: Arc<str>,
     /// Who the client is.
     pub client: ClientInfo,
+    /// The client's address as header text ([`super::headers::ip_header`]).
+    pub client_ip: HeaderValue,
     /// The listener's metric handles, resolved once per connection.
     pub metrics: Arc<ListenerMetrics>,
 }
@@ -317,7 +319,7 @@ impl RequestCtx {
             forwarded: listener.forwarded,
             via: listener.via,
         };
-        add_forwarding(headers, self.conn.client, options);
+        add_forwarding(headers, self.conn.client, &self.conn.client_ip, options);
         Ok(())
     }
 
