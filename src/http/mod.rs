@@ -107,7 +107,11 @@ async fn serve<I>(
         serve_http(io, versions, service_fn(handle), limits, stop).await
     } else {
         let activity = Arc::new(ConnActivity::default());
-        let service = idle::tracked(activity.clone(), idle_limit, handle);
+        // hyper spawns a task per h2 stream and moves the request future
+        // into it by value several times (spawn, task cell, stage changes);
+        // boxed, each move copies a pointer instead of the ~4 KB future.
+        let boxed = move |request| Box::pin(handle(request));
+        let service = idle::tracked(activity.clone(), idle_limit, boxed);
         // hyper's HTTP/2 server has no idle timeout: close the connection
         // (GOAWAY, like a shutdown) after `timeouts.client` without a request.
         let idle_stop = stop.clone();
