@@ -29,6 +29,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use std::io;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -59,6 +60,9 @@ pub struct DirectConn {
     read: BytesMut,
     /// The request head being written; kept for the same reason.
     head: Vec<u8>,
+    /// Where each response header sits in the head ([`parse_head`]); kept
+    /// so that parsing clears no array of [`MAX_HEADERS`] entries.
+    spans: Vec<Span>,
 }
 
 /// Why a direct request failed.
@@ -106,6 +110,7 @@ impl DirectConn {
             io: dial(addr, tls, timeout).await?,
             read: BytesMut::with_capacity(FIRST_BUFFER),
             head: Vec::with_capacity(1024),
+            spans: Vec::new(),
         })
     }
 
@@ -159,7 +164,9 @@ impl DirectConn {
             nothing_received: true,
         })?;
         let (response, framing, keep_alive) = loop {
-            if let Some(parsed) = parse_head(&mut self.read, head_request)? {
+            if !self.read.is_empty()
+                && let Some(parsed) = parse_head(&mut self.read, &mut self.spans, head_request)?
+            {
                 break parsed;
             }
             if self.read.len() >= MAX_HEAD {
@@ -239,18 +246,28 @@ enum Chunk {
 
 type Parsed = (Response<()>, Framing, bool);
 
+/// Offset and length of a header's name, then of its value, in a head.
+type Span = (usize, usize, usize, usize);
+
 /// Parses a complete response head at the start of `read` (removing it), or
-/// `None` when more bytes are needed. Informational answers (1xx but 101)
-/// are skipped, as hyper's client does.
-fn parse_head(read: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>, SendError> {
+/// `None` when more bytes are needed; `spans` is scratch space. Informational
+/// answers (1xx but 101) are skipped, as hyper's client does.
+fn parse_head(
+    read: &mut BytesMut,
+    spans: &mut Vec<Span>,
+    head_request: bool,
+) -> Result<Option<Parsed>, SendError> {
     let bad = |error| SendError {
         error,
         nothing_received: false,
     };
     loop {
-        let mut lines = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut head = httparse::Response::new(&mut lines);
-        let length = match head.parse(read) {
+        // Uninitialised slots: zeroing 100 of them cost more than the parse.
+        let mut lines = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
+        let mut head = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default()
+            .parse_response_with_uninit_headers(&mut head, read, &mut lines);
+        let length = match parsed {
             Ok(httparse::Status::Complete(length)) => length,
             Ok(httparse::Status::Partial) => return Ok(None),
             Err(e) => return Err(bad(DirectError::BadHead(e.to_string()))),
@@ -274,15 +291,15 @@ fn parse_head(read: &mut BytesMut, head_request: bool) -> Result<Option<Parsed>,
         // slices of one shared buffer instead of a copy each (as hyper does).
         let base = read.as_ptr() as usize;
         let offset = |part: &[u8]| part.as_ptr() as usize - base;
-        let mut spans = [(0usize, 0usize, 0usize, 0usize); MAX_HEADERS];
-        let count = head.headers.len();
-        for (span, line) in spans.iter_mut().zip(head.headers.iter()) {
+        spans.clear();
+        spans.extend(head.headers.iter().map(|line| {
             let (name, value) = (line.name.as_bytes(), line.value);
-            *span = (offset(name), name.len(), offset(value), value.len());
-        }
+            (offset(name), name.len(), offset(value), value.len())
+        }));
+        let count = spans.len();
         let head = read.split_to(length).freeze();
         let mut headers = HeaderMap::with_capacity(count);
-        for &(name_at, name_len, value_at, value_len) in &spans[..count] {
+        for &(name_at, name_len, value_at, value_len) in spans.iter() {
             let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
                 .map_err(|e| bad(DirectError::BadHead(e.to_string())))?;
             let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
