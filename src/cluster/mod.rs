@@ -15,7 +15,7 @@ pub use node::{FULL_WEIGHT, Node, NodeLease, NodeSpec, ReportedLoad};
 pub use source::{MembershipSource, SourceState};
 
 use arc_swap::ArcSwap;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 
@@ -75,7 +75,7 @@ impl Cluster {
     /// time is not undone by an unrelated update.
     pub fn update(&self, specs: Vec<NodeSpec>) {
         let old = self.current.load();
-        let mut groups: HashMap<String, GroupMembers> = HashMap::new();
+        let mut groups: HashMap<String, GroupMembers> = HashMap::default();
         for spec in specs {
             let node = match old.node(&spec.id) {
                 Some(existing) if same_endpoint(existing.spec(), &spec) => {
