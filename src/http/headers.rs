@@ -26,7 +26,7 @@ static HOP_BY_HOP: [HeaderName; 7] = [
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // One pass over the names finds which hop-by-hop headers are there, so
     // only those are removed: a remove hashes its name, and seven of them on
-    // every request and response were a tenth of the keep-alive path's
+    // every request and response were 7 % of the keep-alive path's
     // instructions.
     let mut present = 0u8;
     for name in headers.keys() {
