@@ -296,9 +296,8 @@ fn parse_head(
             let (name, value) = (line.name.as_bytes(), line.value);
             (offset(name), name.len(), offset(value), value.len())
         }));
-        let count = spans.len();
         let head = read.split_to(length).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        let mut headers = HeaderMap::with_capacity(spans.len());
         for &(name_at, name_len, value_at, value_len) in spans.iter() {
             let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
                 .map_err(|e| bad(DirectError::BadHead(e.to_string())))?;
