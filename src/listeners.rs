@@ -102,9 +102,13 @@ async fn accept_loop(
     stop: tokio_util::sync::CancellationToken,
     metrics: Arc<ListenerMetrics>,
 ) {
+    // One wait for the stop, kept across accepts: a new one per accept
+    // would register with the token (a lock) and leave it again each time.
+    let stopped = stop.cancelled();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
+            () = &mut stopped => return,
             accepted = bound.socket.accept() => accepted,
         };
         let (stream, peer) = match accepted {
@@ -121,13 +125,15 @@ async fn accept_loop(
             continue;
         };
         let runtime2 = runtime.clone();
-        let name = bound.name.clone();
+        // The listener's handles, found once per accept loop: a lookup per
+        // connection would take the registry's lock, shared by every thread.
+        let listener = metrics.clone();
         let open = metrics.connection_opened();
         let l4 = bound.l4.clone();
         runtime.tasks.spawn(async move {
             let _permit = permit;
             let _open = open;
-            handle_stream(runtime2, name, l4, stream, peer).await;
+            handle_stream(runtime2, listener, l4, stream, peer).await;
         });
     }
 }
@@ -147,14 +153,15 @@ async fn connection_slot(runtime: &Runtime) -> Option<OwnedSemaphorePermit> {
 
 async fn handle_stream(
     runtime: Arc<Runtime>,
-    listener: Arc<str>,
+    metrics: Arc<ListenerMetrics>,
     l4: Option<Arc<TcpProxy>>,
     mut stream: TcpStream,
     peer: SocketAddr,
 ) {
     tune_accepted(&stream);
+    let listener = metrics.name();
     let config = runtime.config();
-    let Some(settings) = config.listeners.iter().find(|l| *l.name == *listener) else {
+    let Some(settings) = config.listeners.iter().find(|l| *l.name == **listener) else {
         return;
     };
     let mut client = ClientInfo {
@@ -186,7 +193,7 @@ async fn handle_stream(
         Protocol::Http => {
             Box::pin(http::serve_connection(
                 runtime.clone(),
-                listener,
+                metrics,
                 stream,
                 client,
             ))
@@ -202,7 +209,7 @@ async fn handle_stream(
         Protocol::Https => {
             if let Some(tls) = runtime.tls() {
                 let serve =
-                    http::serve_tls_connection(runtime.clone(), tls, listener, stream, client);
+                    http::serve_tls_connection(runtime.clone(), tls, metrics, stream, client);
                 Box::pin(serve).await;
             }
         }

@@ -13,6 +13,7 @@ pub mod serve;
 mod sniffed;
 mod ws_publish;
 
+use crate::metrics::ListenerMetrics;
 use crate::runtime::Runtime;
 use crate::tls::TlsState;
 use crate::tls::serve::handshake;
@@ -32,10 +33,11 @@ use tracing::{debug, info};
 /// The header-read timeout (`timeouts.client`) bounds both a slow request
 /// head (slowloris) and how long an idle keep-alive connection is kept;
 /// hyper answers malformed heads with 400 and oversized ones with 431 itself,
-/// and the error is logged here.
+/// and the error is logged here. `listener` holds the counters of the
+/// listener that accepted the connection, and its name.
 pub async fn serve_connection<I>(
     runtime: Arc<Runtime>,
-    listener: Arc<str>,
+    listener: Arc<ListenerMetrics>,
     io: I,
     client: ClientInfo,
 ) where
@@ -50,7 +52,7 @@ pub async fn serve_connection<I>(
 pub async fn serve_tls_connection(
     runtime: Arc<Runtime>,
     tls: Arc<TlsState>,
-    listener: Arc<str>,
+    listener: Arc<ListenerMetrics>,
     stream: TcpStream,
     client: ClientInfo,
 ) {
@@ -60,7 +62,7 @@ pub async fn serve_tls_connection(
         Ok(None) => return,
         Err(e) => {
             // Scanners and clients that distrust the certificate: not worth more than debug.
-            debug!(%listener, client = %client.addr, error = %e, "TLS handshake failed");
+            debug!(listener = %listener.name(), client = %client.addr, error = %e, "TLS handshake failed");
             return;
         }
     };
@@ -74,7 +76,7 @@ pub async fn serve_tls_connection(
 
 async fn serve<I>(
     runtime: Arc<Runtime>,
-    listener: Arc<str>,
+    metrics: Arc<ListenerMetrics>,
     io: I,
     versions: Versions,
     client: ClientInfo,
@@ -86,12 +88,13 @@ async fn serve<I>(
         header_read_timeout: config.timeouts.client,
         max_header_bytes: config.global.max_header_bytes,
     };
+    let listener = metrics.name().clone();
     let ctx = Arc::new(ConnContext {
         runtime: runtime.clone(),
         listener: listener.clone(),
         client,
         client_ip: headers::ip_header(client.addr.ip()),
-        metrics: runtime.metrics.listener(&listener),
+        metrics,
     });
     let idle_limit = config.timeouts.client;
     // A client that reads nothing for `timeouts.client` is closed (HTTP/1,
