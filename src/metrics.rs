@@ -107,6 +107,7 @@ struct Families {
     access_log_dropped: IntCounter,
     udp_dropped: IntCounterVec,
     no_node: IntCounterVec,
+    tls_handshake_failures: IntCounterVec,
     l4_sessions: IntCounterVec,
     l4_open_sessions: IntGaugeVec,
     l4_rejected: IntCounterVec,
@@ -298,6 +299,11 @@ impl Families {
                 "amslb_no_node_total",
                 "Requests and L4 sessions refused because no node of the group (or its backup) was usable.",
                 &["listener", "group"],
+            )?,
+            tls_handshake_failures: counter(
+                "amslb_tls_handshake_failures_total",
+                "Client TLS handshakes that failed, by reason: error (not TLS, no common version or cipher, a certificate the client refused), closed (the client left first, as TCP probes do) or timeout (no handshake within the listener's limit).",
+                &["listener", "reason"],
             )?,
             l4_sessions: counter(
                 "amslb_l4_sessions_total",
@@ -836,6 +842,23 @@ impl ListenerMetrics {
     /// Counts a retry on another node.
     pub fn retry(&self) {
         self.retries.inc();
+    }
+
+    /// Counts a client TLS handshake that failed with an error of `kind`:
+    /// `timeout` (TimedOut), `closed` (UnexpectedEof: the client left before
+    /// it finished, as TCP probes do) or `error` (anything else: not TLS, no
+    /// common version or cipher, an alert). Resolved on use: plain listeners
+    /// get no series, and a failure costs one label lookup.
+    pub fn tls_handshake_failed(&self, kind: std::io::ErrorKind) {
+        let reason = match kind {
+            std::io::ErrorKind::TimedOut => "timeout",
+            std::io::ErrorKind::UnexpectedEof => "closed",
+            _ => "error",
+        };
+        self.families
+            .tls_handshake_failures
+            .with_label_values(&[&self.name, reason])
+            .inc();
     }
 
     /// Counts a sticky session moved to another node.

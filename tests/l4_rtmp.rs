@@ -94,6 +94,22 @@ async fn rtmps_publish_is_terminated_and_relayed_plain() {
     publish_and_wait(format!("rtmps://{addr}/live/s3"), 3, "flv").await;
     assert_recorded(&node, "s3");
     assert_eq!(lb.stats().rtmp_publishes, 1);
+
+    // Plain RTMP sent to the RTMPS port fails the handshake and is counted.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(addr).await.unwrap();
+    plain.write_all(&[3u8; 1537]).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut rest)).await;
+    assert!(read.is_ok(), "a client that is not TLS is closed");
+    // The TLS layer drops the socket before amslb counts the failure: the
+    // count can trail the close by a moment.
+    let failed = "amslb_tls_handshake_failures_total{listener=\"l4\",reason=\"error\"} 1";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !lb.metrics().contains(failed) {
+        assert!(Instant::now() < deadline, "{}", lb.metrics());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// An RTMPS listener without its own cert/key serves the `[tls]` store.

@@ -449,6 +449,69 @@ async fn certificate_expiry_is_exported_as_a_metric() {
     }
 }
 
+#[tokio::test]
+async fn failed_handshakes_are_counted_by_reason() {
+    use tokio::io::AsyncWriteExt;
+    amslb::tls::install_crypto_provider();
+    let ca = TestCa::new();
+    let tmp = tempdir("handshake-failures");
+    let (cert, key) = ca.leaf(&["live.amslb.test"]);
+    std::fs::write(tmp.path().join("live.pem"), format!("{cert}{key}")).unwrap();
+    let stats = listener_addr(6080);
+    let extra = format!("[stats]\nbind = \"{stats}\"\nallow = [\"127.0.0.0/8\"]\n");
+    let (amslb, https, _node) = start(tmp.path(), &extra).await;
+
+    // Plain HTTP to the TLS port: not a ClientHello, an error at once.
+    let mut plain = TcpStream::connect(https).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: live.amslb.test\r\n\r\n")
+        .await
+        .unwrap();
+    // A client that says nothing: cut after `timeouts.client` (5 s here).
+    let _silent = TcpStream::connect(https).await.unwrap();
+    // A client that leaves at once, as a TCP probe does (so does the start-up
+    // wait for the listener: "closed" counts those too).
+    drop(TcpStream::connect(https).await.unwrap());
+
+    let count = |text: &str, reason: &str| {
+        let series = format!(
+            "amslb_tls_handshake_failures_total{{listener=\"https\",reason=\"{reason}\"}} "
+        );
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let text = support::get(stats, "/metrics").await.text();
+        let [error, timeout, closed] = ["error", "timeout", "closed"].map(|r| count(&text, r));
+        if timeout.is_some() {
+            assert_eq!(error, Some(1), "the plain HTTP client only:\n{text}");
+            assert!(closed >= Some(1), "the client that left:\n{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no timeout counted:\n{text}\nlog:\n{}",
+            amslb.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    // A good handshake afterwards counts nothing.
+    let seen = get(
+        https,
+        "live.amslb.test",
+        std::slice::from_ref(&ca.der),
+        &[],
+        "/rest/v2/version",
+    )
+    .await
+    .unwrap();
+    assert_eq!(seen.status, 200);
+    let text = support::get(stats, "/metrics").await.text();
+    assert_eq!(count(&text, "error"), Some(1), "{text}");
+    assert_eq!(count(&text, "timeout"), Some(1), "{text}");
+}
+
 /// The notAfter of a PEM certificate, in seconds since the epoch.
 fn not_after(pem: &str) -> i64 {
     let der = leaf_der(pem);

@@ -61,7 +61,9 @@ pub async fn serve_tls_connection(
         Ok(Some(stream)) => stream,
         Ok(None) => return,
         Err(e) => {
-            // Scanners and clients that distrust the certificate: not worth more than debug.
+            // Scanners and clients that distrust the certificate: not worth
+            // more than debug in the log, but counted.
+            listener.tls_handshake_failed(e.kind());
             debug!(listener = %listener.name(), client = %client.addr, error = %e, "TLS handshake failed");
             return;
         }

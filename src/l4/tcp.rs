@@ -144,8 +144,15 @@ impl TcpProxy {
                 let accept = TlsAcceptor::from(tls.clone()).accept(stream);
                 match tokio::time::timeout(s.handshake_timeout, accept).await {
                     Ok(Ok(tls)) => Either::Right(Box::new(tls)),
-                    Ok(Err(e)) => return self.reject(peer, &format!("TLS handshake: {e}")),
-                    Err(_) => return self.reject(peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => {
+                        self.metrics.listener().tls_handshake_failed(e.kind());
+                        return self.reject(peer, &format!("TLS handshake: {e}"));
+                    }
+                    Err(_) => {
+                        (self.metrics.listener())
+                            .tls_handshake_failed(std::io::ErrorKind::TimedOut);
+                        return self.reject(peer, "TLS handshake timed out");
+                    }
                 }
             }
         };
