@@ -125,6 +125,19 @@ impl Config {
                 "must be at least 1024 bytes".into(),
             );
         }
+        // A zero limit would cut every connection at once (or, for the
+        // client limit, make the HTTP/2 stream sweep spin).
+        let t = &self.timeouts;
+        for (name, limit) in [
+            ("connect", t.connect),
+            ("client", t.client),
+            ("server", t.server),
+            ("tunnel", t.tunnel),
+        ] {
+            if limit.is_zero() {
+                return fail(format!("timeouts.{name}"), "must be more than 0".into());
+            }
+        }
 
         let mut group_names = HashSet::new();
         for (i, group) in self.groups.iter().enumerate() {
@@ -414,6 +427,23 @@ group = "edge"
         let err = parse(&text).unwrap_err();
         assert_eq!(err.key, "timeouts.tunnel");
         assert!(err.reason.contains("invalid duration"));
+    }
+
+    #[test]
+    fn zero_timeouts_are_refused_naming_the_key() {
+        for (name, value) in [
+            ("connect", "5s"),
+            ("client", "30s"),
+            ("server", "30s"),
+            ("tunnel", "2h"),
+        ] {
+            let line = format!("\n{name} = \"{value}\"\n");
+            assert!(CORE_EXAMPLE.contains(&line));
+            let text = CORE_EXAMPLE.replace(&line, &format!("\n{name} = \"0s\"\n"));
+            let err = parse(&text).unwrap_err();
+            assert_eq!(err.key, format!("timeouts.{name}"), "{text}");
+            assert_eq!(err.reason, "must be more than 0");
+        }
     }
 
     #[test]

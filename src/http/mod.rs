@@ -116,12 +116,17 @@ async fn serve<I>(
         // into it by value several times (spawn, task cell, stage changes);
         // boxed, each move copies a pointer instead of the ~4 KB future.
         let boxed = move |request| Box::pin(handle(request));
-        let service = idle::tracked(activity.clone(), idle_limit, boxed);
+        let service = idle::tracked(activity.clone(), boxed);
         // hyper's HTTP/2 server has no idle timeout: close the connection
-        // (GOAWAY, like a shutdown) after `timeouts.client` without a request.
+        // (GOAWAY, like a shutdown) after `timeouts.client` without a
+        // request. Meanwhile, release the nodes of streams the client stopped
+        // reading.
         let idle_stop = stop.clone();
         let close_when_idle = async {
-            activity.idle_for(idle_limit).await;
+            tokio::select! {
+                () = activity.idle_for(idle_limit) => {}
+                () = activity.release_stalled_streams(idle_limit) => {}
+            }
             idle_stop.cancel();
             std::future::pending::<()>().await
         };
