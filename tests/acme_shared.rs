@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use support::secantus::{self, Secantus};
 use support::{Amslb, SimNode, sim_node, unique_loopback};
-use tls_support::{Pebble, free_port, get, get_eventually, lb_config, mode, tempdir};
+use tls_support::{Pebble, get, get_eventually, lb_config, mode, tempdir};
 use tokio::net::{TcpListener, TcpStream};
 
 const DOMAIN: &str = "live.amslb.test";
@@ -210,8 +210,10 @@ struct Backend {
 
 impl Relay {
     async fn start() -> Self {
-        let http = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
-        let https = TcpListener::bind(("127.0.0.1", free_port())).await.unwrap();
+        // Port 0: a port picked first and bound later can be taken by another
+        // test in between (CI failed once with AddrInUse here).
+        let http = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let https = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
         let relay = Self {
             http: http.local_addr().unwrap(),
             https: https.local_addr().unwrap(),
