@@ -130,11 +130,43 @@ async fn accept_loop(
         let listener = metrics.clone();
         let open = metrics.connection_opened();
         let l4 = bound.l4.clone();
-        runtime.tasks.spawn(async move {
-            let _permit = permit;
-            let _open = open;
-            handle_stream(runtime2, listener, l4, stream, peer).await;
+        let Some(workers) = runtime.workers.get() else {
+            // Not serving yet (tests that drive an accept loop alone).
+            runtime.tasks.spawn(async move {
+                let _permit = permit;
+                let _open = open;
+                handle_stream(runtime2, listener, l4, stream, peer).await;
+            });
+            continue;
+        };
+        let seat = workers.place();
+        let target = workers.handle(seat.thread);
+        if seat.thread == crate::workers::Workers::this_thread() {
+            runtime.tasks.spawn(async move {
+                let (_permit, _open, _seat) = (permit, open, seat);
+                handle_stream(runtime2, listener, l4, stream, peer).await;
+            });
+            continue;
+        }
+        // Served on another thread: its event loop must own the socket, so
+        // the socket leaves this one's (2 epoll_ctl calls, only on a move).
+        let stream = match stream.into_std() {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(listener = %bound.name, client = %peer, error = %e, "cannot hand a connection to another thread");
+                continue;
+            }
+        };
+        let moved = runtime.tasks.track_future(async move {
+            let (_permit, _open, _seat) = (permit, open, seat);
+            match TcpStream::from_std(stream) {
+                Ok(stream) => handle_stream(runtime2, listener, l4, stream, peer).await,
+                Err(e) => {
+                    warn!(client = %peer, error = %e, "cannot serve a handed-over connection")
+                }
+            }
         });
+        target.spawn(moved);
     }
 }
 

@@ -108,6 +108,7 @@ struct Families {
     udp_dropped: IntCounterVec,
     no_node: IntCounterVec,
     tls_handshake_failures: IntCounterVec,
+    worker_connections: IntGaugeVec,
     l4_sessions: IntCounterVec,
     l4_open_sessions: IntGaugeVec,
     l4_rejected: IntCounterVec,
@@ -304,6 +305,11 @@ impl Families {
                 "amslb_tls_handshake_failures_total",
                 "Client TLS handshakes that failed, by reason: error (not TLS, no common version or cipher, a certificate the client refused), closed (the client left first, as TCP probes do) or timeout (no handshake within the listener's limit).",
                 &["listener", "reason"],
+            )?,
+            worker_connections: gauge(
+                "amslb_worker_connections",
+                "Client connections each serving thread holds now (`[global] workers`; new ones go to the thread with fewest).",
+                &["worker"],
             )?,
             l4_sessions: counter(
                 "amslb_l4_sessions_total",
@@ -623,6 +629,13 @@ impl Metrics {
             node_busy: c("node_busy"),
             client_busy: c("client_busy"),
         }
+    }
+
+    /// Gauge of the client connections serving thread `index` holds.
+    pub fn worker_connections(&self, index: usize) -> IntGauge {
+        self.families
+            .worker_connections
+            .with_label_values(&[&index.to_string()])
     }
 
     /// Counter of access log lines dropped under back-pressure.

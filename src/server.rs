@@ -207,7 +207,9 @@ impl Server {
             runtime.metrics.clone(),
         );
         let extra = crate::workers::count(runtime.config().global.workers).saturating_sub(1);
-        let _ = runtime.workers.set(crate::workers::Workers::start(extra));
+        let metrics = &runtime.metrics;
+        let workers = crate::workers::Workers::start(extra, |i| metrics.worker_connections(i));
+        let _ = runtime.workers.set(workers);
         for bound in self.bound {
             spawn_accept_loop(&runtime, bound);
         }

@@ -8,16 +8,52 @@
 //! switches per request. With one event loop per thread, a connection that a
 //! thread accepts is served, and its node connections are made, on that same
 //! thread, so the wakeups stay local.
+//!
+//! Which thread the kernel wakes for a new connection is luck: 64 keep-alive
+//! connections opened at once were split up to 70/30, and the busier thread
+//! then capped the throughput of all of them. So an accepted connection goes
+//! to the thread with the fewest connections when the accepting thread has
+//! more than one above it (HAProxy hands connections between its threads
+//! the same way); it is served there for its whole life.
 
+use prometheus::IntGauge;
+use std::cell::Cell;
 use tokio::net::TcpListener;
 use tokio::runtime::Handle;
 use tracing::warn;
 
-/// The extra serving threads; the thread that runs [`crate::server::Server::run`]
-/// is the first worker and is not counted here.
-#[derive(Debug, Default)]
+/// The serving threads: the one that runs [`crate::server::Server::run`]
+/// (index 0) and the extra ones, each with its count of client connections.
+#[derive(Debug)]
 pub struct Workers {
-    handles: Vec<Handle>,
+    threads: Vec<ServingThread>,
+}
+
+#[derive(Debug)]
+struct ServingThread {
+    handle: Handle,
+    /// Client connections served on this thread now (`amslb_worker_connections`).
+    connections: IntGauge,
+}
+
+thread_local! {
+    /// This thread's index in [`Workers`]: 0 unless it is an extra thread.
+    static THIS_THREAD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// Where an accepted connection is served: which thread, and its place in
+/// that thread's count (given back when this is dropped).
+#[derive(Debug)]
+pub struct Seat {
+    /// Index of the serving thread.
+    pub thread: usize,
+    connections: IntGauge,
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.connections.dec();
+    }
 }
 
 /// How many serving threads `workers` (from `[global] workers`) asks for.
@@ -31,9 +67,11 @@ pub fn count(workers: usize) -> usize {
 impl Workers {
     /// Starts `extra` threads, each driving its own current-thread runtime
     /// for as long as the process lives (shutdown is driven by the
-    /// cancellation tokens of what runs on them).
-    pub fn start(extra: usize) -> Self {
-        let mut handles = Vec::new();
+    /// cancellation tokens of what runs on them). Called on the first
+    /// serving thread; `gauge(index)` is the connection count of thread
+    /// `index` (`amslb_worker_connections`).
+    pub fn start(extra: usize, gauge: impl Fn(usize) -> IntGauge) -> Self {
+        let mut handles = vec![Handle::current()];
         for index in 1..=extra {
             let (sender, receiver) = std::sync::mpsc::channel();
             let started = std::thread::Builder::new()
@@ -49,6 +87,7 @@ impl Workers {
                             return;
                         }
                     };
+                    THIS_THREAD.set(index);
                     let _ = sender.send(runtime.handle().clone());
                     runtime.block_on(std::future::pending::<()>());
                 });
@@ -61,7 +100,48 @@ impl Workers {
                 Err(_) => break,
             }
         }
-        Self { handles }
+        let threads = handles
+            .into_iter()
+            .enumerate()
+            .map(|(index, handle)| ServingThread {
+                handle,
+                connections: gauge(index),
+            })
+            .collect();
+        Self { threads }
+    }
+
+    /// Picks the thread for a connection accepted on this one: this thread,
+    /// unless another has at least two connections fewer (then the one with
+    /// fewest). The count is taken at once, so accepts racing on several
+    /// threads see each other's choices.
+    pub fn place(&self) -> Seat {
+        let here = THIS_THREAD.get().min(self.threads.len() - 1);
+        let load = |i: usize| self.threads[i].connections.get();
+        let fewest = (0..self.threads.len())
+            .min_by_key(|&i| load(i))
+            .unwrap_or(here);
+        let thread = if load(fewest) + 1 < load(here) {
+            fewest
+        } else {
+            here
+        };
+        let connections = self.threads[thread].connections.clone();
+        connections.inc();
+        Seat {
+            thread,
+            connections,
+        }
+    }
+
+    /// The index of the calling thread (0 unless it is an extra thread).
+    pub fn this_thread() -> usize {
+        THIS_THREAD.get()
+    }
+
+    /// The event loop of thread `index` (from [`Seat::thread`]).
+    pub fn handle(&self, index: usize) -> &Handle {
+        &self.threads[index].handle
     }
 
     /// Runs `serve` on every worker thread with that thread's own copy of
@@ -72,7 +152,8 @@ impl Workers {
         F: Fn(TcpListener) -> Fut,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        for handle in &self.handles {
+        for thread in &self.threads[1..] {
+            let handle = &thread.handle;
             let copy: std::net::TcpListener = match socket2::SockRef::from(socket).try_clone() {
                 Ok(copy) => copy.into(),
                 Err(e) => {

@@ -238,6 +238,52 @@ fn client_ip(listener: SocketAddr) -> String {
 /// few node connections, also after bodiless answers (HEAD, 304) and
 /// streamed bodies, each given back to its pool when its answer is done.
 #[tokio::test]
+async fn connections_are_spread_evenly_over_the_worker_threads() {
+    let origin = sim_node("origin-1").await;
+    let (publish, play) = (listener_addr(18080), listener_addr(18081));
+    let stats = listener_addr(6080);
+    let extra = format!("[stats]\nbind = \"{stats}\"\nallow = [\"127.0.0.0/8\"]\n");
+    let text = config(
+        publish,
+        play,
+        &[("origin-1", "origin", origin.addr)],
+        &extra,
+    )
+    .replace(
+        "max_connections = 20000\n",
+        "max_connections = 20000\nworkers = 2\n",
+    );
+    let _amslb = Amslb::start(&text, &[publish, play, stats]);
+
+    // 64 keep-alive clients connect at once, as a load generator does; each
+    // gets an answer and stays open.
+    let connects = (0..64).map(|_| TcpStream::connect(publish));
+    let mut clients = Vec::new();
+    for stream in futures_util::future::join_all(connects).await {
+        let mut stream = stream.unwrap();
+        stream
+            .write_all(b"GET /rest/v2/version HTTP/1.1\r\nHost: live.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.unwrap();
+        assert_eq!(&head, b"HTTP/1.1 200");
+        clients.push(stream);
+    }
+    let text = get(stats, "/metrics").await.text();
+    let held = |worker: &str| {
+        let series = format!("amslb_worker_connections{{worker=\"{worker}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no {series}in:\n{text}"))
+    };
+    let (first, second) = (held("0"), held("1"));
+    assert_eq!(first + second, 64, "{text}");
+    assert!(first.abs_diff(second) <= 2, "split {first}/{second}");
+    drop(clients);
+}
+
+#[tokio::test]
 async fn node_connections_are_reused_across_requests() {
     let origin = sim_node("origin-1").await;
     let (publish, play) = (listener_addr(18080), listener_addr(18081));
