@@ -273,8 +273,37 @@ poll_interval = "500ms"
             drop(stream);
         }
     }
-    // A few more scrapes after the load.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Rates need two samples. Prometheus may start scraping a few seconds
+    // after it listens (it applies new targets on a timer), and 4000
+    // requests can take less than that: wait until the counters have two
+    // samples and two scrapes came after the load (so a series born late in
+    // it has two too), instead of a fixed time.
+    let load_end = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let value = |result: Vec<serde_json::Value>| {
+            result
+                .first()
+                .and_then(|r| r["value"][1].as_str()?.parse::<f64>().ok())
+        };
+        let samples = value(
+            prometheus
+                .query("max(count_over_time(amslb_requests_total[1m]))")
+                .await,
+        );
+        let last_scrape = value(prometheus.query("timestamp(up)").await);
+        if samples >= Some(2.0) && last_scrape > Some(load_end + 1.5) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus did not scrape twice in 20 s: {samples:?} samples, last at {last_scrape:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     let mut empty = Vec::new();
     for expr in dashboard_exprs() {
