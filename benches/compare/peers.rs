@@ -327,7 +327,6 @@ fn nginx_config(spec: &Spec) -> Result<String, StartError> {
 fn amslb_config(spec: &Spec) -> String {
     let (protocol, tls) = match spec.front {
         Front::Http => ("http", String::new()),
-        // TODO(tls branch): check the certs_dir file naming once https lands.
         // amslb's https listeners always offer h2 and http/1.1 by ALPN.
         Front::Https(files) | Front::Https2(files) => (
             "https",
