@@ -130,24 +130,21 @@ async fn accept_loop(
         let listener = metrics.clone();
         let open = metrics.connection_opened();
         let l4 = bound.l4.clone();
-        let Some(workers) = runtime.workers.get() else {
-            // Not serving yet (tests that drive an accept loop alone).
+        // Served on this thread unless another has fewer connections
+        // (without workers, as in tests driving one accept loop, always here).
+        let workers = runtime.workers.get();
+        let seat = workers.map(crate::workers::Workers::place);
+        let elsewhere = seat
+            .as_ref()
+            .map(|seat| seat.thread)
+            .filter(|&thread| thread != crate::workers::Workers::this_thread());
+        let (Some(workers), Some(thread)) = (workers, elsewhere) else {
             runtime.tasks.spawn(async move {
-                let _permit = permit;
-                let _open = open;
+                let _held = (permit, open, seat);
                 handle_stream(runtime2, listener, l4, stream, peer).await;
             });
             continue;
         };
-        let seat = workers.place();
-        let target = workers.handle(seat.thread);
-        if seat.thread == crate::workers::Workers::this_thread() {
-            runtime.tasks.spawn(async move {
-                let (_permit, _open, _seat) = (permit, open, seat);
-                handle_stream(runtime2, listener, l4, stream, peer).await;
-            });
-            continue;
-        }
         // Served on another thread: its event loop must own the socket, so
         // the socket leaves this one's (2 epoll_ctl calls, only on a move).
         let stream = match stream.into_std() {
@@ -158,7 +155,7 @@ async fn accept_loop(
             }
         };
         let moved = runtime.tasks.track_future(async move {
-            let (_permit, _open, _seat) = (permit, open, seat);
+            let _held = (permit, open, seat);
             match TcpStream::from_std(stream) {
                 Ok(stream) => handle_stream(runtime2, listener, l4, stream, peer).await,
                 Err(e) => {
@@ -166,7 +163,7 @@ async fn accept_loop(
                 }
             }
         });
-        target.spawn(moved);
+        workers.handle(thread).spawn(moved);
     }
 }
 
