@@ -262,6 +262,12 @@ poll_interval = "500ms"
             assert_eq!(answer.status, 200, "{path}");
             sent += 1;
         }
+        // Plain HTTP to the TLS port, so handshake failures are counted.
+        if sent % 400 == 0 {
+            use tokio::io::AsyncWriteExt;
+            let mut plain = tokio::net::TcpStream::connect(https).await.unwrap();
+            let _ = plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await;
+        }
         // A client that gives up mid-answer, so client aborts are counted.
         if sent % 200 == 0 {
             let stream = tokio::net::TcpStream::connect(http).await.unwrap();
