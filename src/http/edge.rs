@@ -51,7 +51,6 @@ pub(crate) fn client_context(
     client.addr = SocketAddr::new(chain.client, 0);
     Arc::new(ConnContext {
         runtime: ctx.runtime.clone(),
-        listener: ctx.listener.clone(),
         client,
         client_ip: super::headers::ip_header(chain.client),
         metrics: ctx.metrics.clone(),

@@ -93,7 +93,6 @@ async fn serve<I>(
     let listener = metrics.name().clone();
     let ctx = Arc::new(ConnContext {
         runtime: runtime.clone(),
-        listener: listener.clone(),
         client,
         client_ip: headers::ip_header(client.addr.ip()),
         metrics,

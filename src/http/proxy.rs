@@ -59,14 +59,20 @@ use tracing::{info, warn};
 pub struct ConnContext {
     /// The running balancer.
     pub runtime: Arc<Runtime>,
-    /// Name of the listener the connection came in on.
-    pub listener: Arc<str>,
     /// Who the client is.
     pub client: ClientInfo,
     /// The client's address as header text ([`super::headers::ip_header`]).
     pub client_ip: HeaderValue,
-    /// The listener's metric handles, resolved once per connection.
+    /// The listener's metric handles, resolved once per connection; they
+    /// carry its name ([`ConnContext::listener`]).
     pub metrics: Arc<ListenerMetrics>,
+}
+
+impl ConnContext {
+    /// Name of the listener the connection came in on.
+    pub fn listener(&self) -> &Arc<str> {
+        self.metrics.name()
+    }
 }
 
 /// Why a request could not be forwarded; each maps to one status code.
@@ -104,7 +110,7 @@ pub async fn handle(
     ctx: Arc<ConnContext>,
     mut request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let Some(view) = ListenerView::current(&ctx.runtime, &ctx.listener) else {
+    let Some(view) = ListenerView::current(&ctx.runtime, ctx.listener()) else {
         // A reload removed the listener; its open connections answer until they close.
         return Ok(local_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -429,7 +435,7 @@ impl RequestCtx {
     /// An answer for a refused request, with the log line saying why.
     fn refused(&self, (status, reason): Refusal) -> Response<ResponseBody> {
         warn!(
-            listener = %self.conn.listener,
+            listener = %self.conn.listener(),
             client = %self.conn.client.addr,
             method = %self.method,
             path = self.uri.path(),
@@ -737,7 +743,7 @@ fn spawn_tunnel(
 ) {
     let idle = config.timeouts.tunnel;
     let hard_stop = ctx.runtime.hard_stop.clone();
-    let listener = ctx.listener.clone();
+    let listener = ctx.listener().clone();
     let client_addr = ctx.client.addr;
     let watch =
         super::ws_publish::PublishWatch::new(&ctx.runtime, config, &listener, client_addr.ip());

@@ -139,7 +139,7 @@ impl Exchange {
         log.log(Entry {
             time: SystemTime::now() - duration,
             client: self.ctx.client.addr,
-            listener: self.ctx.listener.clone(),
+            listener: self.ctx.listener().clone(),
             route: self.route,
             group,
             node: self.node.take(),

@@ -65,7 +65,9 @@ pub fn accept(
     ctx.runtime.tasks.spawn(async move {
         match client_upgrade.await {
             Ok(client) => session.run(tunnel::upgraded(client), request).await,
-            Err(e) => warn!(listener = %session.ctx.listener, error = %e, "client upgrade failed"),
+            Err(e) => {
+                warn!(listener = %session.ctx.listener(), error = %e, "client upgrade failed")
+            }
         }
     });
     let mut response = Response::builder()
@@ -108,7 +110,7 @@ impl Session {
         };
         if publish
             && !self.ctx.runtime.admit_publish(
-                &self.ctx.listener,
+                self.ctx.listener(),
                 crate::config::rules::RouteName::WebsocketPublish,
                 self.ctx.client.addr.ip(),
             )
@@ -128,18 +130,18 @@ impl Session {
         let node = match connect(ctx, &self.config, &wanted, request).await {
             Ok(node) => node,
             Err(reason) => {
-                warn!(listener = %ctx.listener, client = %ctx.client.addr, group = wanted.group, reason, "sniffed websocket not forwarded");
+                warn!(listener = %ctx.listener(), client = %ctx.client.addr, group = wanted.group, reason, "sniffed websocket not forwarded");
                 let _ = client.write_all(&CLOSE_INTERNAL_ERROR).await;
                 return;
             }
         };
         let (mut node_io, lease) = node;
         if let Err(e) = node_io.write_all(sniffer.held()).await {
-            warn!(listener = %ctx.listener, node = lease.node().id(), error = %e, "replay to node failed");
+            warn!(listener = %ctx.listener(), node = lease.node().id(), error = %e, "replay to node failed");
             return;
         }
         info!(
-            listener = %ctx.listener,
+            listener = %ctx.listener(),
             client = %ctx.client.addr,
             node = lease.node().id(),
             ?verdict,
@@ -154,7 +156,7 @@ impl Session {
         )
         .await;
         info!(
-            listener = %ctx.listener,
+            listener = %ctx.listener(),
             client = %ctx.client.addr,
             node = lease.node().id(),
             to_node = relayed.to_node,
