@@ -134,10 +134,7 @@ async fn accept_loop(
         // (without workers, as in tests driving one accept loop, always here).
         let workers = runtime.workers.get();
         let seat = workers.map(crate::workers::Workers::place);
-        let elsewhere = seat
-            .as_ref()
-            .map(|seat| seat.thread)
-            .filter(|&thread| thread != crate::workers::Workers::this_thread());
+        let elsewhere = seat.as_ref().and_then(crate::workers::Seat::elsewhere);
         let (Some(workers), Some(thread)) = (workers, elsewhere) else {
             runtime.tasks.spawn(async move {
                 let _held = (permit, open, seat);

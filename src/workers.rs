@@ -47,8 +47,16 @@ thread_local! {
 #[derive(Debug)]
 pub struct Seat {
     /// Index of the serving thread.
-    pub thread: usize,
+    thread: usize,
     connections: IntGauge,
+}
+
+impl Seat {
+    /// The serving thread, when it is not the calling one (the connection
+    /// must then move there).
+    pub fn elsewhere(&self) -> Option<usize> {
+        (self.thread != THIS_THREAD.get()).then_some(self.thread)
+    }
 }
 
 impl Drop for Seat {
@@ -135,12 +143,7 @@ impl Workers {
         }
     }
 
-    /// The index of the calling thread (0 unless it is an extra thread).
-    pub fn this_thread() -> usize {
-        THIS_THREAD.get()
-    }
-
-    /// The event loop of thread `index` (from [`Seat::thread`]).
+    /// The event loop of thread `index` (from [`Seat::elsewhere`]).
     pub fn handle(&self, index: usize) -> &Handle {
         &self.threads[index].handle
     }

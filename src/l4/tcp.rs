@@ -149,8 +149,8 @@ impl TcpProxy {
                         return self.reject(peer, &format!("TLS handshake: {e}"));
                     }
                     Err(_) => {
-                        (self.metrics.listener())
-                            .tls_handshake_failed(std::io::ErrorKind::TimedOut);
+                        let timed_out = std::io::ErrorKind::TimedOut;
+                        self.metrics.listener().tls_handshake_failed(timed_out);
                         return self.reject(peer, "TLS handshake timed out");
                     }
                 }
