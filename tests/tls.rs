@@ -477,16 +477,15 @@ async fn failed_handshakes_are_counted_by_reason() {
         let series = format!(
             "amslb_tls_handshake_failures_total{{listener=\"https\",reason=\"{reason}\"}} "
         );
-        text.lines()
-            .find_map(|l| l.strip_prefix(&series)?.parse::<u64>().ok())
+        support::series_value(text, &series)
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
         let text = support::get(stats, "/metrics").await.text();
         let [error, timeout, closed] = ["error", "timeout", "closed"].map(|r| count(&text, r));
         if timeout.is_some() {
-            assert_eq!(error, Some(1), "the plain HTTP client only:\n{text}");
-            assert!(closed >= Some(1), "the client that left:\n{text}");
+            assert_eq!(error, Some(1.0), "the plain HTTP client only:\n{text}");
+            assert!(closed >= Some(1.0), "the client that left:\n{text}");
             break;
         }
         assert!(
@@ -508,8 +507,8 @@ async fn failed_handshakes_are_counted_by_reason() {
     .unwrap();
     assert_eq!(seen.status, 200);
     let text = support::get(stats, "/metrics").await.text();
-    assert_eq!(count(&text, "error"), Some(1), "{text}");
-    assert_eq!(count(&text, "timeout"), Some(1), "{text}");
+    assert_eq!(count(&text, "error"), Some(1.0), "{text}");
+    assert_eq!(count(&text, "timeout"), Some(1.0), "{text}");
 }
 
 /// The notAfter of a PEM certificate, in seconds since the epoch.

@@ -371,7 +371,12 @@ pub async fn stats_metric(stats: SocketAddr, auth: (&str, &str), series: &str) -
     )
     .await
     .text();
-    page.lines()
+    series_value(&page, series).unwrap_or(0.0)
+}
+
+/// The value on the line of the metrics page `text` that starts with
+/// `series` (a name and, as rendered, its labels), if there is one.
+pub fn series_value(text: &str, series: &str) -> Option<f64> {
+    text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
 }
