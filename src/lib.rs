@@ -9,7 +9,8 @@
 //! 1. Plain settings and helpers: [`config`] (the file, its validation, and
 //!    [`config::diff`]: what a reload changes and what only a restart
 //!    applies), [`route`] (classify a request line), [`header_list`]
-//!    (comma-separated header lists), [`listener`] (socket options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`],
+//!    (comma-separated header lists), [`http1`] (HTTP/1.1 header lines, parsed and
+//!    written, for both of amslb's own HTTP/1.1 connections), [`listener`] (socket options), [`proxy_protocol`], [`tunnel`] (byte relay), [`workers`],
 //!    `fdlimit` (the binary's open-file limit), [`import`] (HAProxy/nginx configs to
 //!    lb.toml).
 //! 2. Cluster data: [`cluster`]: nodes, groups and the membership snapshot,
@@ -56,6 +57,7 @@ pub mod failover;
 pub mod header_list;
 pub mod health;
 pub mod http;
+pub mod http1;
 pub mod import;
 pub mod l4;
 pub mod listener;

@@ -23,10 +23,11 @@
 
 use super::pool::{NODE_READ_BUFFER, Pool};
 use crate::header_list;
+use crate::http1::{self, Span};
 use crate::node_tls::{DialError, NodeStream, NodeTls, dial};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use std::io;
 use std::mem::MaybeUninit;
@@ -209,12 +210,7 @@ fn write_head<B>(out: &mut Vec<u8>, request: &Request<B>) {
     let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for (name, value) in request.headers() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    http1::write_header_lines(out, request.headers());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -245,9 +241,6 @@ enum Chunk {
 }
 
 type Parsed = (Response<()>, Framing, bool);
-
-/// Offset and length of a header's name, then of its value, in a head.
-type Span = (usize, usize, usize, usize);
 
 /// Parses a complete response head at the start of `read` (removing it), or
 /// `None` when more bytes are needed; `spans` is scratch space. Informational
@@ -287,24 +280,9 @@ fn parse_head(
             .reason
             .filter(|r| Some(*r) != status.canonical_reason());
         let reason = reason.and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
-        // Where each name and value sits in the head, so the values can be
-        // slices of one shared buffer instead of a copy each (as hyper does).
-        let base = read.as_ptr() as usize;
-        let offset = |part: &[u8]| part.as_ptr() as usize - base;
-        spans.clear();
-        spans.extend(head.headers.iter().map(|line| {
-            let (name, value) = (line.name.as_bytes(), line.value);
-            (offset(name), name.len(), offset(value), value.len())
-        }));
+        http1::record_spans(read, head.headers, spans);
         let head = read.split_to(length).freeze();
-        let mut headers = HeaderMap::with_capacity(spans.len());
-        for &(name_at, name_len, value_at, value_len) in spans.iter() {
-            let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
-                .map_err(|e| bad(DirectError::BadHead(e.to_string())))?;
-            let value = HeaderValue::from_maybe_shared(head.slice(value_at..value_at + value_len))
-                .map_err(|e| bad(DirectError::BadHead(e.to_string())))?;
-            headers.append(name, value);
-        }
+        let headers = http1::header_map(&head, spans).map_err(|e| bad(DirectError::BadHead(e)))?;
         let framing = framing(status, head_request, &headers).map_err(bad)?;
         // After a 101 the connection speaks another protocol: never reused.
         let keep_alive = status != StatusCode::SWITCHING_PROTOCOLS && keep_alive(version, &headers);
@@ -586,6 +564,7 @@ impl Body for DirectBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
     use http_body_util::BodyExt;
     use tokio::io::AsyncReadExt;
     use tokio::net::TcpListener;
