@@ -99,19 +99,20 @@ pub fn upgraded(upgraded: hyper::upgrade::Upgraded) -> UpgradedIo {
         Ok(parts) => return Prefixed::new(parts.read_buf, Either::Left(parts.io.into_inner())),
         Err(upgraded) => upgraded,
     };
-    // Client connections come wrapped in their write timeout; the tunnel's
+    // Client connections come wrapped in their write timeout, behind the
+    // bytes read before hyper took the connection (`http::h1`); the tunnel's
     // own idle timeout (`timeouts.tunnel`) takes over from here.
-    let upgraded = match upgraded.downcast::<TokioIo<WriteTimeout<TcpStream>>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<Prefixed<WriteTimeout<TcpStream>>>>() {
         Ok(parts) => {
-            let io = parts.io.into_inner().io;
-            return Prefixed::new(parts.read_buf, Either::Left(io));
+            let (prefix, io) = parts.io.into_inner().after(parts.read_buf);
+            return Prefixed::new(prefix, Either::Left(io.io));
         }
         Err(upgraded) => upgraded,
     };
-    let upgraded = match upgraded.downcast::<TokioIo<WriteTimeout<ServerTls>>>() {
+    let upgraded = match upgraded.downcast::<TokioIo<Prefixed<WriteTimeout<ServerTls>>>>() {
         Ok(parts) => {
-            let io = parts.io.into_inner().io;
-            return Prefixed::new(parts.read_buf, Either::Right(Either::Left(Box::new(io))));
+            let (prefix, io) = parts.io.into_inner().after(parts.read_buf);
+            return Prefixed::new(prefix, Either::Right(Either::Left(Box::new(io.io))));
         }
         Err(upgraded) => upgraded,
     };
@@ -186,6 +187,18 @@ impl<T> Prefixed<T> {
     pub fn new(prefix: Bytes, inner: T) -> Self {
         Self { prefix, inner }
     }
+
+    /// `inner` after the bytes hyper read past an upgrade (`read_buf`), and
+    /// before them what is left of the prefix (hyper read `read_buf` from
+    /// this stream, so the rest of the prefix comes after it).
+    fn after(self, read_buf: Bytes) -> (Bytes, T) {
+        let prefix = match (read_buf.is_empty(), self.prefix.is_empty()) {
+            (_, true) => read_buf,
+            (true, false) => self.prefix,
+            (false, false) => [read_buf, self.prefix].concat().into(),
+        };
+        (prefix, self.inner)
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
@@ -216,6 +229,18 @@ macro_rules! write_through {
                 data: &[u8],
             ) -> std::task::Poll<std::io::Result<usize>> {
                 std::pin::Pin::new(&mut self.get_mut().$field).poll_write(cx, data)
+            }
+
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                parts: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().$field).poll_write_vectored(cx, parts)
+            }
+
+            fn is_write_vectored(&self) -> bool {
+                self.$field.is_write_vectored()
             }
 
             fn poll_flush(

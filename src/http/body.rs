@@ -1,5 +1,6 @@
-//! The body type amslb answers clients with: a node's streamed body, or a
-//! short body amslb wrote itself (errors, redirects).
+//! The body types of a client's exchange: the request body the handler
+//! gets, and what amslb answers with: a node's streamed body, or a short
+//! body amslb wrote itself (errors, redirects).
 
 use super::guard::NodeBody;
 use super::record::Exchange;
@@ -9,9 +10,49 @@ use crate::transport::Lent;
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::{Body, Frame, SizeHint};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+
+/// A client's request body as the handler gets it.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Read by hyper's server (h2, and HTTP/1.1 requests with a body or an
+    /// upgrade).
+    Hyper(Incoming),
+    /// None: a request amslb's own HTTP/1.1 server read (`http::h1` takes
+    /// only requests without a body).
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Hyper(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Hyper(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Hyper(body) => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
 
 /// A response body sent to a client.
 #[derive(Debug)]

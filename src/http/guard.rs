@@ -9,6 +9,7 @@
 //! a malformed body or uploads slowly is the client's problem: it gets a
 //! 4xx and the node is not blamed.
 
+use super::body::RequestBody;
 use super::idle::IdleTimer;
 use crate::cluster::Node;
 use crate::health::Health;
@@ -16,7 +17,7 @@ use crate::transport::{BoxError, NodeIncoming};
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -65,7 +66,7 @@ pub struct Upload {
 
 impl Upload {
     /// Tracks a request whose body is `body`.
-    pub fn new(body: &Incoming) -> Arc<Self> {
+    pub fn new(body: &RequestBody) -> Arc<Self> {
         Arc::new(Self {
             sent: AtomicBool::new(body.is_end_stream()),
             sent_notify: Notify::new(),
@@ -158,14 +159,14 @@ pub async fn await_response<F: Future>(
 /// the client sends nothing for `timeouts.client`.
 #[derive(Debug)]
 pub struct ClientBody {
-    body: Incoming,
+    body: RequestBody,
     upload: Arc<Upload>,
     timer: IdleTimer,
 }
 
 impl ClientBody {
     /// Streams `body`, reporting to `upload`; `idle` is `timeouts.client`.
-    pub fn new(body: Incoming, upload: Arc<Upload>, idle: Duration) -> Self {
+    pub fn new(body: RequestBody, upload: Arc<Upload>, idle: Duration) -> Self {
         Self {
             body,
             upload,

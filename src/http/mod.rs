@@ -4,6 +4,7 @@
 pub mod body;
 mod edge;
 pub mod guard;
+pub mod h1;
 pub mod headers;
 pub mod http01;
 pub mod idle;
@@ -17,8 +18,9 @@ use crate::metrics::ListenerMetrics;
 use crate::runtime::Runtime;
 use crate::tls::TlsState;
 use crate::tls::serve::handshake;
+use crate::tunnel::Prefixed;
+use bytes::Bytes;
 use headers::ClientInfo;
-use hyper::service::service_fn;
 use idle::{ConnActivity, WriteTimeout};
 use proxy::ConnContext;
 use serve::{HttpLimits, Versions, serve_http};
@@ -101,15 +103,16 @@ async fn serve<I>(
     // A client that reads nothing for `timeouts.client` is closed (HTTP/1,
     // h2 and tunnels after an upgrade alike).
     let io = WriteTimeout::new(io, idle_limit);
-    let handle = move |request| proxy::handle(ctx.clone(), request);
     let stop = runtime.shutdown.child_token();
     let result = if versions == Versions::Http1 {
-        // hyper's header-read timeout already ends idle HTTP/1 keep-alive,
-        // and hyper polls an HTTP/1 response body whenever the socket takes
-        // more: neither the activity count nor the stream watch of h2 is
-        // needed (each cost an allocation and a lock per request).
-        serve_http(io, versions, service_fn(handle), limits, stop).await
+        // The loop's header-read timeout ends idle HTTP/1 keep-alive, and it
+        // polls a response body whenever the socket takes more: neither the
+        // activity count nor the stream watch of h2 is needed.
+        h1::serve(io, ctx, limits, stop).await
     } else {
+        let handle = move |request: hyper::Request<hyper::body::Incoming>| {
+            proxy::handle(ctx.clone(), request.map(body::RequestBody::Hyper))
+        };
         let activity = Arc::new(ConnActivity::default());
         // hyper spawns a task per h2 stream and moves the request future
         // into it by value several times (spawn, task cell, stage changes);
@@ -130,14 +133,16 @@ async fn serve<I>(
             std::future::pending::<()>().await
         };
         tokio::select! {
-            result = serve_http(io, versions, service, limits, stop) => result,
+            // Wrapped like the connections `h1` hands over, so an upgrade
+            // finds one client connection type (`tunnel::upgraded`).
+            result = serve_http(Prefixed::new(Bytes::new(), io), versions, service, limits, stop) => result,
             () = close_when_idle => Ok(()),
         }
     };
     if let Err(e) = result {
-        let refused = e
-            .downcast_ref::<hyper::Error>()
-            .is_some_and(|e| e.is_parse() || e.is_parse_too_large() || e.is_timeout());
+        let refused = h1::is_refusal(&*e)
+            || e.downcast_ref::<hyper::Error>()
+                .is_some_and(|e| e.is_parse() || e.is_parse_too_large() || e.is_timeout());
         if refused {
             info!(%listener, client = %client.addr, error = %e, "client connection refused");
         } else if idle::is_write_timeout(&*e) {

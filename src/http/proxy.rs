@@ -22,7 +22,7 @@
 //!
 //! A new rule has one obvious place: the phase that knows what it needs.
 
-use super::body::{ResponseBody, UpstreamBody, local_response, redirect};
+use super::body::{RequestBody, ResponseBody, UpstreamBody, local_response, redirect};
 use super::edge::{self, Admitted};
 use super::guard::{self, ClientBody, ClientFault, NodeBody, Upload};
 use super::headers::{ClientInfo, ForwardOptions, add_forwarding, strip_hop_by_hop};
@@ -47,7 +47,6 @@ use crate::tunnel;
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::Body;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -108,7 +107,7 @@ type Refusal = (StatusCode, String);
 /// with the right status and a log line with the reason.
 pub async fn handle(
     ctx: Arc<ConnContext>,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let Some(view) = ListenerView::current(&ctx.runtime, ctx.listener()) else {
         // A reload removed the listener; its open connections answer until they close.
@@ -166,7 +165,7 @@ impl RequestCtx {
     /// Runs the phases in order; the first that answers ends the request.
     async fn proxy(
         &mut self,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         if let Some(answer) = self.early_answer(&mut request)? {
             return Ok(answer);
@@ -195,7 +194,7 @@ impl RequestCtx {
     /// challenge, and the listener's redirect to HTTPS.
     fn early_answer(
         &mut self,
-        request: &mut Request<Incoming>,
+        request: &mut Request<RequestBody>,
     ) -> Result<Option<Response<ResponseBody>>, Refusal> {
         self.host = guard::resolve_host(request)?;
         let path = request.uri().path();
@@ -216,7 +215,7 @@ impl RequestCtx {
     }
 
     /// The router's verdict (target, kind, stream), recorded for the log.
-    fn classify(&mut self, request: &Request<Incoming>) -> Route {
+    fn classify(&mut self, request: &Request<RequestBody>) -> Route {
         let route = route::classify(request.uri().path(), request.uri().query());
         if let Some(record) = self.record.as_mut() {
             record.set_route(route.kind.as_str());
@@ -226,7 +225,7 @@ impl RequestCtx {
     }
 
     /// amslb's own API on a proxy listener: the node assignment.
-    fn api_answer(&self, request: &Request<Incoming>) -> Option<Response<ResponseBody>> {
+    fn api_answer(&self, request: &Request<RequestBody>) -> Option<Response<ResponseBody>> {
         let listener = self.view.listener();
         if !(listener.assign_api && assign::handles(request.uri().path())) {
             return None;
@@ -248,14 +247,14 @@ impl RequestCtx {
     fn request_filter(
         &self,
         route: &Route,
-        request: &mut Request<Incoming>,
+        request: &mut Request<RequestBody>,
     ) -> Result<Admitted, Box<Response<ResponseBody>>> {
         edge::admit(&self.conn, &self.view, route, request)
     }
 
     /// Whether this is a signalling WebSocket amslb routes by its first
     /// command. A rule that chose the group has decided already.
-    fn sniffs(&self, policy: &Admitted, route: &Route, request: &Request<Incoming>) -> bool {
+    fn sniffs(&self, policy: &Admitted, route: &Route, request: &Request<RequestBody>) -> bool {
         !policy.chose_group() && sniff::applies(self.view.listener(), route, request.headers())
     }
 
@@ -263,7 +262,7 @@ impl RequestCtx {
     /// outside this request (`http::sniffed`).
     fn takeover(
         &mut self,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<ResponseBody>, Refusal> {
         self.upstream_request_filter(&mut request, true)?;
         let config = self.view.config.clone();
@@ -276,7 +275,7 @@ impl RequestCtx {
     }
 
     /// Group (the route's, steered by rules), and the client's sticky node.
-    fn plan(&self, policy: &Admitted, route: &Route, request: &mut Request<Incoming>) -> Plan {
+    fn plan(&self, policy: &Admitted, route: &Route, request: &mut Request<RequestBody>) -> Plan {
         let config = &self.view.config;
         let wanted = policy.steer(Wanted::for_route(
             config,
@@ -301,7 +300,7 @@ impl RequestCtx {
     /// forwarding headers the listener adds.
     fn upstream_request_filter(
         &mut self,
-        request: &mut Request<Incoming>,
+        request: &mut Request<RequestBody>,
         upgrade: bool,
     ) -> Result<(), Refusal> {
         let origin_form = request.uri().path_and_query().map_or("/", |p| p.as_str());
@@ -333,7 +332,7 @@ impl RequestCtx {
     async fn connect(
         &mut self,
         plan: &Plan,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Result<(Response<NodeIncoming>, NodeLease, Option<Lent>), Refusal> {
         let config = &self.view.config;
         forward(
@@ -466,7 +465,7 @@ pub(crate) fn sticky_affinity(
     snapshot: &Membership,
     group: &str,
     route: &Route,
-    request: &mut Request<Incoming>,
+    request: &mut Request<RequestBody>,
 ) -> Affinity {
     let members: &[Arc<Node>] = snapshot.group(group).map_or(&[], |m| &m.nodes);
     // The group's own list, borrowed (no copy per request) unless its
@@ -489,7 +488,7 @@ pub(crate) fn sticky_affinity(
     affinity
 }
 
-fn is_upgrade(request: &Request<Incoming>) -> bool {
+fn is_upgrade(request: &Request<RequestBody>) -> bool {
     let headers = request.headers();
     headers.contains_key(header::UPGRADE)
         && crate::header_list::lists(headers, header::CONNECTION, "upgrade")
@@ -510,7 +509,7 @@ pub(crate) async fn forward(
     snapshot: &Membership,
     wanted: &Wanted,
     affinity: &Affinity,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<(Response<NodeIncoming>, NodeLease, Option<Lent>), ProxyError> {
     let upload = Upload::new(request.body());
     let client_timeout = config.timeouts.client;

@@ -3,7 +3,7 @@
 //! first commands, then opens the WebSocket to the node the verdict picks,
 //! replays the kept bytes and relays both ways.
 
-use super::body::ResponseBody;
+use super::body::{RequestBody, ResponseBody};
 use super::proxy::{ConnContext, forward, sticky_affinity};
 use crate::cluster::NodeLease;
 use crate::config::{Config, ListenerConfig};
@@ -12,7 +12,6 @@ use crate::streaming::select::Wanted;
 use crate::streaming::sniff::{Sniffer, Verdict, accept_key};
 use crate::tunnel;
 use http::{HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,7 +24,7 @@ pub fn accept(
     ctx: &Arc<ConnContext>,
     config: Arc<Config>,
     listener: &ListenerConfig,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
 ) -> Response<ResponseBody> {
     let app = request
         .uri()
@@ -97,7 +96,7 @@ const CLOSE_INTERNAL_ERROR: [u8; 4] = [0x88, 0x02, 0x03, 0xF3];
 const CLOSE_POLICY_VIOLATION: [u8; 4] = [0x88, 0x02, 0x03, 0xF0];
 
 impl Session {
-    async fn run(self, mut client: tunnel::UpgradedIo, request: Request<Incoming>) {
+    async fn run(self, mut client: tunnel::UpgradedIo, request: Request<RequestBody>) {
         let mut sniffer = Sniffer::new(&self.app);
         let verdict = sniff(&mut client, &mut sniffer, self.listener.sniff_timeout).await;
         let (target, key, publish) = match &verdict {
@@ -208,7 +207,7 @@ async fn connect(
     ctx: &ConnContext,
     config: &Config,
     wanted: &Wanted,
-    mut request: Request<Incoming>,
+    mut request: Request<RequestBody>,
 ) -> Result<NodeSide, String> {
     let snapshot = ctx.runtime.cluster.snapshot();
     let route = Route {
