@@ -264,3 +264,48 @@ async fn a_head_that_never_completes_is_cut_at_the_client_timeout() {
         ["HTTP/1.1 200 OK"]
     );
 }
+
+/// The node sessions amslb counts for `origin-1`, off its metrics page.
+async fn sessions(stats: SocketAddr) -> f64 {
+    let page = get(stats, "/metrics").await.text();
+    page.lines()
+        .find(|l| l.starts_with("amslb_node_active_sessions{") && l.contains("origin-1"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_client_that_leaves_before_its_answer_ends_the_node_session_at_once() {
+    let node = sim_node("origin-1").await;
+    let (lb, stats) = (listener_addr(18086), listener_addr(6086));
+    // timeouts.server is long: only the client's leaving can end the wait.
+    let text = origin_config(lb, std::slice::from_ref(&node), "").replacen(
+        "server = \"2s\"",
+        "server = \"30s\"",
+        1,
+    ) + &format!("\n[stats]\nbind = \"{stats}\"\nallow = [\"127.0.0.0/8\"]\n");
+    let _amslb = Amslb::start(&text, &[lb, stats]);
+    let mut client = TcpStream::connect(lb).await.unwrap();
+    client
+        .write_all(b"GET /slow?ms=20000 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while sessions(stats).await != 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop(client);
+    let left = Instant::now();
+    while sessions(stats).await != 0.0 {
+        assert!(
+            left.elapsed() < Duration::from_secs(3),
+            "the node session outlived its client by {:?}",
+            left.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

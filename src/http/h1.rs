@@ -18,7 +18,9 @@
 //! answers or refuses each as before. What this loop accepts it answers as
 //! hyper does: `Date` added when missing, `Content-Length` from the body
 //! when it is known and chunked framing when not, no body for `HEAD`, 204
-//! and 304, `Connection: close` honoured and sent when the connection ends.
+//! and 304, `Connection: close` honoured and sent when the connection ends,
+//! and a client that closes while its request waits for the node ends the
+//! request there.
 
 use super::body::{RequestBody, ResponseBody};
 use super::proxy::{self, ConnContext};
@@ -123,9 +125,12 @@ where
             }
         };
         let head_request = request.method() == Method::HEAD;
-        let response = match proxy::handle(ctx.clone(), request).await {
-            Ok(response) => response,
-            Err(never) => match never {},
+        let handled = proxy::handle(ctx.clone(), request);
+        let response = match conn.unless_client_leaves(handled).await {
+            Some(Ok(response)) => response,
+            Some(Err(never)) => match never {},
+            // Gone before its answer: the node's side ends with the handler.
+            None => return Ok(()),
         };
         let keep_alive = !client_closes && !stop.is_cancelled();
         let keep_alive = conn
@@ -203,9 +208,7 @@ where
                 }
             }
             let idle = self.read.is_empty();
-            if self.read.capacity() - self.read.len() < READ_SPACE {
-                self.read.reserve(READ_SPACE);
-            }
+            self.make_room();
             let waited = poll_fn(|cx| {
                 if let Poll::Ready(read) = poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
                 {
@@ -228,6 +231,39 @@ where
                 Some(Err(e)) => return Err(e.into()),
             }
         }
+    }
+
+    /// Makes room in the read buffer for the next read.
+    fn make_room(&mut self) {
+        if self.read.capacity() - self.read.len() < READ_SPACE {
+            self.read.reserve(READ_SPACE);
+        }
+    }
+
+    /// Runs `handled` (a request's handler) to its end unless the client
+    /// closes first, as hyper's server does: a client that leaves while
+    /// its node is still working drops the handler, and with it the node
+    /// connection and the session. Bytes that come meanwhile (a pipelined
+    /// request) are kept for the next head, and the watch stops there;
+    /// with such bytes already buffered there is nothing to watch.
+    async fn unless_client_leaves<F: Future>(&mut self, handled: F) -> Option<F::Output> {
+        let mut handled = pin!(handled);
+        let mut watching = self.read.is_empty();
+        poll_fn(|cx| {
+            if let Poll::Ready(out) = handled.as_mut().poll(cx) {
+                return Poll::Ready(Some(out));
+            }
+            if watching {
+                self.make_room();
+                match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Parses the head at the start of the read buffer: `None` while it is
