@@ -361,7 +361,7 @@ impl RequestCtx {
         policy: &Admitted,
         lease: &NodeLease,
         response: Response<NodeIncoming>,
-    ) -> Result<Response<NodeBody>, Refusal> {
+    ) -> Result<Response<Box<NodeBody>>, Refusal> {
         let (health, timeout) = (&self.conn.runtime.health, self.view.config.timeouts.server);
         let asked_upgrade = plan.client_upgrade.is_some();
         let mut response =
@@ -402,7 +402,7 @@ impl RequestCtx {
         client_upgrade: Option<OnUpgrade>,
         lease: NodeLease,
         connection: Option<Lent>,
-        mut response: Response<NodeBody>,
+        mut response: Response<Box<NodeBody>>,
     ) -> Response<ResponseBody> {
         let mut record = self.record.take();
         let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -424,7 +424,7 @@ impl RequestCtx {
             return response.map(|_| ResponseBody::Local(Default::default()));
         }
         response.map(|body| ResponseBody::Node {
-            body: Box::new(body),
+            body,
             lease: Some(lease),
             connection,
             record,
