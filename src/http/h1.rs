@@ -125,12 +125,17 @@ where
             }
         };
         let head_request = request.method() == Method::HEAD;
-        let handled = proxy::handle(ctx.clone(), request);
-        let response = match conn.unless_client_leaves(handled).await {
-            Some(Ok(response)) => response,
-            Some(Err(never)) => match never {},
+        // Raced in place: moved into a helper, the handler's future
+        // (~4 KB) would be stored twice in this one, and the whole
+        // connection future is copied when it is boxed.
+        let response = tokio::select! {
+            biased;
+            handled = proxy::handle(ctx.clone(), request) => match handled {
+                Ok(response) => response,
+                Err(never) => match never {},
+            },
             // Gone before its answer: the node's side ends with the handler.
-            None => return Ok(()),
+            () = conn.client_leaves() => return Ok(()),
         };
         let keep_alive = !client_closes && !stop.is_cancelled();
         let keep_alive = conn
@@ -240,30 +245,21 @@ where
         }
     }
 
-    /// Runs `handled` (a request's handler) to its end unless the client
-    /// closes first, as hyper's server does: a client that leaves while
-    /// its node is still working drops the handler, and with it the node
-    /// connection and the session. Bytes that come meanwhile (a pipelined
-    /// request) are kept for the next head, and the watch stops there;
-    /// with such bytes already buffered there is nothing to watch.
-    async fn unless_client_leaves<F: Future>(&mut self, handled: F) -> Option<F::Output> {
-        let mut handled = pin!(handled);
-        let mut watching = self.read.is_empty();
-        poll_fn(|cx| {
-            if let Poll::Ready(out) = handled.as_mut().poll(cx) {
-                return Poll::Ready(Some(out));
+    /// Resolves if the client closes (or its connection fails) while its
+    /// request is with the handler, which is then dropped, as hyper's
+    /// server does: with it go the node connection and the session. Bytes
+    /// that come meanwhile (a pipelined request) are kept for the next head
+    /// and the watch stops; with such bytes already buffered there is
+    /// nothing to watch.
+    async fn client_leaves(&mut self) {
+        if self.read.is_empty() {
+            self.make_room();
+            let read = poll_fn(|cx| poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read));
+            if let Ok(0) | Err(_) = read.await {
+                return;
             }
-            if watching {
-                self.make_room();
-                match poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read) {
-                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                    Poll::Ready(Ok(_)) => watching = false,
-                    Poll::Pending => {}
-                }
-            }
-            Poll::Pending
-        })
-        .await
+        }
+        std::future::pending().await
     }
 
     /// Parses the head at the start of the read buffer: `None` while it is
