@@ -3,10 +3,47 @@
 //! response heads) and the server loop for clients (`http::h1`, which parses
 //! request heads). Both turn the header lines `httparse` found into a
 //! [`HeaderMap`] whose values are slices of the one buffer the head was read
-//! into (as hyper does, no copy per value), and both write header lines.
+//! into (as hyper does, no copy per value), both write header lines, and
+//! both frame response bodies by the same rules (RFC 9112 §6.3).
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::header::CONTENT_LENGTH;
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+/// `Content-Length` lines that are malformed or disagree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidLength;
+
+/// Whether a response with `status` has no body whatever its headers say:
+/// the answer to a HEAD (`head_request`), and 1xx, 204 and 304.
+pub fn bodiless(status: StatusCode, head_request: bool) -> bool {
+    head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// The length the `Content-Length` lines of `headers` give: `None` without
+/// one; a list or repeat of one value counts as that value (RFC 9110
+/// §8.6); anything but digits, or two values, is [`InvalidLength`].
+pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, InvalidLength> {
+    let mut length = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        let text = value.to_str().map_err(|_| InvalidLength)?;
+        for part in text.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(InvalidLength);
+            }
+            let n: u64 = part.parse().map_err(|_| InvalidLength)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(InvalidLength);
+            }
+            length = Some(n);
+        }
+    }
+    Ok(length)
+}
 
 /// Offset and length of a header's name, then of its value, in a head.
 pub type Span = (usize, usize, usize, usize);

@@ -29,7 +29,7 @@ use crate::http1::{self, Span};
 use crate::transport::BoxError;
 use crate::tunnel::Prefixed;
 use bytes::{Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE};
+use http::header::{CONNECTION, DATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::{Body, Incoming};
 use hyper::service::service_fn;
@@ -435,14 +435,10 @@ where
         out.extend_from_slice(reason);
         out.extend_from_slice(b"\r\n");
         http1::write_header_lines(out, headers);
-        let bodiless = head_request
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let declared = headers
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-        let framing = if bodiless {
+        // Node lengths were checked as the node's head was read; a length
+        // that still does not parse is ignored and the body framed anew.
+        let declared = http1::content_length(headers).ok().flatten();
+        let framing = if http1::bodiless(status, head_request) {
             Framing::None
         } else if let Some(length) = declared {
             Framing::Length(length)

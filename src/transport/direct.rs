@@ -26,7 +26,7 @@ use crate::header_list;
 use crate::http1::{self, Span};
 use crate::node_tls::{DialError, NodeStream, NodeTls, dial};
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONNECTION, TRANSFER_ENCODING};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, SizeHint};
 use std::io;
@@ -304,11 +304,7 @@ fn framing(
     head_request: bool,
     headers: &HeaderMap,
 ) -> Result<Framing, DirectError> {
-    if head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if http1::bodiless(status, head_request) {
         return Ok(Framing::Length(0));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
@@ -320,21 +316,7 @@ fn framing(
             _ => Framing::ToClose,
         });
     }
-    let mut length = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
-        let text = value.to_str().map_err(|_| DirectError::BadLength)?;
-        for part in text.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(DirectError::BadLength);
-            }
-            let n: u64 = part.parse().map_err(|_| DirectError::BadLength)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(DirectError::BadLength);
-            }
-            length = Some(n);
-        }
-    }
+    let length = http1::content_length(headers).map_err(|_| DirectError::BadLength)?;
     Ok(length.map_or(Framing::ToClose, Framing::Length))
 }
 
