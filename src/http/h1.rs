@@ -31,7 +31,7 @@ use crate::tunnel::Prefixed;
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, DATE};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::{Body, Incoming};
+use hyper::body::Body;
 use hyper::service::service_fn;
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -120,8 +120,11 @@ where
             Next::Request(request, client_closes) => (request, client_closes),
             Next::Closed => return Ok(()),
             Next::Hyper(prefix) => {
+                // The rest of the connection is hyper's HTTP/1.1 server's.
                 let io = Prefixed::new(prefix, conn.io);
-                return hand_to_hyper(io, ctx, limits, stop).await;
+                let handle = move |request| proxy::handle_hyper(ctx.clone(), request);
+                let service = service_fn(handle);
+                return serve_http(io, Versions::Http1, service, limits, stop).await;
             }
         };
         let head_request = request.method() == Method::HEAD;
@@ -146,22 +149,6 @@ where
             return Ok(());
         }
     }
-}
-
-/// Serves the rest of the connection with hyper's HTTP/1.1 server.
-async fn hand_to_hyper<I>(
-    io: Prefixed<I>,
-    ctx: Arc<ConnContext>,
-    limits: HttpLimits,
-    stop: CancellationToken,
-) -> Result<(), BoxError>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let handle = move |request: Request<Incoming>| {
-        proxy::handle(ctx.clone(), request.map(RequestBody::Hyper))
-    };
-    serve_http(io, Versions::Http1, service_fn(handle), limits, stop).await
 }
 
 /// What waiting for the next request head gave.
@@ -228,12 +215,14 @@ where
             })
             .await;
             match waited {
-                Some(Ok(0)) | None if idle => return Ok(Next::Closed),
-                None => return Err(H1Error::HeadTimeout),
-                // A head cut short by the client's close: nothing to answer.
+                // Closed between requests, or with a head cut short:
+                // nothing to answer.
                 Some(Ok(0)) => return Ok(Next::Closed),
                 Some(Ok(_)) => {}
                 Some(Err(e)) => return Err(e.into()),
+                // Stopped or timed out while idle: a quiet close.
+                None if idle => return Ok(Next::Closed),
+                None => return Err(H1Error::HeadTimeout),
             }
         }
     }
@@ -351,7 +340,7 @@ where
             .map(|r| r.as_bytes())
             .or_else(|| status.canonical_reason().map(str::as_bytes))
             .unwrap_or_default();
-        let framing = self.write_head(
+        let mut framing = self.write_head(
             status,
             reason,
             &parts.headers,
@@ -359,10 +348,6 @@ where
             head_request,
             keep_alive,
         );
-        let mut left = match framing {
-            Framing::Length(length) => Some(length),
-            Framing::Chunked | Framing::None => None,
-        };
         loop {
             let frame = match poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
                 Poll::Ready(frame) => frame,
@@ -384,12 +369,11 @@ where
             };
             match framing {
                 Framing::None => continue,
-                Framing::Length(_) => {
-                    let have = left.unwrap_or_default();
-                    if data.len() as u64 > have {
+                Framing::Length(left) => {
+                    let Some(left) = left.checked_sub(data.len() as u64) else {
                         return Err(H1Error::Body("body longer than its Content-Length".into()));
-                    }
-                    left = Some(have - data.len() as u64);
+                    };
+                    framing = Framing::Length(left);
                     self.send(&data).await?;
                 }
                 Framing::Chunked => {
@@ -409,8 +393,8 @@ where
         if self.write.capacity() > KEEP_WRITE {
             self.write = Vec::with_capacity(1024);
         }
-        match left {
-            Some(short) if short > 0 => Err(H1Error::ShortBody(short)),
+        match framing {
+            Framing::Length(short @ 1..) => Err(H1Error::ShortBody(short)),
             _ => Ok(keep_alive),
         }
     }
@@ -501,7 +485,7 @@ where
 enum Framing {
     /// No body may follow the head (HEAD, 1xx, 204, 304).
     None,
-    /// Exactly this many bytes.
+    /// Exactly this many bytes (while the body is written: this many left).
     Length(u64),
     /// Chunked, ended by a zero-size chunk.
     Chunked,

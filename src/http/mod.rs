@@ -110,9 +110,7 @@ async fn serve<I>(
         // activity count nor the stream watch of h2 is needed.
         h1::serve(io, ctx, limits, stop).await
     } else {
-        let handle = move |request: hyper::Request<hyper::body::Incoming>| {
-            proxy::handle(ctx.clone(), request.map(body::RequestBody::Hyper))
-        };
+        let handle = move |request| proxy::handle_hyper(ctx.clone(), request);
         let activity = Arc::new(ConnActivity::default());
         // hyper spawns a task per h2 stream and moves the request future
         // into it by value several times (spawn, task cell, stage changes);

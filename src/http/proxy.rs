@@ -133,6 +133,15 @@ pub async fn handle(
     Ok(ctx.log(response))
 }
 
+/// [`handle`] for a request hyper's server read (h2, and HTTP/1.1 after
+/// `http::h1` handed the connection over).
+pub fn handle_hyper(
+    ctx: Arc<ConnContext>,
+    request: Request<hyper::body::Incoming>,
+) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send {
+    handle(ctx, request.map(RequestBody::Hyper))
+}
+
 /// What the phases of one request share and fill in as it goes.
 struct RequestCtx {
     /// The client connection's context, as the trusted-proxy rules see it.
