@@ -8,12 +8,16 @@ use http::header::AsHeaderName;
 /// The trimmed elements of every `name` line, in order (empty elements
 /// included; lines that are not visible ASCII are skipped).
 pub fn elements<K: AsHeaderName>(headers: &HeaderMap, name: K) -> impl Iterator<Item = &str> {
+    // Split and trimmed as bytes: a line that passed `to_str` holds only
+    // visible ASCII, spaces and tabs, so byte-wise is the same as `str`'s
+    // `split` and `trim`, whose searcher and Unicode checks were a few
+    // percent of a keep-alive request's instructions (callgrind).
     headers
         .get_all(name)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(str::trim)
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .filter_map(|element| std::str::from_utf8(element.trim_ascii()).ok())
 }
 
 /// Whether a `name` line lists `token` (compared without regard to case).

@@ -62,9 +62,11 @@ pub fn record_spans(buf: &[u8], lines: &[httparse::Header<'_>], spans: &mut Vec<
 }
 
 /// The header map of `head` (the bytes `spans` point into), or why a line
-/// is not a valid header.
-pub fn header_map(head: &Bytes, spans: &[Span]) -> Result<HeaderMap, String> {
-    let mut headers = HeaderMap::with_capacity(spans.len());
+/// is not a valid header. `room` is how many headers the caller will add:
+/// a map sized for them does not grow (rehashing every header) when they
+/// come.
+pub fn header_map(head: &Bytes, spans: &[Span], room: usize) -> Result<HeaderMap, String> {
+    let mut headers = HeaderMap::with_capacity(spans.len() + room);
     for &(name_at, name_len, value_at, value_len) in spans {
         let name = HeaderName::from_bytes(&head[name_at..name_at + name_len])
             .map_err(|e| e.to_string())?;

@@ -312,14 +312,22 @@ impl RequestCtx {
         request: &mut Request<RequestBody>,
         upgrade: bool,
     ) -> Result<(), Refusal> {
-        let origin_form = request.uri().path_and_query().map_or("/", |p| p.as_str());
-        let uri: Uri = origin_form.parse().map_err(|_| {
-            (
-                StatusCode::BAD_REQUEST,
-                "invalid request target".to_string(),
-            )
-        })?;
-        *request.uri_mut() = uri;
+        let target = request.uri();
+        // An origin-form target (what HTTP/1.1 clients send) is already what
+        // the node gets; parsing it again cost an allocation per request.
+        let origin_form = target.scheme().is_none()
+            && target.authority().is_none()
+            && target.path_and_query().is_some();
+        if !origin_form {
+            let path = target.path_and_query().map_or("/", |p| p.as_str());
+            let uri: Uri = path.parse().map_err(|_| {
+                (
+                    StatusCode::BAD_REQUEST,
+                    "invalid request target".to_string(),
+                )
+            })?;
+            *request.uri_mut() = uri;
+        }
         *request.version_mut() = Version::HTTP_11;
         let headers = request.headers_mut();
         if !headers.contains_key(header::HOST)

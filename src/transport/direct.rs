@@ -282,7 +282,8 @@ fn parse_head(
         let reason = reason.and_then(|r| hyper::ext::ReasonPhrase::try_from(r.as_bytes()).ok());
         http1::record_spans(read, head.headers, spans);
         let head = read.split_to(length).freeze();
-        let headers = http1::header_map(&head, spans).map_err(|e| bad(DirectError::BadHead(e)))?;
+        let headers =
+            http1::header_map(&head, spans, 0).map_err(|e| bad(DirectError::BadHead(e)))?;
         let framing = framing(status, head_request, &headers).map_err(bad)?;
         // After a 101 the connection speaks another protocol: never reused.
         let keep_alive = status != StatusCode::SWITCHING_PROTOCOLS && keep_alive(version, &headers);
