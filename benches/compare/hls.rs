@@ -3,6 +3,11 @@
 //! then the next segment (1 MB), as a player of a stream cut into 1 s segments
 //! does. Viewers start at random moments within the first second, so the
 //! balancer sees a steady mix, not a burst every second.
+//!
+//! The same viewers can also catch up ([`Pace::CatchUp`]): each fetches the
+//! playlist and the next segment back to back, with no wait, as a player
+//! does after a seek or a stall. The offered load is then what the balancer
+//! can carry, so req/s measures its capacity for this mix.
 
 use crate::backend::{PLAYLIST_PATH, SEGMENTS, segment_path};
 use bytes::Bytes;
@@ -21,6 +26,15 @@ const PERIOD: Duration = Duration::from_secs(1);
 const CONNECT_PARALLEL: usize = 64;
 /// Longest wait for one response before the viewer counts as failed.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a viewer spaces its periods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// One period (playlist + segment) every [`PERIOD`], as a live player.
+    Live,
+    /// The next period as soon as the last one ends.
+    CatchUp,
+}
 
 /// A viewer's connection, warmed by one playlist fetch.
 pub struct Viewer {
@@ -93,16 +107,19 @@ pub async fn connect(addr: SocketAddr, count: usize) -> Result<Vec<Viewer>, Stri
     joined.into_iter().collect()
 }
 
-/// Lets every viewer watch for `duration`, then merges what they measured.
-pub async fn watch(viewers: Vec<Viewer>, duration: Duration) -> HlsResult {
+/// Lets every viewer watch for `duration` at `pace`, then merges what they measured.
+pub async fn watch(viewers: Vec<Viewer>, duration: Duration, pace: Pace) -> HlsResult {
     let start = Instant::now();
     let end = start + duration;
     let tasks: Vec<_> = viewers
         .into_iter()
         .enumerate()
         .map(|(i, viewer)| {
-            let phase = PERIOD.mul_f64(rand::random_range(0.0..1.0));
-            tokio::spawn(view(viewer, start + phase, end, i % SEGMENTS))
+            let phase = match pace {
+                Pace::Live => PERIOD.mul_f64(rand::random_range(0.0..1.0)),
+                Pace::CatchUp => Duration::ZERO,
+            };
+            tokio::spawn(view(viewer, start + phase, end, i % SEGMENTS, pace))
         })
         .collect();
     let mut total = HlsResult::default();
@@ -134,14 +151,15 @@ struct Watched {
     segment_us: Vec<u64>,
 }
 
-/// One viewer: from `first` until `end`, every [`PERIOD`] the playlist then the
-/// next segment (starting with segment `segment`). Returns what it measured
-/// and, if it stopped early, why.
+/// One viewer: from `first` until `end`, the playlist then the next segment
+/// (starting with segment `segment`), every [`PERIOD`] or back to back as
+/// `pace` says. Returns what it measured and, if it stopped early, why.
 async fn view(
     mut viewer: Viewer,
     first: Instant,
     end: Instant,
     mut segment: usize,
+    pace: Pace,
 ) -> (Watched, Option<String>) {
     let mut watched = Watched::default();
     let mut tick = first;
@@ -165,9 +183,14 @@ async fn view(
             }
         }
         segment += 1;
-        tick += PERIOD;
-        if Instant::now() > tick {
-            watched.late += 1;
+        match pace {
+            Pace::Live => {
+                tick += PERIOD;
+                if Instant::now() > tick {
+                    watched.late += 1;
+                }
+            }
+            Pace::CatchUp => tick = Instant::now(),
         }
     }
     (watched, None)

@@ -2,7 +2,7 @@
 //! means something) and through every balancer in turn, one balancer at a time.
 
 use crate::backend::{LARGE_PATH, NODE_HEADER, SMALL_PATH, XFF_HEADER, spawn_ws_nodes};
-use crate::hls::{self, quantile};
+use crate::hls::{self, Pace, quantile};
 use crate::load::{FullHandshakes, H2load, Wrk, WrkResult, check_echo, http_get, open_tunnels};
 use crate::net::{Addrs, NODE_PORT};
 use crate::peers::{Front, Kind, Peer, Spec, TLS_NAME, TlsFiles};
@@ -434,22 +434,31 @@ impl Bench {
     /// connections, each polling the playlist every second and fetching the
     /// next 1 MB segment (see `hls.rs`). The offered load is fixed (2 requests
     /// and 1 MB per viewer per second): a balancer that keeps up shows it in
-    /// its latency and CPU, one that does not in req/s and late periods.
+    /// its latency and CPU, one that does not in req/s and late periods. So
+    /// req/s there is the same for all that keep up; the same viewers then
+    /// catch up (each period right after the last), where req/s is what the
+    /// balancer can carry of this mix.
     fn hls(&mut self) {
         let viewers = self.viewers;
-        let run = |daemon: Option<&Daemon>, addr: SocketAddr| -> Measured {
+        let watch = |daemon: Option<&Daemon>, addr: SocketAddr, pace: Pace| {
             let joined = self.rt.block_on(hls::connect(addr, viewers))?;
-            let (r, cpu) = with_cpu(daemon, || {
-                let r = self.rt.block_on(hls::watch(joined, self.duration));
+            with_cpu(daemon, || {
+                let r = self.rt.block_on(hls::watch(joined, self.duration, pace));
                 r.doubt(viewers).map_or(Ok(r), Err)
-            })?;
-            let periods = (r.segment_us.len() as f64).max(1.0);
+            })
+        };
+        let run = |daemon: Option<&Daemon>, addr: SocketAddr| -> Measured {
+            let (live, cpu) = watch(daemon, addr, Pace::Live)?;
+            let periods = (live.segment_us.len() as f64).max(1.0);
+            let (catch_up, catch_up_cpu) = watch(daemon, addr, Pace::CatchUp)?;
             Ok(vec![
-                r.rate(),
-                per_gb(cpu, r.bytes),
-                ms(quantile(&r.playlist_us, 0.99)),
-                ms(quantile(&r.segment_us, 0.99)),
-                r.late as f64 * 100.0 / periods,
+                live.rate(),
+                per_gb(cpu, live.bytes),
+                ms(quantile(&live.playlist_us, 0.99)),
+                ms(quantile(&live.segment_us, 0.99)),
+                live.late as f64 * 100.0 / periods,
+                catch_up.rate(),
+                per_gb(catch_up_cpu, catch_up.bytes),
             ])
         };
         let mut results = vec![self.direct(&|addr| run(None, addr))];
@@ -471,6 +480,12 @@ impl Bench {
                 ("9 HLS: playlist p99 ms", Better::Lower, 2),
                 ("9 HLS: segment p99 ms", Better::Lower, 2),
                 ("9 HLS: periods started late %", Better::Lower, 1),
+                (
+                    &format!("9 HLS catching up, {viewers} viewers back to back: req/s"),
+                    Better::Higher,
+                    0,
+                ),
+                ("9 HLS catching up: balancer CPU s per GB", Better::Lower, 3),
             ],
         );
     }
