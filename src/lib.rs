@@ -6,7 +6,9 @@
 //! in this list (`.ci/layers` checks it; no edge points up and no two
 //! top-level modules use each other).
 //!
-//! 1. Plain settings and helpers: [`config`] (the file, its validation, and
+//! 1. Plain settings and helpers: [`allocator`] (mimalloc, and the trim
+//!    that hands a quiet thread's free memory back; the crate's one module
+//!    with `unsafe`), [`config`] (the file, its validation, and
 //!    [`config::diff`]: what a reload changes and what only a restart
 //!    applies), [`route`] (classify a request line), [`header_list`]
 //!    (comma-separated header lists), [`http1`] (HTTP/1.1 header lines, parsed and
@@ -46,10 +48,11 @@
 //! ([`http`], [`l4`]). Config and membership are snapshots read
 //! without locks; a reload or a membership update builds a new one and swaps
 //! it in, and nodes that stay keep their state.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod access_log;
+pub mod allocator;
 pub mod balance;
 pub mod cluster;
 pub mod config;

@@ -8,12 +8,6 @@ use tracing_subscriber::EnvFilter;
 
 mod fdlimit;
 
-/// mimalloc instead of glibc malloc: the keep-alive profile spent 6-10 % in
-/// malloc/free, and glibc's per-thread arenas grew and shrank (mprotect
-/// calls) under load.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Load balancer for Ant Media Server clusters.
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]

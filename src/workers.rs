@@ -78,7 +78,9 @@ impl Workers {
     /// for as long as the process lives (shutdown is driven by the
     /// cancellation tokens of what runs on them). Called on the first
     /// serving thread; `gauge(index)` is the connection count of thread
-    /// `index` (`amslb_worker_connections`).
+    /// `index` (`amslb_worker_connections`). Every serving thread also hands
+    /// its free memory back to the OS now and then
+    /// ([`crate::allocator::trim_periodically`]).
     pub fn start(extra: usize, gauge: impl Fn(usize) -> IntGauge) -> Self {
         let mut handles = vec![Handle::current()];
         for index in 1..=extra {
@@ -117,7 +119,11 @@ impl Workers {
                 connections: gauge(index),
             })
             .collect();
-        Self { threads }
+        let workers = Self { threads };
+        for thread in &workers.threads {
+            thread.handle.spawn(crate::allocator::trim_periodically());
+        }
+        workers
     }
 
     /// Picks the thread for a connection accepted on this one: this thread,
